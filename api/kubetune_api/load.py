@@ -1,0 +1,88 @@
+"""Read a FineTuneJob YAML and report every problem as `file:line: field: message`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune_api.spec import KIND, FineTuneJob
+
+
+class SpecError(ValueError):
+    """A FineTuneJob that cannot run; the message names the file, line and field."""
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_job(text, source=str(path))
+
+
+def parse_job(text: str, source: str = "<string>") -> FineTuneJob:
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise SpecError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    jobs = [(d, n) for d, n in zip(docs, nodes, strict=True)
+            if isinstance(d, dict) and d.get("kind", KIND) == KIND]
+    if len(jobs) != 1:
+        raise SpecError(f"{source}: expected exactly one {KIND} document, found {len(jobs)}")
+    data, node = jobs[0]
+    return validate_job(data, source=source, node=node)
+
+
+def validate_job(data: dict[str, Any], source: str = "<object>",
+                 node: yaml.Node | None = None) -> FineTuneJob:
+    """Validate a parsed object (from YAML or from the API server)."""
+    try:
+        return FineTuneJob.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError("\n".join(_describe(err, source, node) for err in exc.errors())) from None
+
+
+def _describe(err: Any, source: str, node: yaml.Node | None) -> str:
+    loc = [str(p) for p in err["loc"]]
+    # Literal/union errors carry a tag as the last loc element (e.g. 'list[str]'); drop it.
+    while loc and not _is_key(loc[-1]):
+        loc.pop()
+    field = ".".join(loc) or "(document)"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] in {"literal_error", "enum", "int_parsing", "float_parsing", "bool_parsing"}:
+        message += f" (got {err['input']!r})"
+    line = _line_of(node, loc)
+    where = f"{source}:{line}" if line else source
+    return f"{where}: {field}: {message}"
+
+
+def _is_key(part: str) -> bool:
+    return part.isdigit() or (part.replace("_", "").replace("-", "").isalnum()
+                              and not part.startswith(("list[", "literal[")))
+
+
+def _line_of(node: yaml.Node | None, loc: list[str]) -> int | None:
+    """1-based line of the deepest YAML node on the path `loc`."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for key in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            child = next((v for k, v in node.value if k.value == key), None)
+            if child is not None:
+                line = child.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            child = node.value[int(key)]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line

@@ -1,0 +1,282 @@
+"""The FineTuneJob contract shared by the operator and the trainer.
+
+Torch-free on purpose: the operator image imports it without the ML stack. Field names are
+camelCase on the wire (Kubernetes style) and snake_case in Python. The CRD schema in `crds/`
+is generated from these models (`kubetune_api.crd`), so every description here is what
+`kubectl explain finetunejob.spec...` prints.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAME = "ftj"
+TINY_SCHEME = "tiny://"
+TINY_ARCHITECTURES = ("llama", "gpt2", "bert", "t5")
+
+
+class SpecModel(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected (typos must not be silently ignored)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+
+
+class Task(str, Enum):
+    CAUSAL_LM = "causal-lm"
+    MASKED_LM = "masked-lm"
+    SEQ2SEQ_LM = "seq2seq-lm"
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+
+
+class MethodType(str, Enum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class ModelSpec(SpecModel):
+    name: str = Field(
+        min_length=1,
+        description="Hugging Face model id or local path, or tiny://llama|gpt2|bert|t5 for a small "
+        "random model built from a config (tests, CI, laptops).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    task: Task = Field(Task.CAUSAL_LM, description="Training objective and model head.")
+    num_labels: int | None = Field(
+        None, ge=2, description="Number of classes; required for sequence-classification."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.task == Task.SEQUENCE_CLASSIFICATION and self.num_labels is None:
+            raise ValueError("numLabels is required when task is sequence-classification")
+        if self.task != Task.SEQUENCE_CLASSIFICATION and self.num_labels is not None:
+            raise ValueError("numLabels only applies to task sequence-classification")
+        if self.name.startswith(TINY_SCHEME):
+            arch = self.name.removeprefix(TINY_SCHEME)
+            if arch not in TINY_ARCHITECTURES:
+                raise ValueError(f"unknown tiny model {self.name!r}; use one of "
+                                 + ", ".join(TINY_SCHEME + a for a in TINY_ARCHITECTURES))
+        return self
+
+
+class LoraSpec(SpecModel):
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description='Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear" for every '
+        "linear layer except the output head.",
+    )
+
+
+class QuantizationSpec(SpecModel):
+    bits: Literal[4, 8] = Field(4, description="Weight bits of the frozen base model (4 or 8).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype of matmuls on dequantized weights; auto = bfloat16 where the GPU "
+        "supports it, else float16, float32 on CPU.",
+    )
+
+
+class MethodSpec(SpecModel):
+    type: MethodType = Field(description="full: all weights; lora: adapters; qlora: adapters "
+                             "over a quantized base.")
+    lora: LoraSpec | None = Field(None, description="Adapter settings (lora and qlora).")
+    quantization: QuantizationSpec | None = Field(
+        None, description="Base model quantization; required for qlora."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodSpec:
+        if self.type == MethodType.QLORA and self.quantization is None:
+            raise ValueError("quantization is required when type is qlora")
+        if self.type != MethodType.QLORA and self.quantization is not None:
+            raise ValueError("quantization only applies to type qlora")
+        if self.type == MethodType.FULL and self.lora is not None:
+            raise ValueError("lora does not apply to type full")
+        if self.type != MethodType.FULL and self.lora is None:
+            self.lora = LoraSpec()
+        return self
+
+
+class FieldsSpec(SpecModel):
+    """Which record fields hold the training signal. Allowed combinations: text; text+label;
+    prompt+completion; messages."""
+
+    text: str | None = Field(None, description="Field with plain text.")
+    prompt: str | None = Field(None, description="Field with the prompt (no loss on it).")
+    completion: str | None = Field(None, description="Field with the completion (loss on it).")
+    messages: str | None = Field(
+        None, description="Field with chat messages [{role, content}]; rendered with the "
+        "tokenizer's chat template, loss on assistant turns only."
+    )
+    label: str | None = Field(None, description="Field with the class label (int or string).")
+
+    @model_validator(mode="after")
+    def _check(self) -> FieldsSpec:
+        chosen = frozenset(k for k, v in self.model_dump().items() if v is not None)
+        if chosen not in FIELD_LAYOUTS:
+            allowed = "; ".join("+".join(sorted(c)) for c in FIELD_LAYOUTS)
+            got = "+".join(sorted(chosen)) or "nothing"
+            raise ValueError(f"fields must be one of: {allowed} (got {got})")
+        return self
+
+    @property
+    def layout(self) -> str:
+        """One of text, classification, prompt-completion, messages."""
+        chosen = frozenset(k for k, v in self.model_dump().items() if v is not None)
+        return FIELD_LAYOUTS[chosen]
+
+
+FIELD_LAYOUTS = {
+    frozenset({"text"}): "text",
+    frozenset({"text", "label"}): "classification",
+    frozenset({"prompt", "completion"}): "prompt-completion",
+    frozenset({"messages"}): "messages",
+}
+
+
+class DatasetSpec(SpecModel):
+    train: str = Field(min_length=1, description="Training data: local path, file://, s3://, "
+                       "gs:// or hf://datasets/<id>/<file>.")
+    eval: str | None = Field(None, description="Evaluation data (same forms as train).")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Hold out this fraction of train for evaluation when eval "
+        "is not given."
+    )
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "text"] = Field(
+        "auto", description="File format; auto picks it from the file extension."
+    )
+    fields: FieldsSpec = Field(default_factory=lambda: FieldsSpec(text="text"),
+                               description="Record fields to train on.")
+    max_seq_length: int = Field(1024, ge=8, description="Tokens per sequence (longer is cut).")
+    packing: bool = Field(False, description="Concatenate causal-LM examples into full "
+                          "maxSeqLength blocks (no padding).")
+
+
+class Strategy(str, Enum):
+    DDP = "ddp"
+    FSDP = "fsdp"
+    DEEPSPEED_ZERO2 = "deepspeed-zero2"
+    DEEPSPEED_ZERO3 = "deepspeed-zero3"
+
+
+class TrainingSpec(SpecModel):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer "
+                                  "steps (overrides epochs).")
+    per_device_batch_size: int = Field(4, ge=1, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per "
+                                             "optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup",
+                          "cosine_with_restarts", "polynomial", "inverse_sqrt"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps to warm up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 where the GPU supports it, fp16 on older GPUs, fp32 "
+        "on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
+                                         "backward pass to save memory.")
+    strategy: Strategy = Field(Strategy.DDP, description="Distribution strategy across ranks.")
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    pretrain: bool = Field(False, description="Start from the model's config with random "
+                           "weights instead of its pretrained weights.")
+    log_every_steps: int = Field(10, ge=1, description="Log loss every N steps.")
+    eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps "
+                                         "(default: at the end only).")
+
+
+class ResourcesSpec(SpecModel):
+    nodes: int = Field(1, ge=1, description="Pods in the torchrun gang (one per node).")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per pod = torchrun processes per "
+                               "node (0 = one CPU process).")
+
+
+class OutputSpec(SpecModel):
+    uri: str = Field(min_length=1, description="Where the adapter or model is written: path, "
+                     "file://, s3:// or gs://.")
+    merge_adapter: bool = Field(False, description="Also write the base model with the adapter "
+                                "merged in (under merged/).")
+
+
+class CheckpointSpec(SpecModel):
+    uri: str | None = Field(None, description="Checkpoint location (default "
+                            "<output.uri>/checkpoints/).")
+    every_steps: int | None = Field(None, ge=1, description="Save every N optimizer steps "
+                                    "(default: no periodic checkpoints).")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+
+
+class RunPolicySpec(SpecModel):
+    backoff_limit: int = Field(3, ge=0, description="Gang restarts before the job fails.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job after "
+                                                "this many seconds running.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the job this "
+                                                   "long after it finishes.")
+    suspend: bool = Field(False, description="Stop the pods (they checkpoint first); false "
+                          "resumes.")
+
+
+class FineTuneJobSpec(SpecModel):
+    model: ModelSpec = Field(description="Base model and task.")
+    method: MethodSpec = Field(description="Which weights train, and how.")
+    dataset: DatasetSpec = Field(description="Training and evaluation data.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimization.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Gang shape.")
+    output: OutputSpec = Field(description="Where the result is written.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec,
+                                       description="Periodic checkpoints and resume.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec,
+                                      description="Restarts, deadlines, clean-up, suspension.")
+
+    @model_validator(mode="after")
+    def _check(self) -> FineTuneJobSpec:
+        task, layout = self.model.task, self.dataset.fields.layout
+        allowed = TASK_LAYOUTS[Task(task)]
+        if layout not in allowed:
+            raise ValueError(f"dataset.fields {layout} does not fit task {task} "
+                             f"(use {' or '.join(allowed)})")
+        if self.dataset.packing and task != Task.CAUSAL_LM:
+            raise ValueError("dataset.packing only applies to task causal-lm")
+        return self
+
+
+TASK_LAYOUTS: dict[Task, tuple[str, ...]] = {
+    Task.CAUSAL_LM: ("text", "prompt-completion", "messages"),
+    Task.MASKED_LM: ("text",),
+    Task.SEQ2SEQ_LM: ("prompt-completion",),
+    Task.SEQUENCE_CLASSIFICATION: ("classification",),
+}
+
+
+class FineTuneJob(SpecModel):
+    """A whole FineTuneJob object, as `kubectl apply` takes it."""
+
+    model_config = ConfigDict(extra="ignore")  # status and unknown top-level keys pass through
+    api_version: Literal["kubetune.dev/v1alpha1"] = Field(API_VERSION)
+    kind: Literal["FineTuneJob"] = Field(KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: FineTuneJobSpec
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", "finetunejob"))
