@@ -211,6 +211,46 @@ class ResourcesSpec(SpecModel):
                                "node (0 = one CPU process).")
 
 
+class PodSpec(SpecModel):
+    """Where and how the gang's pods run (copied into every pod of the Job)."""
+
+    image: str | None = Field(None, description="Trainer image (default: the operator's "
+                              "configured trainer image).")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secret names "
+                                          "for pulling the image.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the "
+                                          "pods require.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod "
+                                              "tolerations (core/v1 Toleration).")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    scheduler_name: str | None = Field(None, description="Scheduler for the pods (e.g. a gang "
+                                       "scheduler).")
+    cpu: str | None = Field(None, description="CPU request and limit per pod (e.g. '8').")
+    memory: str | None = Field(None, description="Memory request and limit per pod "
+                               "(e.g. '64Gi').")
+    shm_size: str = Field("8Gi", description="Size of the in-memory /dev/shm volume.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment "
+                                "variables for the trainer.")
+
+
+class StorageSpec(SpecModel):
+    """Object-storage access for dataset, checkpoints and output."""
+
+    secret_name: str | None = Field(None, description="Secret whose keys become environment "
+                                    "variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                                    "GOOGLE_APPLICATION_CREDENTIALS, ...); default: the "
+                                    "operator's configured storage Secret.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for MinIO/Ceph/other "
+                                     "S3-compatible stores.")
+    region: str | None = Field(None, description="S3 region.")
+
+
+class MetricsSpec(SpecModel):
+    port: int = Field(9400, ge=1024, le=65535, description="Port of each rank's Prometheus "
+                      "/metrics (rank r listens on port + local rank).")
+
+
 class OutputSpec(SpecModel):
     uri: str = Field(min_length=1, description="Where the adapter or model is written: path, "
                      "file://, s3:// or gs://.")
@@ -247,6 +287,9 @@ class FineTuneJobSpec(SpecModel):
                                        description="Periodic checkpoints and resume.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec,
                                       description="Restarts, deadlines, clean-up, suspension.")
+    pod: PodSpec = Field(default_factory=PodSpec, description="Pod placement and image.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object storage.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
 
     @model_validator(mode="after")
     def _check(self) -> FineTuneJobSpec:

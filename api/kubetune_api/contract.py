@@ -1,0 +1,45 @@
+"""The launch contract between the operator (pod side) and the trainer (process side).
+
+Both sides import these names; docs/contract.md explains them. Changing a value here changes
+both sides at once, which is the point.
+"""
+
+from __future__ import annotations
+
+# The pod runs: torchrun -m kubetune_trainer --config CONFIG_PATH
+TRAINER_MODULE = "kubetune_trainer"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_FILE = "finetunejob.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+
+# torchrun reads PET_<ARG> as its --<arg>; the operator sets exactly these.
+PET_NNODES = "PET_NNODES"
+PET_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+PET_NODE_RANK = "PET_NODE_RANK"
+PET_MASTER_ADDR = "PET_MASTER_ADDR"
+PET_MASTER_PORT = "PET_MASTER_PORT"
+DEFAULT_MASTER_PORT = 29500
+
+# Exit codes of the trainer process (and so of the pod's container).
+EXIT_OK = 0
+EXIT_INVALID_SPEC = 2  # bad spec or data: permanent, restarting cannot help
+EXIT_PREEMPTED = 75  # SIGTERM: a checkpoint was saved; retryable (EX_TEMPFAIL)
+PERMANENT_EXIT_CODES = frozenset({EXIT_INVALID_SPEC})
+RETRYABLE_EXIT_CODES = frozenset({EXIT_PREEMPTED})
+
+# Rank 0 writes a JSON summary here when it succeeds; Kubernetes copies it into the
+# container status (state.terminated.message), where the operator reads the output digest.
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
+# Output layout: the manifest is written last and is the commit marker of an artifact.
+MANIFEST_FILE = "kubetune-manifest.json"
+CHECKPOINT_MARKER_FILE = "COMPLETE"
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+# Metrics the operator scrapes from rank 0 (trainer exports more; see docs/metrics.md).
+METRIC_STEP = "kubetune_trainer_step"
+METRIC_TOTAL_STEPS = "kubetune_trainer_total_steps"
+METRIC_LOSS = "kubetune_trainer_loss"
+METRIC_TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
+METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
