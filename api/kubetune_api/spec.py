@@ -300,6 +300,9 @@ class FineTuneJobSpec(SpecModel):
                              f"(use {' or '.join(allowed)})")
         if self.dataset.packing and task != Task.CAUSAL_LM:
             raise ValueError("dataset.packing only applies to task causal-lm")
+        if self.training.pretrain and self.method.type != MethodType.FULL:
+            raise ValueError("training.pretrain trains every weight from a random init; "
+                             "it needs method.type full")
         return self
 
 

@@ -1,0 +1,142 @@
+"""Load the tokenizer and model for a job, and make it trainable for its method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from kubetune_api.load import SpecError
+from kubetune_api.spec import FineTuneJobSpec, MethodType, Task
+from kubetune_trainer.factories import peft_config, quantization_config
+
+AUTO_CLASSES: dict[str, Any] = {
+    Task.CAUSAL_LM: AutoModelForCausalLM,
+    Task.MASKED_LM: AutoModelForMaskedLM,
+    Task.SEQ2SEQ_LM: AutoModelForSeq2SeqLM,
+    Task.SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+NON_REENTRANT = {"use_reentrant": False}  # reentrant checkpointing made LoRA 2x slower (peft#1142)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Mixed-precision mode of the run and the dtype adapters compute in."""
+
+    name: str  # bf16 | fp16 | fp32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+
+def resolve_precision(requested: str, cuda: bool) -> Precision:
+    """auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU.
+
+    Never bf16 on CPU by default: with gradient checkpointing that combination trained a tiny
+    model 21x slower than fp32 here (TRL's CPU defaults).
+    """
+    if requested == "auto":
+        if not cuda:
+            return Precision("fp32")
+        return Precision("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if requested == "fp16" and not cuda:
+        raise SpecError("spec.training.precision: fp16 needs a CUDA GPU; use auto, fp32 or bf16")
+    return Precision(requested)
+
+
+def compute_dtype(spec: FineTuneJobSpec, precision: Precision) -> torch.dtype:
+    q = spec.method.quantization
+    if q is None or q.compute_dtype == "auto":
+        return precision.dtype
+    return DTYPES[q.compute_dtype]
+
+
+def load_tokenizer(source: str, revision: str | None, task: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    if tokenizer.pad_token is None:
+        # Safe only because labels mask padding by position, not by token id: EOS stays learned.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise SpecError(f"spec.model.name: tokenizer of {source!r} has neither a pad nor an "
+                        f"EOS token")
+    if task == Task.MASKED_LM and tokenizer.mask_token is None:
+        raise SpecError(f"spec.model.task: masked-lm needs a tokenizer with a mask token; "
+                        f"{source!r} has none")
+    return tokenizer
+
+
+def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenizerBase,
+               precision: Precision, label_names: list[str] | None,
+               device_map: Any = None) -> PreTrainedModel:
+    """The base model for the task: pretrained weights, or a random init from its config."""
+    auto_class = AUTO_CLASSES[spec.model.task]
+    kwargs: dict[str, Any] = {"revision": spec.model.revision}
+    if spec.model.task == Task.SEQUENCE_CLASSIFICATION:
+        names = label_names or [str(i) for i in range(spec.model.num_labels or 0)]
+        names += [str(i) for i in range(len(names), spec.model.num_labels or 0)]
+        kwargs.update(num_labels=spec.model.num_labels, id2label=dict(enumerate(names)),
+                      label2id={n: i for i, n in enumerate(names)})
+    if spec.training.pretrain:
+        model = auto_class.from_config(AutoConfig.from_pretrained(source, **kwargs))
+    else:
+        quant = quantization_config(spec.method, compute_dtype(spec, precision))
+        model = auto_class.from_pretrained(
+            source, dtype=_load_dtype(spec, precision), quantization_config=quant,
+            device_map=device_map if quant else None, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load_dtype(spec: FineTuneJobSpec, precision: Precision) -> torch.dtype:
+    """Frozen weights load in the training precision; trained full weights stay fp32 (AMP)."""
+    if spec.method.type == MethodType.FULL:
+        return torch.float32
+    return precision.dtype
+
+
+def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedModel:
+    """Gradient checkpointing, k-bit preparation and the adapter, per method."""
+    checkpointing = spec.training.gradient_checkpointing
+    if checkpointing:
+        model.config.use_cache = False
+    if spec.method.type == MethodType.QLORA:
+        # Casts norms to fp32, keeps lm_head/embeddings full precision, enables input grads.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs=NON_REENTRANT)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        if spec.method.type == MethodType.LORA:
+            # Without it the frozen embeddings cut the graph and lora_B never trains (peft#137).
+            model.enable_input_require_grads()
+    adapter = peft_config(spec.method, spec.model.task)
+    return get_peft_model(model, adapter) if adapter else model
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count their logical size, not their packed one."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # two 4-bit values per storage byte
+            n *= param.element_size() * 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
