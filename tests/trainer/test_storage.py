@@ -252,6 +252,33 @@ def test_parallel_upload_of_large_files(s3_bucket: str, tmp_path: Path, monkeypa
     assert read_tree(dst) == files
 
 
+def test_large_file_goes_multipart(s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    """Files of 2+ chunks go as S3 multipart uploads (chunk shrunk from 50 MiB to 5 MiB,
+    S3's minimum part size, to keep the test small)."""
+    import s3fs.core
+
+    monkeypatch.setattr(s3fs.core, "calculate_chunksize", lambda size, chunksize=None: 5 * 2**20)
+    calls: list[str] = []
+    fs, _ = storage.filesystem(s3_bucket)
+    call_s3 = fs._call_s3
+
+    async def recording_call_s3(method, *args, **kwargs):
+        calls.append(method)
+        return await call_s3(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", recording_call_s3)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(11 * 2**20 + 7)
+    (src / "model.safetensors").write_bytes(data)
+
+    storage.upload_dir(src, join(s3_bucket, "mp"))
+
+    assert calls.count("upload_part") == 3 and "complete_multipart_upload" in calls
+    storage.download_dir(join(s3_bucket, "mp"), tmp_path / "dst")
+    assert (tmp_path / "dst" / "model.safetensors").read_bytes() == data
+
+
 def test_upload_survives_brief_outage(
     s3_server: MotoServer, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -46,6 +46,9 @@ TRANSFER_WORKERS = 4
 # Requests s3fs itself retries (connection errors, timeouts, SlowDown) before our per-file
 # retry sees the error; botocore's own retries are switched off so the layers don't multiply.
 S3_REQUEST_RETRIES = 5
+# Parts of one multipart upload (files of 100 MiB and more, 50 MiB parts) in flight at once;
+# peak buffer memory is about TRANSFER_WORKERS * S3_PART_CONCURRENCY * 50 MiB.
+S3_PART_CONCURRENCY = 4
 
 # Errors no retry can fix: a missing bucket or source file, denied access.
 _PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -109,6 +112,7 @@ def _s3_options() -> tuple[tuple[Any, ...], dict[str, Any]]:
         "endpoint_url": endpoint or None,
         "client_kwargs": client,
         "config_kwargs": config,
+        "max_concurrency": S3_PART_CONCURRENCY,
         # Other processes write the same prefixes (checkpoints, manifests): never trust a
         # cached listing.
         "use_listings_cache": False,
