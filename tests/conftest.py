@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from support.s3 import MotoServer, create_bucket, s3_env_vars
 
 # --- S3: a real moto server on loopback (tests/support/s3.py) ------------------------------

@@ -8,9 +8,10 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from kubetune_api import contract
 from kubetune_trainer.metrics import PHASES, TrainerMetrics, metrics_callback
-from prometheus_client.parser import text_string_to_metric_families
 
 
 class FakeClock:
@@ -62,8 +63,7 @@ def test_serves_every_series_with_rank_label(metrics: TrainerMetrics, clock: Fak
 
     samples = scrape(port)
 
-    assert {labels_dict["rank"] for (_, labels) in samples
-            for labels_dict in [dict(labels)]} == {"3"}
+    assert {dict(labels).get("rank") for _, labels in samples} == {"3"}
     assert value(samples, contract.METRIC_STEP) == 3
     assert value(samples, contract.METRIC_TOTAL_STEPS) == 100
     assert value(samples, contract.METRIC_LOSS) == 2.5
@@ -146,15 +146,12 @@ def test_instances_do_not_collide_and_stop_frees_the_port() -> None:
     b = TrainerMetrics(1, model="m", method="full", task="causal-lm")
     port = a.serve(0)
     try:
-        assert value_of_rank(scrape(port), "0") and b.registry is not a.registry
+        assert b.registry is not a.registry
+        assert {dict(labels).get("rank") for _, labels in scrape(port)} == {"0"}
     finally:
         a.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-
-
-def value_of_rank(samples: dict, rank: str) -> bool:
-    return all(dict(labels).get("rank") == rank for _, labels in samples)
 
 
 def test_trainer_metrics_needs_neither_torch_nor_transformers() -> None:
@@ -170,8 +167,9 @@ def test_trainer_metrics_needs_neither_torch_nor_transformers() -> None:
 
 
 def test_metrics_callback_drives_metrics(metrics: TrainerMetrics, clock: FakeClock) -> None:
-    from kubetune_trainer.metrics import MetricsCallback
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+    from kubetune_trainer.metrics import MetricsCallback
 
     port = metrics.serve(0)
     counted = iter([300, 200, 100])

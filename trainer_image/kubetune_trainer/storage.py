@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
 from kubetune_api.contract import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -198,34 +199,28 @@ def _describe(e: BaseException) -> str:
 # --- single objects ------------------------------------------------------------------------
 
 
+def _atomic_local(path: str, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` next to ``path``, then rename: readers see the old file or the new one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
-        # Atomic on one filesystem: readers see the old file or the whole new one.
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _atomic_local(path, lambda tmp: Path(tmp).write_bytes(data))
     else:
         fs.pipe_file(path, data)  # one PUT: an object appears whole or not at all
 
 
 def _put_file(fs: fsspec.AbstractFileSystem, src: Path, path: str) -> None:
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _atomic_local(path, lambda tmp: shutil.copyfile(src, tmp))
     else:
         fs.put_file(str(src), path)
 
@@ -285,8 +280,8 @@ def _excluded(rel: str, exclude: Collection[str]) -> bool:
     return any(fnmatch(rel, pattern) or fnmatch(name, pattern) for pattern in exclude)
 
 
-def _parallel(tasks: list[tuple[str, Callable[[threading.Event], None]]], workers: int) -> None:
-    """Run (name, fn(cancelled)) tasks in a thread pool; on the first failure, stop the rest
+def _parallel(tasks: list[Callable[[threading.Event], None]], workers: int) -> None:
+    """Run ``task(cancelled)`` callables in a thread pool; on the first failure, stop the rest
     and raise that failure."""
     if not tasks:
         return
@@ -298,7 +293,7 @@ def _parallel(tasks: list[tuple[str, Callable[[threading.Event], None]]], worker
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(tasks))),
                             thread_name_prefix="kubetune-storage") as pool:
-        futures = [pool.submit(guarded, fn) for _, fn in tasks]
+        futures = [pool.submit(guarded, fn) for fn in tasks]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in futures if f in done and f.exception() is not None), None)
         if failed is not None:
@@ -345,7 +340,7 @@ def upload_dir(
             attempts=attempts, base_delay=base_delay, cancelled=cancelled,
         )
 
-    _parallel([(rel, task(src, rel)) for _, src, rel in files],
+    _parallel([task(src, rel) for _, src, rel in files],
               TRANSFER_WORKERS if workers is None else workers)
     total = sum(size for size, _, _ in files)
     log.info("uploaded %d files (%d bytes) to %s", len(files), total, uri)
@@ -367,13 +362,7 @@ def download_dir(uri: str, local_dir: Path) -> None:
         raise StorageError(f"downloading {uri}: nothing found there")
 
     def get(remote: str, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            fs.get_file(remote, str(tmp))
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _atomic_local(str(dest), lambda tmp: fs.get_file(remote, tmp))
 
     def task(rel: str) -> Callable[[threading.Event], None]:
         return lambda cancelled: _retry(
@@ -382,7 +371,7 @@ def download_dir(uri: str, local_dir: Path) -> None:
             cancelled=cancelled,
         )
 
-    _parallel([(rel, task(rel)) for rel in rels], TRANSFER_WORKERS)
+    _parallel([task(rel) for rel in rels], TRANSFER_WORKERS)
 
 
 # --- artifacts -----------------------------------------------------------------------------
