@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from kubetune_api.contract import MANIFEST_FILE
 from kubetune_trainer import storage
 from kubetune_trainer.storage import StorageError, join

@@ -18,6 +18,8 @@ from threading import Thread
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
 from kubetune_api.contract import (
     METRIC_ETA_SECONDS,
     METRIC_LOSS,
@@ -25,7 +27,6 @@ from kubetune_api.contract import (
     METRIC_TOKENS_PER_SECOND,
     METRIC_TOTAL_STEPS,
 )
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
