@@ -8,7 +8,7 @@ is generated from these models (`kubetune_api.crd`), so every description here i
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,14 +32,14 @@ class SpecModel(BaseModel):
     )
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     CAUSAL_LM = "causal-lm"
     MASKED_LM = "masked-lm"
     SEQ2SEQ_LM = "seq2seq-lm"
     SEQUENCE_CLASSIFICATION = "sequence-classification"
 
 
-class MethodType(str, Enum):
+class MethodType(StrEnum):
     FULL = "full"
     LORA = "lora"
     QLORA = "qlora"
@@ -169,7 +169,7 @@ class DatasetSpec(SpecModel):
                           "maxSeqLength blocks (no padding).")
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     DDP = "ddp"
     FSDP = "fsdp"
     DEEPSPEED_ZERO2 = "deepspeed-zero2"
@@ -288,8 +288,10 @@ class FineTuneJobSpec(SpecModel):
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec,
                                       description="Restarts, deadlines, clean-up, suspension.")
     pod: PodSpec = Field(default_factory=PodSpec, description="Pod placement and image.")
-    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object storage.")
-    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
+    storage: StorageSpec = Field(default_factory=StorageSpec,
+                                 description="Object storage.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec,
+                                 description="Prometheus metrics.")
 
     @model_validator(mode="after")
     def _check(self) -> FineTuneJobSpec:
@@ -318,8 +320,8 @@ class FineTuneJob(SpecModel):
     """A whole FineTuneJob object, as `kubectl apply` takes it."""
 
     model_config = ConfigDict(extra="ignore")  # status and unknown top-level keys pass through
-    api_version: Literal["kubetune.dev/v1alpha1"] = Field(API_VERSION)
-    kind: Literal["FineTuneJob"] = Field(KIND)
+    api_version: Literal["kubetune.dev/v1alpha1"] = "kubetune.dev/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: FineTuneJobSpec
 

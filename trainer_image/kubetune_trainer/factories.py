@@ -44,7 +44,7 @@ def peft_config(method: MethodSpec, task: str) -> LoraConfig | None:
         return None
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type=PEFT_TASK_TYPES[task],

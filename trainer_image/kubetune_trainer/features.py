@@ -30,19 +30,21 @@ def tokenize(records: Sequence[Record], spec: DatasetSpec, task: str,
              num_labels: int | None = None) -> list[Feature]:
     """Tokenize for the task; examples left with no token to learn from are dropped."""
     fields, max_len = spec.fields, spec.max_seq_length
+    text, label_key = fields.text or "", fields.label or ""
+    prompt, completion = fields.prompt or "", fields.completion or ""
     features: list[Feature] = []
     for record in records:
         values = record.values
         if task == Task.SEQUENCE_CLASSIFICATION:
-            ids = tokenizer(values[fields.text], truncation=True, max_length=max_len)["input_ids"]
-            label = _class_id(values[fields.label], record.where, label_names, num_labels)
+            ids = tokenizer(values[text], truncation=True, max_length=max_len)["input_ids"]
+            label = _class_id(values[label_key], record.where, label_names, num_labels)
             features.append({"input_ids": ids, "labels": label})
         elif task == Task.MASKED_LM:
-            ids = tokenizer(values[fields.text], truncation=True, max_length=max_len)["input_ids"]
+            ids = tokenizer(values[text], truncation=True, max_length=max_len)["input_ids"]
             features.append({"input_ids": ids})
         elif task == Task.SEQ2SEQ_LM:
-            source = tokenizer(values[fields.prompt], truncation=True, max_length=max_len)
-            target = tokenizer(values[fields.completion], truncation=True, max_length=max_len)
+            source = tokenizer(values[prompt], truncation=True, max_length=max_len)
+            target = tokenizer(values[completion], truncation=True, max_length=max_len)
             features.append({"input_ids": source["input_ids"], "labels": target["input_ids"]})
         else:
             ids, labels = _causal_example(values, spec, tokenizer)
@@ -69,7 +71,7 @@ def _causal_example(values: dict[str, Any], spec: DatasetSpec,
         completion = tokenizer(values[fields.completion], add_special_tokens=False)["input_ids"]
         completion = completion + eos
         return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
-    ids = tokenizer(values[fields.text])["input_ids"]
+    ids = tokenizer(values[fields.text or ""])["input_ids"]
     if eos and (not ids or ids[-1] != eos[0]):
         ids = ids + eos
     return ids, list(ids)

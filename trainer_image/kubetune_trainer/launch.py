@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,10 +42,8 @@ def train_rank(config: str, *, output: str | None = None, workdir: str | None = 
 def write_termination_message(summary: dict[str, str]) -> None:
     """Kubernetes copies this file into the container status, where the operator reads it."""
     path = Path(os.environ.get(contract.TERMINATION_LOG_ENV, contract.DEFAULT_TERMINATION_LOG))
-    try:
+    with contextlib.suppress(OSError):  # not in a pod: there is nobody to report to
         path.write_text(json.dumps(summary))
-    except OSError:
-        pass  # not in a pod (no /dev/termination-log): nothing to report to
 
 
 def run_local(file: str, *, output: str | None = None, nodes: int | None = None,

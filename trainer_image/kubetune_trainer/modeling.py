@@ -126,7 +126,7 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
             # Without it the frozen embeddings cut the graph and lora_B never trains (peft#137).
             model.enable_input_require_grads()
     adapter = peft_config(spec.method, spec.model.task)
-    return get_peft_model(model, adapter) if adapter else model
+    return get_peft_model(model, adapter) if adapter else model  # type: ignore[return-value]
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

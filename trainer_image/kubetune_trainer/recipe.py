@@ -198,7 +198,7 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult:
     staging = ready.workdir / "artifact"
     model = trainer.model
     adapter = spec.method.type != MethodType.FULL
-    model.save_pretrained(staging)  # type: ignore[union-attr]
+    model.save_pretrained(staging)  # type: ignore[union-attr,operator]
     ready.tokenizer.save_pretrained(staging)
     if adapter:
         artifacts.verify_adapter(staging)

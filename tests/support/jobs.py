@@ -1,0 +1,31 @@
+"""Build FineTuneJobs for tests from the shipped examples, with overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune_api.load import validate_job
+from kubetune_api.spec import FineTuneJob
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def example_dict(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    for key in ("train", "eval"):  # make data paths independent of the test's cwd
+        if key in data["spec"]["dataset"]:
+            data["spec"]["dataset"][key] = str(ROOT / data["spec"]["dataset"][key])
+    return data
+
+
+def example_job(name: str, output_uri: Path | str, **overrides: dict[str, Any]) -> FineTuneJob:
+    """The example `name` writing to `output`; overrides merge into spec sections."""
+    data = example_dict(name)
+    data["spec"]["output"]["uri"] = str(output_uri)
+    for section, values in overrides.items():
+        data["spec"].setdefault(section, {}).update(values)
+    return validate_job(data)
