@@ -1,0 +1,373 @@
+"""The FineTuneJob CustomResourceDefinition, generated from the pydantic contract.
+
+`python -m kubetune_api.crd` (or `make crds`) writes crds/finetunejobs.kubetune.dev.yaml;
+`--check` exits 1 when the file is stale. Torch-free and kopf-free on purpose.
+
+Pydantic's JSON Schema becomes a *structural* OpenAPI v3 schema: $refs inlined, `anyOf` with
+null turned into `nullable`, `exclusiveMinimum: x` into `minimum: x, exclusiveMinimum: true`,
+free-form dicts marked `x-kubernetes-preserve-unknown-fields`, object defaults filled in so the
+API server defaults nested fields. Cross-field rules of the pydantic validators are repeated as
+CEL rules, so `kubectl apply` rejects them before the operator sees them. The status models the
+operator writes live here too: one schema, one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from kubetune_api.spec import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAME,
+    TINY_ARCHITECTURES,
+    TINY_SCHEME,
+    VERSION,
+    FineTuneJobSpec,
+)
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / f"{CRD_NAME}.yaml"
+
+
+# --- status (written by the operator) ----------------------------------------------------------
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+ACTIVE_PHASES = frozenset({Phase.PENDING, Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDED})
+
+
+class StatusModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True,
+                              use_enum_values=True)
+
+
+class Condition(StatusModel):
+    """A metav1.Condition."""
+
+    type: str = Field(description="Running, Restarting, Suspended, Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason (see docs/operator.md).")
+    message: str = Field("", description="Human-readable details.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation seen.")
+
+
+class Progress(StatusModel):
+    step: int | None = Field(None, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, description="Optimizer steps planned.")
+    percent: float | None = Field(None, description="step / totalSteps, in percent.")
+    loss: float | None = Field(None, description="Latest training loss.")
+    tokens_per_second: float | None = Field(None, description="Training throughput.")
+    eta_seconds: int | None = Field(None, description="Estimated seconds to finish.")
+    eta: str | None = Field(None, description="etaSeconds for humans (e.g. 1h20m).")
+    last_update_time: str | None = Field(None, description="When rank 0 was last scraped.")
+
+
+class Output(StatusModel):
+    uri: str = Field(description="Where the artifact was written.")
+    manifest_sha256: str | None = Field(None, description="SHA-256 of the artifact manifest.")
+
+
+class FineTuneJobStatus(StatusModel):
+    phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, "
+                                "Succeeded or Failed.")
+    conditions: list[Condition] = Field(default_factory=list, description="Latest "
+                                        "observations, one per type.")
+    attempt: int | None = Field(None, description="Current gang attempt, from 1.")
+    restarts: int = Field(0, description="Gang restarts so far (attempt - 1).")
+    observed_generation: int | None = Field(None, description="metadata.generation seen.")
+    start_time: str | None = Field(None, description="When the current run started (reset "
+                                   "on resume from suspension).")
+    completion_time: str | None = Field(None, description="When the job succeeded or failed.")
+    progress: Progress | None = Field(None, description="Training progress from rank 0.")
+    output: Output | None = Field(None, description="The artifact, once succeeded.")
+
+
+# --- JSON Schema → structural OpenAPI v3 --------------------------------------------------------
+
+_DROPPED_KEYS = {"title", "additionalProperties", "$defs", "const"}
+
+
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A pydantic model's schema as a structural OpenAPI v3 schema (CRD dialect)."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    return _convert(schema, schema.get("$defs", {}))
+
+
+def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    node = _resolve(node, defs)
+    if "anyOf" in node:
+        node = _collapse_any_of(node, defs)
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYS:
+            continue
+        if key == "properties":
+            out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _convert(value, defs)
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        elif key == "default" and value is None:
+            continue
+        else:
+            out[key] = value
+    if "const" in node:
+        out["enum"] = [node["const"]]
+    _mark_free_form(node, out, defs)
+    return out
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline a $ref; keys next to it (description, default) win over the definition's."""
+    if "$ref" not in node:
+        return node
+    target = dict(defs[node["$ref"].split("/")[-1]])
+    target.update({k: v for k, v in node.items() if k != "$ref"})
+    return _resolve(target, defs)
+
+
+def _collapse_any_of(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    options = [_resolve(o, defs) for o in node["anyOf"] if o.get("type") != "null"]
+    nullable = len(options) < len(node["anyOf"])
+    rest = {k: v for k, v in node.items() if k != "anyOf"}
+    if len(options) == 1:
+        merged = {**options[0], **rest}
+        if nullable:
+            merged["nullable"] = True
+        return merged
+    # A real union (e.g. a list or "all-linear"): no single structural type; a CEL rule checks it.
+    return {**rest, "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _mark_free_form(source: dict[str, Any], out: dict[str, Any], defs: dict[str, Any]) -> None:
+    extra = _resolve(source, defs).get("additionalProperties")
+    if out.get("type") == "object" and "properties" not in out:
+        if isinstance(extra, dict) and extra:
+            out["additionalProperties"] = _convert(extra, defs)
+        else:  # dict[str, Any]: core/v1 structures passed through to the pod
+            out["x-kubernetes-preserve-unknown-fields"] = True
+
+
+def _fill_object_defaults(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Give sub-objects built by default_factory a default, so nested defaults apply."""
+    for name, info in model.model_fields.items():
+        if info.default_factory is None:
+            continue
+        alias = info.alias or to_camel(name)
+        value = info.default_factory()  # type: ignore[call-arg]
+        if isinstance(value, BaseModel):
+            default = value.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True,
+                                       mode="json")
+            _fill_object_defaults(schema["properties"][alias], type(value))
+        else:
+            default = value
+        schema["properties"][alias]["default"] = default
+    for name, info in model.model_fields.items():
+        sub = info.annotation
+        alias = info.alias or to_camel(name)
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and info.default_factory is None:
+            _fill_object_defaults(schema["properties"][alias], sub)
+
+
+# --- CEL rules (the pydantic validators, for the API server) ------------------------------------
+
+def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+_TINY_NAMES = ", ".join(f"'{TINY_SCHEME}{a}'" for a in TINY_ARCHITECTURES)
+_FIELDS_TEXT = "has(self.text) && !has(self.prompt) && !has(self.completion) " \
+               "&& !has(self.messages)"
+_FIELDS_PAIR = "has(self.prompt) && has(self.completion) && !has(self.text) " \
+               "&& !has(self.label) && !has(self.messages)"
+_FIELDS_CHAT = "has(self.messages) && !has(self.text) && !has(self.label) " \
+               "&& !has(self.prompt) && !has(self.completion)"
+
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    "model": [
+        _rule("self.task != 'sequence-classification' || has(self.numLabels)",
+              "numLabels is required when task is sequence-classification", ".numLabels"),
+        _rule("self.task == 'sequence-classification' || !has(self.numLabels)",
+              "numLabels only applies to task sequence-classification", ".numLabels"),
+        _rule(f"!self.name.startsWith('{TINY_SCHEME}') || self.name in [{_TINY_NAMES}]",
+              f"unknown tiny model; use one of {_TINY_NAMES}", ".name"),
+    ],
+    "method": [
+        _rule("self.type != 'qlora' || has(self.quantization)",
+              "quantization is required when type is qlora", ".quantization"),
+        _rule("self.type == 'qlora' || !has(self.quantization)",
+              "quantization only applies to type qlora", ".quantization"),
+        _rule("self.type != 'full' || !has(self.lora)", "lora does not apply to type full",
+              ".lora"),
+    ],
+    "method.lora": [
+        _rule("!has(self.targetModules) || (type(self.targetModules) == string ? "
+              "self.targetModules == 'all-linear' : type(self.targetModules) == list)",
+              "targetModules is a list of module names or the string all-linear",
+              ".targetModules"),
+    ],
+    "dataset.fields": [
+        _rule(f"({_FIELDS_TEXT}) || ({_FIELDS_PAIR}) || ({_FIELDS_CHAT})",
+              "fields must be one of: text; text+label; prompt+completion; messages"),
+    ],
+    "": [
+        _rule("self.model.task != 'sequence-classification' || "
+              "(has(self.dataset.fields.text) && has(self.dataset.fields.label))",
+              "task sequence-classification needs dataset.fields text and label"),
+        _rule("self.model.task == 'sequence-classification' || !has(self.dataset.fields.label)",
+              "dataset.fields.label only applies to task sequence-classification"),
+        _rule("self.model.task != 'masked-lm' || has(self.dataset.fields.text)",
+              "task masked-lm needs dataset.fields text"),
+        _rule("self.model.task != 'seq2seq-lm' || has(self.dataset.fields.prompt)",
+              "task seq2seq-lm needs dataset.fields prompt and completion"),
+        _rule("!has(self.dataset.packing) || !self.dataset.packing || "
+              "self.model.task == 'causal-lm'", "dataset.packing only applies to task causal-lm"),
+    ],
+}
+
+# While the job is active, the spec may change only in runPolicy.suspend and the TTL: a change
+# would not reach pods already started, so it is refused instead of silently ignored.
+_MUTABLE_RUN_POLICY = ("suspend", "ttlSecondsAfterFinished")
+_IMMUTABLE_SPEC_FIELDS = tuple(
+    (info.alias or to_camel(name)) for name, info in FineTuneJobSpec.model_fields.items()
+    if name != "run_policy")
+
+
+def _immutability_rule() -> dict[str, str]:
+    same = " && ".join(f"self.spec.{f} == oldSelf.spec.{f}" for f in _IMMUTABLE_SPEC_FIELDS)
+    same += (" && self.spec.runPolicy.backoffLimit == oldSelf.spec.runPolicy.backoffLimit"
+             " && has(self.spec.runPolicy.activeDeadlineSeconds) == "
+             "has(oldSelf.spec.runPolicy.activeDeadlineSeconds)"
+             " && (!has(self.spec.runPolicy.activeDeadlineSeconds) || "
+             "self.spec.runPolicy.activeDeadlineSeconds == "
+             "oldSelf.spec.runPolicy.activeDeadlineSeconds)")
+    active = ", ".join(f"'{p.value}'" for p in sorted(ACTIVE_PHASES, key=lambda p: p.value))
+    return _rule(f"!has(oldSelf.status) || !has(oldSelf.status.phase) || "
+                 f"!(oldSelf.status.phase in [{active}]) || ({same})",
+                 "spec is immutable while the job is active, except runPolicy."
+                 + " and runPolicy.".join(_MUTABLE_RUN_POLICY))
+
+
+def _attach_rules(spec_schema: dict[str, Any]) -> None:
+    for path, rules in CEL_RULES.items():
+        node = spec_schema
+        for part in filter(None, path.split(".")):
+            node = node["properties"][part]
+        node["x-kubernetes-validations"] = rules
+
+
+# --- the CRD ------------------------------------------------------------------------------------
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
+    {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
+     "description": "Percent of optimizer steps done."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def spec_schema() -> dict[str, Any]:
+    schema = structural_schema(FineTuneJobSpec)
+    schema["description"] = "What to fine-tune, on what data, how, and where the result goes."
+    _fill_object_defaults(schema, FineTuneJobSpec)
+    _attach_rules(schema)
+    return schema
+
+
+def status_schema() -> dict[str, Any]:
+    schema = structural_schema(FineTuneJobStatus)
+    schema["description"] = "Observed state, written by the operator."
+    conditions = schema["properties"]["conditions"]
+    conditions.pop("default", None)
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    schema["properties"]["restarts"].pop("default", None)
+    return schema
+
+
+def crd_manifest() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME},
+        "spec": {
+            "group": GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL,
+                      "singular": KIND.lower(), "shortNames": [SHORT_NAME],
+                      "categories": ["kubetune"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A distributed fine-tuning run: a gang of torchrun pods "
+                                   "that trains a model and writes the result to storage.",
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec_schema(),
+                        "status": status_schema(),
+                    },
+                    "x-kubernetes-validations": [_immutability_rule()],
+                }},
+            }],
+        },
+    }
+
+
+def render_crd() -> str:
+    header = "# Generated by `make crds` (python -m kubetune_api.crd) from kubetune_api.spec.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    parser.add_argument("--output", type=Path, default=CRD_PATH)
+    args = parser.parse_args(argv)
+    text = render_crd()
+    if args.check:
+        stale = not args.output.exists() or args.output.read_text() != text
+        if stale:
+            print(f"{args.output} is stale; run `make crds`", file=sys.stderr)
+        return int(stale)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
