@@ -6,6 +6,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -152,6 +153,23 @@ def test_instances_do_not_collide_and_stop_frees_the_port() -> None:
         a.stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_gpu_memory_with_cuda(metrics: TrainerMetrics, monkeypatch: pytest.MonkeyPatch):
+    """No GPU here: a stand-in for the torch.cuda calls the metrics make (names as in torch)."""
+    cuda = SimpleNamespace(
+        is_available=lambda: True, current_device=lambda: 1,
+        memory_allocated=lambda device: 1000 * (device + 1),
+        memory_reserved=lambda device: 5000 * (device + 1),
+    )
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    port = metrics.serve(0)
+    metrics.on_step(1, 0.0, tokens=0, samples=0)
+
+    samples = scrape(port)
+
+    assert value(samples, "kubetune_trainer_gpu_memory_allocated_bytes") == 2000
+    assert value(samples, "kubetune_trainer_gpu_memory_reserved_bytes") == 10000
 
 
 def test_trainer_metrics_needs_neither_torch_nor_transformers() -> None:
