@@ -124,11 +124,29 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
 
 
 def build_trainer(ready: Setup) -> Trainer:
-    spec, t = ready.job.spec, ready.job.spec.training
-    cuda = torch.cuda.is_available()
-    evaluate_periodically = bool(ready.eval_features and t.eval_every_steps)
-    args = TrainingArguments(
-        output_dir=str(ready.workdir / "trainer"),
+    spec, cuda = ready.job.spec, torch.cuda.is_available()
+    args = training_arguments(ready.job, ready.precision, ready.workdir,
+                              has_eval=bool(ready.eval_features), cuda=cuda)
+    collate = collator_for(spec.model.task, ready.tokenizer, ready.model, spec.training.seed,
+                           pad_to_multiple_of=8 if cuda else None)
+
+    def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        collated = collate(batch)
+        ready.tokens_seen[0] += count_target_tokens(collated)
+        return collated
+
+    return Trainer(model=ready.model, args=args, train_dataset=ready.train_features,
+                   eval_dataset=ready.eval_features or None, data_collator=counting_collator,
+                   processing_class=ready.tokenizer)
+
+
+def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
+                       has_eval: bool, cuda: bool) -> TrainingArguments:
+    """The spec's training section in the Trainer's terms."""
+    t = job.spec.training
+    evaluate_periodically = bool(has_eval and t.eval_every_steps)
+    return TrainingArguments(
+        output_dir=str(workdir / "trainer"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.per_device_batch_size,
@@ -139,8 +157,8 @@ def build_trainer(ready: Setup) -> Trainer:
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        bf16=ready.precision.name == "bf16",
-        fp16=ready.precision.name == "fp16",
+        bf16=precision.name == "bf16",
+        fp16=precision.name == "fp16",
         use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and world_size() > 1 else None,
         ddp_find_unused_parameters=False,
@@ -154,20 +172,9 @@ def build_trainer(ready: Setup) -> Trainer:
         report_to=[],
         remove_unused_columns=False,
         # Batches of similar length waste less compute on padding; packed blocks are uniform.
-        train_sampling_strategy="random" if spec.dataset.packing else "group_by_length",
+        train_sampling_strategy="random" if job.spec.dataset.packing else "group_by_length",
         disable_tqdm=not is_rank0(),
     )
-    collate = collator_for(spec.model.task, ready.tokenizer, ready.model, t.seed,
-                           pad_to_multiple_of=8 if cuda else None)
-
-    def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        collated = collate(batch)
-        ready.tokens_seen[0] += count_target_tokens(collated)
-        return collated
-
-    return Trainer(model=ready.model, args=args, train_dataset=ready.train_features,
-                   eval_dataset=ready.eval_features or None, data_collator=counting_collator,
-                   processing_class=ready.tokenizer)
 
 
 def summarize(ready: Setup, trainer: Trainer, eval_loss: float | None,
