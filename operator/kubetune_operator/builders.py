@@ -1,0 +1,269 @@
+"""Pure builders: a validated FineTuneJob → the manifests of its children. No I/O.
+
+Every child has a deterministic name and an owner reference to the FineTuneJob, so creating
+one twice answers 409 (never a duplicate) and deleting the FineTuneJob deletes them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kubetune_api import contract
+from kubetune_api.spec import API_VERSION, KIND, FineTuneJob
+from kubetune_operator.settings import Settings
+
+Manifest = dict[str, Any]
+
+LABEL_JOB = "kubetune.dev/finetunejob"  # value: base_name(FineTuneJob name)
+LABEL_ATTEMPT = "kubetune.dev/attempt"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+KUEUE_LABELS = (LABEL_KUEUE_QUEUE, LABEL_KUEUE_PRIORITY)
+ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+TRAINER_CONTAINER = "trainer"
+MANAGED_BY = "kubetune-operator"
+GPU_RESOURCE = "nvidia.com/gpu"
+SHM_PATH = "/dev/shm"
+TORCHRUN_PORT_NAME = "torchrun"
+METRICS_PORT_NAME = "metrics"
+NON_ROOT_UID = 1000
+
+# Pod hostnames are "<job>-<index>" and must stay DNS labels (63 chars): keep room for
+# "-a<attempt>-<index>".
+MAX_BASE_LENGTH = 40
+
+
+def base_name(name: str) -> str:
+    """A DNS-1035 label derived from a FineTuneJob name: the name itself when it fits,
+    else a cut of it plus a hash (so long names still map to distinct children)."""
+    clean = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")
+    if clean and clean[0].isalpha() and clean == name and len(clean) <= MAX_BASE_LENGTH:
+        return clean
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = clean[:MAX_BASE_LENGTH - 9].rstrip("-") or "ftj"
+    head = head if head[0].isalpha() else f"j{head}"[:MAX_BASE_LENGTH - 9]
+    return f"{head}-{digest}"
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{base_name(job_name)}-config"
+
+
+def service_name(job_name: str) -> str:
+    return base_name(job_name)
+
+
+def attempt_job_name(job_name: str, attempt: int) -> str:
+    return f"{base_name(job_name)}-a{attempt}"
+
+
+def master_address(job_name: str, attempt: int) -> str:
+    """Rank 0's stable DNS name: <job>-0.<headless service>."""
+    return f"{attempt_job_name(job_name, attempt)}-0.{service_name(job_name)}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What children need to know about their FineTuneJob object."""
+
+    name: str
+    namespace: str
+    uid: str
+    labels: dict[str, str]
+
+    @classmethod
+    def from_body(cls, body: Manifest) -> Owner:
+        meta = body["metadata"]
+        return cls(meta["name"], meta["namespace"], meta["uid"], dict(meta.get("labels") or {}))
+
+
+def owner_reference(owner: Owner) -> Manifest:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def common_labels(owner: Owner) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/component": "trainer",
+            "app.kubernetes.io/instance": base_name(owner.name),
+            "app.kubernetes.io/managed-by": MANAGED_BY, LABEL_JOB: base_name(owner.name)}
+
+
+def _metadata(name: str, owner: Owner, labels: dict[str, str] | None = None) -> Manifest:
+    return {"name": name, "namespace": owner.namespace,
+            "labels": {**common_labels(owner), **(labels or {})},
+            "ownerReferences": [owner_reference(owner)]}
+
+
+# --- ConfigMap ----------------------------------------------------------------------------------
+
+def render_config(job: FineTuneJob, owner: Owner) -> str:
+    """The FineTuneJob as the trainer reads it from CONFIG_PATH (defaults made explicit)."""
+    document = {"apiVersion": API_VERSION, "kind": KIND,
+                "metadata": {"name": owner.name, "namespace": owner.namespace},
+                "spec": job.spec.model_dump(by_alias=True, mode="json", exclude_none=True)}
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def build_config_map(job: FineTuneJob, owner: Owner) -> Manifest:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(config_map_name(owner.name), owner),
+            "data": {contract.CONFIG_FILE: render_config(job, owner)}}
+
+
+# --- Service ------------------------------------------------------------------------------------
+
+def build_service(job: FineTuneJob, owner: Owner) -> Manifest:
+    """Headless, and publishing not-ready pods: rank 0's DNS name must resolve while the
+    other ranks start, before any of them is ready."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(service_name(owner.name), owner),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {LABEL_JOB: base_name(owner.name)},
+                     "ports": [
+                         {"name": TORCHRUN_PORT_NAME, "port": contract.DEFAULT_MASTER_PORT,
+                          "targetPort": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"},
+                         {"name": METRICS_PORT_NAME, "port": job.spec.metrics.port,
+                          "targetPort": job.spec.metrics.port, "protocol": "TCP"}]}}
+
+
+# --- Job ----------------------------------------------------------------------------------------
+
+def is_queue_managed(owner: Owner) -> bool:
+    """Kueue admits the gang by unsuspending the Job; the operator must not do it itself."""
+    return LABEL_KUEUE_QUEUE in owner.labels
+
+
+def build_job(job: FineTuneJob, owner: Owner, attempt: int, settings: Settings) -> Manifest:
+    """One attempt of the gang: an Indexed Job, one pod per node, no retries of its own
+    (backoffLimit 0: any rank failing fails the attempt; the operator restarts the gang)."""
+    nodes = job.spec.resources.nodes
+    labels = {LABEL_ATTEMPT: str(attempt)}
+    queue_labels = {k: v for k, v in owner.labels.items() if k in KUEUE_LABELS}
+    suspended = job.spec.run_policy.suspend or is_queue_managed(owner)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _metadata(attempt_job_name(owner.name, attempt), owner,
+                              {**labels, **queue_labels}),
+        "spec": {
+            "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+            "backoffLimit": 0, "suspend": suspended,
+            "podReplacementPolicy": "Failed",
+            "template": {
+                "metadata": {"labels": {**common_labels(owner), **labels},
+                             "annotations": {"kubectl.kubernetes.io/default-container":
+                                             TRAINER_CONTAINER}},
+                "spec": build_pod_spec(job, owner, attempt, settings),
+            },
+        },
+    }
+
+
+def build_pod_spec(job: FineTuneJob, owner: Owner, attempt: int,
+                   settings: Settings) -> Manifest:
+    pod = job.spec.pod
+    spec: Manifest = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(owner.name),  # Indexed Jobs set hostname <job>-<index>
+        "automountServiceAccountToken": False,  # the trainer never talks to the API
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": NON_ROOT_UID,
+                            "runAsGroup": NON_ROOT_UID, "fsGroup": NON_ROOT_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [build_trainer_container(job, owner, attempt, settings)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm_size}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if settings.service_account:
+        spec["serviceAccountName"] = settings.service_account
+    pull_secrets = list(dict.fromkeys([*pod.image_pull_secrets, *settings.image_pull_secrets]))
+    optional = {
+        "nodeSelector": pod.node_selector or None,
+        "tolerations": pod.tolerations or None,
+        "affinity": pod.affinity,
+        "priorityClassName": pod.priority_class_name,
+        "schedulerName": pod.scheduler_name,
+        "imagePullSecrets": [{"name": s} for s in pull_secrets] or None,
+    }
+    spec.update({k: v for k, v in optional.items() if v is not None})
+    return spec
+
+
+def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
+                            settings: Settings) -> Manifest:
+    spec = job.spec
+    container: Manifest = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.pod.image or settings.trainer_image,
+        "command": ["torchrun", "-m", contract.TRAINER_MODULE, "--config", contract.CONFIG_PATH],
+        "env": trainer_env(job, owner, attempt),
+        "ports": [{"name": TORCHRUN_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT},
+                  {"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port}],
+        "resources": container_resources(job),
+        "volumeMounts": [
+            {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": SHM_PATH},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        # Rank 0 writes {"uri", "manifestSha256"} there on success; a failing rank's last log
+        # lines land in the same place, so a Failed condition can quote them.
+        "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                            "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    secret = spec.storage.secret_name or settings.storage_secret
+    if secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    return container
+
+
+def trainer_env(job: FineTuneJob, owner: Owner, attempt: int) -> list[Manifest]:
+    spec = job.spec
+    env: list[Manifest] = [
+        {"name": contract.PET_NNODES, "value": str(spec.resources.nodes)},
+        # gpusPerNode 0 means one CPU process per pod.
+        {"name": contract.PET_NPROC_PER_NODE, "value": str(max(1, spec.resources.gpus_per_node))},
+        {"name": contract.PET_NODE_RANK, "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{ANNOTATION_COMPLETION_INDEX}']"}}},
+        {"name": contract.PET_MASTER_ADDR, "value": master_address(owner.name, attempt)},
+        {"name": contract.PET_MASTER_PORT, "value": str(contract.DEFAULT_MASTER_PORT)},
+    ]
+    if spec.storage.endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
+    if spec.storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
+    reserved = {e["name"] for e in env}
+    env += [{"name": k, "value": v} for k, v in sorted(spec.pod.env.items())
+            if k not in reserved]
+    return env
+
+
+def container_resources(job: FineTuneJob) -> Manifest:
+    """Requests equal limits: a gang rank that gets less than it asked for only slows the
+    others down."""
+    pod, gpus = job.spec.pod, job.spec.resources.gpus_per_node
+    limits: dict[str, str] = {}
+    if gpus:
+        limits[GPU_RESOURCE] = str(gpus)
+    if pod.cpu:
+        limits["cpu"] = pod.cpu
+    if pod.memory:
+        limits["memory"] = pod.memory
+    return {"limits": limits, "requests": dict(limits)} if limits else {}
+
+
+def build_children(job: FineTuneJob, owner: Owner, attempt: int,
+                   settings: Settings) -> list[Manifest]:
+    """In creation order: the pods of the Job mount the ConfigMap and resolve the Service."""
+    return [build_config_map(job, owner), build_service(job, owner),
+            build_job(job, owner, attempt, settings)]

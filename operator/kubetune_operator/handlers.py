@@ -1,0 +1,103 @@
+"""kopf wiring: which events reach the reconciler. Thin on purpose; decisions live in
+status.py, manifests in builders.py, API calls in reconciler.py.
+
+- FineTuneJob created / resumed (operator start) / updated → reconcile it.
+- A trainer pod or Job changed → reconcile its FineTuneJob (found through an index).
+- A timer per active FineTuneJob → resync (deadlines, TTL, missed events) and scrape progress.
+
+kopf's indexes keep the children in memory, so a reconcile lists nothing; kopf starts the
+handlers only once every index has its initial listing, so a restarted operator sees all
+existing pods and Jobs before it decides anything (and so duplicates nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from kubetune_api.crd import Phase
+from kubetune_api.spec import GROUP, PLURAL, VERSION
+from kubetune_operator.builders import LABEL_JOB, base_name
+from kubetune_operator.kube import ApiError
+from kubetune_operator.reconciler import InvalidSpec, Reconciler
+from kubetune_operator.settings import Settings
+from kubetune_operator.status import Children
+
+logger = logging.getLogger(__name__)
+
+FTJ = (GROUP, VERSION, PLURAL)
+PODS = ("", "v1", "pods")
+JOBS = ("batch", "v1", "jobs")
+TRAINER_LABELS = {LABEL_JOB: kopf.PRESENT}
+RETRY_DELAY = 5.0  # seconds before kopf retries a create/update handler after an API error
+TIMER_PHASES = frozenset({Phase.PENDING.value, Phase.RUNNING.value, Phase.RESTARTING.value})
+
+
+def needs_timer(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Active jobs need resyncs and progress; finished ones only a TTL. None of them before
+    the first reconcile, which keeps creation to one round of writes."""
+    phase = status.get("phase")
+    ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    return phase in TIMER_PHASES or (phase in (Phase.SUCCEEDED, Phase.FAILED) and ttl is not None)
+
+
+def children_lookup(pods_index: kopf.Index[Any, Any],
+                    jobs_index: kopf.Index[Any, Any]) -> Any:
+    def lookup(namespace: str, base: str) -> Children:
+        key = (namespace, base)
+        return Children(jobs=list(jobs_index.get(key, [])), pods=list(pods_index.get(key, [])))
+    return lookup
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
+             settings: Settings) -> None:
+    @kopf.index(*FTJ, id="finetunejobs", registry=registry)
+    def finetunejobs(**kw: Any) -> dict[Any, Any]:
+        return {(kw["namespace"], base_name(kw["name"])): {"name": kw["name"],
+                                                           "phase": kw["status"].get("phase")}}
+
+    @kopf.index(*PODS, labels=TRAINER_LABELS, id="trainer_pods", registry=registry)
+    def trainer_pods(**kw: Any) -> dict[Any, Any]:
+        return {(kw["namespace"], kw["labels"][LABEL_JOB]): dict(kw["body"])}
+
+    @kopf.index(*JOBS, labels=TRAINER_LABELS, id="trainer_jobs", registry=registry)
+    def trainer_jobs(**kw: Any) -> dict[Any, Any]:
+        return {(kw["namespace"], kw["labels"][LABEL_JOB]): dict(kw["body"])}
+
+    @kopf.on.startup(registry=registry)
+    async def start(**kw: Any) -> None:
+        # Indexes are live views: capture them once for the reconciler and the metrics.
+        jobs_by_key: kopf.Index[Any, Any] = kw["finetunejobs"]
+        reconciler.children = children_lookup(kw["trainer_pods"], kw["trainer_jobs"])
+        reconciler.metrics.track_phases(
+            lambda: [entry["phase"] for key in list(jobs_by_key)
+                     for entry in jobs_by_key.get(key, [])])
+
+    @kopf.on.resume(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
+    @kopf.on.create(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
+    @kopf.on.update(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
+    async def reconcile(**kw: Any) -> None:
+        try:
+            await reconciler.reconcile(kw["namespace"], kw["name"])
+        except InvalidSpec as exc:
+            raise kopf.PermanentError(str(exc)) from None
+        except ApiError as exc:
+            raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from None
+
+    @kopf.on.event(*PODS, labels=TRAINER_LABELS, id="child_changed", registry=registry)
+    @kopf.on.event(*JOBS, labels=TRAINER_LABELS, id="child_changed", registry=registry)
+    async def child_changed(**kw: Any) -> None:
+        namespace, parents = kw["namespace"], kw["finetunejobs"]
+        for owner in list(parents.get((namespace, kw["labels"][LABEL_JOB]), [])):
+            await reconciler.reconcile(namespace, owner["name"])
+
+    @kopf.timer(*FTJ, id="resync", interval=settings.progress_interval, when=needs_timer,
+                registry=registry)
+    async def resync(**kw: Any) -> None:
+        try:
+            await reconciler.reconcile(kw["namespace"], kw["name"])
+        except InvalidSpec:
+            return
+        await reconciler.refresh_progress(dict(kw["body"]))

@@ -1,0 +1,107 @@
+"""`kubetune operator`: run the operator with the kubeconfig or in-cluster credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+from typing import Any
+
+import kopf
+
+from kubetune_operator import handlers
+from kubetune_operator.kube import KubeApi
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.reconciler import Reconciler
+from kubetune_operator.settings import Settings
+
+logger = logging.getLogger("kubetune_operator")
+
+PREFIX = "kubetune.dev"
+
+
+class Credentials:
+    """kopf's login, remembered so the operator's own client can log in the same way."""
+
+    def __init__(self) -> None:
+        self._kwargs: dict[str, Any] = {}
+
+    def login(self, **kwargs: Any) -> kopf.ConnectionInfo:
+        self._kwargs = kwargs
+        return self.current()
+
+    def current(self) -> kopf.ConnectionInfo:
+        # Service-account tokens rotate on disk: read them at every login.
+        info = kopf.login_with_service_account(**self._kwargs) \
+            or kopf.login_with_kubeconfig(**self._kwargs)
+        if info is not None and (info.token or info.certificate_path or info.certificate_data
+                                 or info.username):
+            return info
+        # exec plugins and auth providers (cloud kubeconfigs) need the client library.
+        info = kopf.login_via_client(**self._kwargs)
+        if info is None:
+            raise kopf.LoginError("no service account, kubeconfig or client credentials")
+        return info
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # our own events say what happened
+    settings.watching.server_timeout = 300  # reconnect watches regularly, as kubectl does
+    settings.watching.client_timeout = 330
+
+
+def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Reconciler, KubeApi]:
+    credentials = Credentials()
+    registry = kopf.OperatorRegistry()
+    api = KubeApi(login=credentials.current)
+    metrics = OperatorMetrics()
+    reconciler = Reconciler(api, settings, metrics)
+    kopf.on.login(registry=registry)(credentials.login)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await api.close()
+
+    handlers.register(registry, reconciler, settings)
+    return registry, reconciler, api
+
+
+def run_operator() -> int:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    # kopf logs every handler call at INFO; with thousands of jobs that is most of the CPU.
+    logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, settings.log_level))
+    registry, reconciler, _ = build(settings)
+    reconciler.metrics.serve(settings.metrics_port)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port \
+        else None
+    logger.info("kubetune operator: namespaces=%s peering=%s metrics=:%s",
+                ",".join(settings.watch_namespaces) or "all", settings.peering or "standalone",
+                settings.metrics_port)
+    # kopf handles SIGTERM/SIGINT: handlers finish, then the loop ends.
+    asyncio.run(kopf.operator(
+        registry=registry,
+        clusterwide=not settings.watch_namespaces,
+        namespaces=list(settings.watch_namespaces),
+        standalone=settings.peering is None,
+        peering_name=settings.peering,
+        # Distinct priorities: with equal ones kopf pauses every replica. The highest
+        # priority replica acts; the others pause until it is gone.
+        priority=random.randint(1, 2**31),
+        liveness_endpoint=liveness,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_operator())

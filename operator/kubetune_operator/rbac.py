@@ -1,0 +1,41 @@
+"""Every API call the operator makes, as RBAC rules: the one place the Helm chart's
+ClusterRole is checked against. Keep it in step with kube.py / handlers.py / kopf's needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_api.spec import GROUP, PLURAL
+
+WATCH = ["get", "list", "watch"]
+
+RULES: list[dict[str, Any]] = [
+    # The custom resource: watched by kopf, status written by the reconciler, annotations and
+    # a finalizer patched by kopf, deleted when its ttlSecondsAfterFinished passes.
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": [*WATCH, "patch", "delete"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    # Children: created once, Jobs suspended/resumed and deleted between attempts.
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*WATCH, "create", "patch",
+                                                              "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
+    # Pods are only read (their Job owns them; deleting the Job deletes them).
+    {"apiGroups": [""], "resources": ["pods"], "verbs": WATCH},
+    # Events for every transition (kopf posts them).
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    # kopf: peering between replicas, CRD discovery, namespaces when watching patterns.
+    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
+     "verbs": [*WATCH, "patch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+     "verbs": WATCH},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": WATCH},
+]
+
+
+def allows(api_group: str, resource: str, verb: str) -> bool:
+    return any(api_group in rule["apiGroups"] and resource in rule["resources"]
+               and verb in rule["verbs"] for rule in RULES)
+
+
+def cluster_role(name: str = "kubetune-operator") -> dict[str, Any]:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name}, "rules": RULES}

@@ -1,0 +1,241 @@
+"""Carry out one reconcile of a FineTuneJob: read it, decide (status.plan), act, record.
+
+All reconciles of one FineTuneJob run one at a time (a lock per object), whatever triggered
+them: kopf's create/update/resume handlers, events of its pods and Jobs, the timer. A request
+that arrives while another waits for the lock is dropped: the waiting one will read the
+newer state anyway. The FineTuneJob itself is read fresh from the API under the lock, so a
+decision never rests on a status this operator has already replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import kopf
+
+from kubetune_api.crd import Phase
+from kubetune_api.load import SpecError, validate_job
+from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
+from kubetune_operator import status as st
+from kubetune_operator.builders import (
+    Owner,
+    attempt_job_name,
+    base_name,
+    build_children,
+    is_queue_managed,
+    master_address,
+)
+from kubetune_operator.kube import CONFIG_MAPS, JOBS, SERVICES, KubeApi, Resource
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FINETUNEJOBS = Resource(GROUP, VERSION, PLURAL)
+CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES, "Job": JOBS}
+
+Key = tuple[str, str]  # (namespace, name)
+ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → children
+
+
+class InvalidSpec(Exception):
+    """The spec got past the CRD schema but not the contract; retrying cannot help."""
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch from old to new status (null removes a field that is gone)."""
+    return {**{k: None for k in old if k not in new}, **new}
+
+
+def no_children(namespace: str, base: str) -> st.Children:
+    return st.Children([], [])
+
+
+class Reconciler:
+    def __init__(self, api: KubeApi, settings: Settings, metrics: OperatorMetrics,
+                 clock: Callable[[], datetime.datetime] = utcnow) -> None:
+        self.api, self.settings, self.metrics, self.clock = api, settings, metrics, clock
+        self.children: ChildrenLookup = no_children  # kopf's indexes, once handlers run
+        self._locks: dict[Key, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._queued: set[Key] = set()
+        self._rechecks: dict[Key, asyncio.TimerHandle] = {}
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        if key in self._queued:
+            return  # the queued run will see whatever triggered this one
+        self._queued.add(key)
+        try:
+            async with self._locks[key]:
+                self._queued.discard(key)
+                with self.metrics.reconcile_duration.time():
+                    await self._reconcile(namespace, name)
+        except InvalidSpec:
+            raise
+        except Exception:
+            self.metrics.reconcile_errors.inc()
+            raise
+        finally:
+            self._queued.discard(key)
+
+    async def _reconcile(self, namespace: str, name: str) -> None:
+        body = await self.api.get(FINETUNEJOBS, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.forget((namespace, name))
+            return
+        status = st.parse_status(body.get("status"))
+        generation = body["metadata"].get("generation")
+        try:
+            job = validate_job({k: v for k, v in body.items() if k != "status"},
+                               source=f"{namespace}/{name}")
+        except SpecError as exc:
+            await self._reject(body, status, str(exc))
+            raise InvalidSpec(str(exc)) from None
+        owner = Owner.from_body(body)
+        plan = st.plan(name, job.spec, generation, status,
+                       self.children(namespace, base_name(name)), self.clock(),
+                       queue_managed=is_queue_managed(owner))
+        await self._execute(plan, job, owner, body, status)
+
+    async def _reject(self, body: dict[str, Any], status: st.FineTuneJobStatus,
+                      message: str) -> None:
+        """Failed/InvalidSpec once; later reconciles find it failed and stop there."""
+        if status.phase == Phase.FAILED:
+            return
+        meta = body["metadata"]
+        new = st.invalid_spec_status(status, message, meta.get("generation"), self.clock())
+        await self._write_status(meta["namespace"], meta["name"], status, new)
+        kopf.event(_as_body(body), type="Warning", reason=st.REASON_INVALID_SPEC, message=message)
+        self.metrics.failed.labels(st.REASON_INVALID_SPEC).inc()
+
+    async def _execute(self, plan: st.Plan, job: FineTuneJob, owner: Owner,
+                       body: dict[str, Any], old: st.FineTuneJobStatus) -> None:
+        ns, name = owner.namespace, owner.name
+        if plan.delete_self:
+            logger.info("%s/%s: ttlSecondsAfterFinished passed; deleting it", ns, name)
+            await self.api.delete(FINETUNEJOBS, ns, name)
+            return
+        # Status first: if the operator dies after it, the next reconcile finishes the job
+        # (e.g. deletes the failed attempt) instead of redoing the decision.
+        await self._write_status(ns, name, old, plan.status)
+        if plan.create_attempt is not None:
+            for manifest in build_children(job, owner, plan.create_attempt, self.settings):
+                await self.api.create(CHILD_RESOURCES[manifest["kind"]], ns, manifest)
+        for job_name in plan.delete_jobs:
+            await self.api.delete(JOBS, ns, job_name)
+        if plan.suspend_job is not None:
+            current = attempt_job_name(name, plan.status.attempt or 1)
+            await self.api.patch(JOBS, ns, current, {"spec": {"suspend": plan.suspend_job}})
+        for event in plan.events:
+            kopf.event(_as_body(body), type=event.type, reason=event.reason, message=event.message)
+        self._count(old, plan.status, body)
+        if plan.recheck_after is not None:
+            self._recheck_later((ns, name), plan.recheck_after)
+
+    async def _write_status(self, namespace: str, name: str, old: st.FineTuneJobStatus,
+                            new: st.FineTuneJobStatus) -> None:
+        before, after = st.dump_status(old), st.dump_status(new)
+        if before != after:  # no-op writes would wake every watcher for nothing
+            await self.api.patch(FINETUNEJOBS, namespace, name,
+                                 {"status": status_patch(before, after)}, subresource="status")
+
+    def _count(self, old: st.FineTuneJobStatus, new: st.FineTuneJobStatus,
+               body: dict[str, Any]) -> None:
+        if old.phase is None and new.phase is not None:
+            self.metrics.created.inc()
+        if new.restarts > old.restarts:
+            reason = next((c.reason for c in new.conditions if c.type == st.COND_RESTARTING),
+                          "Unknown")
+            self.metrics.restarted.labels(reason).inc()
+        if new.phase == old.phase:
+            return
+        if new.phase == Phase.SUCCEEDED:
+            self.metrics.succeeded.inc()
+        elif new.phase == Phase.FAILED:
+            reason = next((c.reason for c in new.conditions if c.type == st.COND_FAILED),
+                          "Unknown")
+            self.metrics.failed.labels(reason).inc()
+        elif new.phase == Phase.RUNNING and new.restarts == 0:
+            created = st.parse_time(body["metadata"].get("creationTimestamp"))
+            if created is not None:
+                self.metrics.time_to_running.observe((self.clock() - created).total_seconds())
+
+    def _recheck_later(self, key: Key, delay: float) -> None:
+        """Wake up exactly when a deadline or TTL is due (the timer is coarser)."""
+        if key in self._rechecks:
+            self._rechecks.pop(key).cancel()
+        loop = asyncio.get_running_loop()
+        self._rechecks[key] = loop.call_later(max(delay, 0.05), self._spawn_recheck, key)
+
+    def _spawn_recheck(self, key: Key) -> None:
+        self._rechecks.pop(key, None)
+        task = asyncio.create_task(self.reconcile(*key))
+        task.add_done_callback(_log_failure)
+
+    def forget(self, key: Key) -> None:
+        if key in self._rechecks:
+            self._rechecks.pop(key).cancel()
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._locks[key]
+
+    # --- progress -------------------------------------------------------------------------
+
+    async def refresh_progress(self, body: dict[str, Any]) -> None:
+        """Scrape rank 0's /metrics and record status.progress when it moved."""
+        meta, status = body["metadata"], st.parse_status(body.get("status"))
+        if status.phase != Phase.RUNNING:
+            return
+        namespace, name = meta["namespace"], meta["name"]
+        url = self._rank0_metrics_url(body, status.attempt or 1)
+        if url is None:
+            return
+        try:
+            text = await self.api.fetch_text(url, self.settings.scrape_timeout)
+            progress = st.parse_progress(text, self.clock())
+        except Exception as exc:  # a slow or restarting rank must not fail the timer
+            logger.debug("%s/%s: no progress from %s: %s", namespace, name, url, exc)
+            return
+        if progress is None or _same_progress(progress, status.progress):
+            return
+        async with self._locks[(namespace, name)]:
+            await self.api.patch(FINETUNEJOBS, namespace, name,
+                                 {"status": {"progress": progress.model_dump(
+                                     by_alias=True, mode="json", exclude_none=True)}},
+                                 subresource="status")
+
+    def _rank0_metrics_url(self, body: dict[str, Any], attempt: int) -> str | None:
+        meta = body["metadata"]
+        port = (body.get("spec", {}).get("metrics") or {}).get("port", 9400)
+        pods = self.children(meta["namespace"], base_name(meta["name"])).pods_of(attempt)
+        rank0 = next((p for p in pods if st.pod_rank(p) == 0), None)
+        if rank0 is None:
+            return None
+        host = rank0.get("status", {}).get("podIP") or \
+            f"{master_address(meta['name'], attempt)}.{meta['namespace']}.svc"
+        return f"http://{host}:{port}/metrics"
+
+
+def _same_progress(new: st.Progress, old: st.Progress | None) -> bool:
+    if old is None:
+        return False
+    ignore = {"last_update_time"}
+    return new.model_dump(exclude=ignore) == old.model_dump(exclude=ignore)
+
+
+def _as_body(body: dict[str, Any]) -> kopf.Body:
+    return kopf.Body(cast(kopf.RawBody, body))
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("scheduled reconcile failed: %s", task.exception())

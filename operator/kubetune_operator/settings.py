@@ -1,0 +1,51 @@
+"""Operator settings, read once from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    watch_namespaces: tuple[str, ...] = ()  # empty: all namespaces
+    metrics_port: int = 8000  # the operator's own Prometheus endpoint; 0 turns it off
+    health_port: int = 8081  # kopf's liveness endpoint (/healthz); 0 turns it off
+    storage_secret: str | None = None  # spec.storage.secretName when the spec names none
+    image_pull_secrets: tuple[str, ...] = ()  # added to every trainer pod
+    service_account: str | None = None  # trainer pods' service account (no token mounted)
+    peering: str | None = "kubetune"  # kopf peering object; None: standalone (one replica)
+    progress_interval: float = 15.0  # seconds between scrapes of rank 0 / periodic resyncs
+    scrape_timeout: float = 3.0
+    termination_grace_seconds: int = 300  # time for ranks to checkpoint on SIGTERM
+    log_level: int = logging.INFO
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        peering = env.get("KUBETUNE_PEERING", cls.peering or "")
+        return cls(
+            trainer_image=env.get("KUBETUNE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
+            watch_namespaces=_list(env.get("KUBETUNE_WATCH_NAMESPACES", "")),
+            metrics_port=int(env.get("KUBETUNE_OPERATOR_METRICS_PORT", cls.metrics_port)),
+            health_port=int(env.get("KUBETUNE_HEALTH_PORT", cls.health_port)),
+            storage_secret=env.get("KUBETUNE_STORAGE_SECRET") or None,
+            image_pull_secrets=_list(env.get("KUBETUNE_IMAGE_PULL_SECRETS", "")),
+            service_account=env.get("KUBETUNE_SERVICE_ACCOUNT") or None,
+            peering=None if peering in ("", "standalone") else peering,
+            progress_interval=float(env.get("KUBETUNE_PROGRESS_INTERVAL",
+                                            cls.progress_interval)),
+            scrape_timeout=float(env.get("KUBETUNE_SCRAPE_TIMEOUT", cls.scrape_timeout)),
+            termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS",
+                                                  cls.termination_grace_seconds)),
+            log_level=logging.getLevelName(env.get("KUBETUNE_LOG_LEVEL", "INFO").upper()),
+        )

@@ -1,0 +1,135 @@
+"""Run the real operator (`python -m kubetune_operator`) against the emulator, and play the
+controllers the emulator lacks (the Job controller and kubelet) in tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from support.kube_emulator import EmulatorThread
+
+T = TypeVar("T")
+
+FTJ = "kubetune.dev/v1alpha1/finetunejobs"
+JOBS = "batch/v1/jobs"
+PODS = "v1/pods"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll until probe() returns something truthy; fail with what it last returned."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class OperatorProcess:
+    """The operator as a subprocess; logs go to `log_path` (printed by tests on failure)."""
+
+    def __init__(self, api: EmulatorThread, workdir: Path, **env: str) -> None:
+        self.kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
+        self.log_path = workdir / "operator.log"
+        self.metrics_port = free_port()
+        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                    "KUBETUNE_PEERING": "standalone", "KUBETUNE_HEALTH_PORT": "0",
+                    "KUBETUNE_OPERATOR_METRICS_PORT": str(self.metrics_port),
+                    "KUBETUNE_PROGRESS_INTERVAL": "1", **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kubetune_operator"], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """A crash: no cleanup, no goodbye."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> OperatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- the Job controller and kubelet, played by tests ---------------------------------------
+
+def start_job_pods(api: EmulatorThread, job: dict[str, Any], phase: str = "Running",
+                   ip: str = "127.0.0.1") -> list[dict[str, Any]]:
+    """Create one pod per completion index of an Indexed Job, as the Job controller would,
+    and give them `phase` as a kubelet would."""
+    meta, template = job["metadata"], job["spec"]["template"]
+    pods = []
+    for index in range(job["spec"]["completions"]):
+        name = f"{meta['name']}-{index}"
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": meta["namespace"],
+            "labels": {**template["metadata"].get("labels", {}), "job-name": meta["name"]},
+            "annotations": {**template["metadata"].get("annotations", {}),
+                            COMPLETION_INDEX: str(index)},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                 "uid": meta["uid"], "controller": True}]},
+            "spec": {**template["spec"], "hostname": name}}
+        api.create(PODS, pod)
+        pods.append(set_pod_state(api, meta["namespace"], name, phase, ip=ip))
+    return pods
+
+
+def set_pod_state(api: EmulatorThread, namespace: str, name: str, phase: str, *,
+                  exit_code: int | None = None, reason: str | None = None,
+                  message: str | None = None, ip: str = "127.0.0.1",
+                  waiting: str | None = None, pod_reason: str | None = None,
+                  conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write a pod's status the way a kubelet reports it."""
+    state: dict[str, Any]
+    if waiting:
+        state = {"waiting": {"reason": waiting, "message": message or waiting}}
+    elif exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "reason": reason or (
+            "Completed" if exit_code == 0 else "Error"), "message": message or ""}}
+    else:
+        state = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    status: dict[str, Any] = {"phase": phase, "podIP": ip, "containerStatuses": [
+        {"name": "trainer", "state": state, "ready": phase == "Running", "restartCount": 0}]}
+    if pod_reason:
+        status["reason"] = pod_reason
+    if conditions:
+        status["conditions"] = conditions
+    return api.patch(PODS, namespace, name, {"status": status}, subresource="status")
