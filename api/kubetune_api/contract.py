@@ -6,11 +6,14 @@ both sides at once, which is the point.
 
 from __future__ import annotations
 
-# The pod runs: torchrun -m kubetune_trainer --config CONFIG_PATH
+# The pod runs torchrun through a thin wrapper that only maps exit codes (plain torchrun exits 1
+# for everything, SIGTERM included); arguments and PET_* variables are torchrun's own.
 TRAINER_MODULE = "kubetune_trainer"
+NODE_LAUNCHER_MODULE = "kubetune_trainer.node"
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_FILE = "finetunejob.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+POD_COMMAND = ("python", "-m", NODE_LAUNCHER_MODULE, "-m", TRAINER_MODULE, "--config", CONFIG_PATH)
 
 # torchrun reads PET_<ARG> as its --<arg>; the operator sets exactly these.
 PET_NNODES = "PET_NNODES"

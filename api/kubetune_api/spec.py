@@ -197,6 +197,10 @@ class TrainingSpec(SpecModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
                                          "backward pass to save memory.")
     strategy: Strategy = Field(Strategy.DDP, description="Distribution strategy across ranks.")
+    strategy_config: dict[str, Any] = Field(
+        default_factory=dict, description="Keys deep-merged over the generated DeepSpeed config "
+        "(deepspeed-*) or FSDP config (fsdp), e.g. {zero_optimization: {offload_optimizer: "
+        "{device: cpu}}}.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     pretrain: bool = Field(False, description="Start from the model's config with random "
                            "weights instead of its pretrained weights.")

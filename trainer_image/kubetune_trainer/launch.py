@@ -1,5 +1,6 @@
 """Process entry points: one rank (`python -m kubetune_trainer`) and the local launcher
-(`kubetune run`), which runs in-process or as torchrun "nodes" on loopback."""
+(`kubetune run`), which trains in-process or starts torchrun "nodes" on loopback with exactly
+the environment the operator gives pods (docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from kubetune_api import contract
 from kubetune_api.load import SpecError, load_job
+
+GRACE_SECONDS = 30  # as torchrun gives its workers after SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +36,14 @@ def train_rank(config: str, *, output: str | None = None, workdir: str | None = 
     """Run this process's rank of the job; map failures to the documented exit codes."""
     try:
         job = load_job(config)
+        from kubetune_trainer.preemption import Preempted
         from kubetune_trainer.recipe import run  # torch & co. only after the spec is valid
 
-        result = run(job, output_uri=output, workdir=workdir)
+        try:
+            result = run(job, output_uri=output, workdir=workdir)
+        except Preempted as stop:
+            print(f"kubetune: {stop}", file=sys.stderr, flush=True)
+            return contract.EXIT_PREEMPTED
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return contract.EXIT_INVALID_SPEC
@@ -53,4 +67,87 @@ def run_local(file: str, *, output: str | None = None, nodes: int | None = None,
     nodes = nodes or job.spec.resources.nodes
     if nodes == 1 and nproc_per_node == 1:
         return train_rank(file, output=output, workdir=workdir)
-    raise SpecError(f"{file}: multi-process local runs (--nodes {nodes}) are not supported yet")
+    scratch = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kubetune-nodes-"))
+    try:
+        return run_nodes(file, nodes, nproc_per_node, scratch, output=output,
+                         metrics_port=job.spec.metrics.port)
+    finally:
+        if workdir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def node_env(node_rank: int, nodes: int, nproc: int, master_port: int,
+             metrics_port: int, workdir: Path) -> dict[str, str]:
+    """The pod environment of node `node_rank`, on loopback."""
+    return {
+        contract.PET_NNODES: str(nodes),
+        contract.PET_NPROC_PER_NODE: str(nproc),
+        contract.PET_NODE_RANK: str(node_rank),
+        contract.PET_MASTER_ADDR: "127.0.0.1",
+        contract.PET_MASTER_PORT: str(master_port),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        # Pods each have the port to themselves; nodes sharing this machine must not collide.
+        "KUBETUNE_METRICS_PORT": str(metrics_port + node_rank * nproc),
+        contract.TERMINATION_LOG_ENV: str(workdir / "termination-log"),
+    }
+
+
+def run_nodes(file: str, nodes: int, nproc: int, scratch: Path, *, output: str | None,
+              metrics_port: int) -> int:
+    """Start one node process per node; the first failure stops the whole gang."""
+    master_port = free_port()
+    procs = []
+    for rank in range(nodes):
+        workdir = scratch / f"node-{rank}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", contract.NODE_LAUNCHER_MODULE,
+                   "-m", contract.TRAINER_MODULE, "--config", file, "--workdir", str(workdir)]
+        command += ["--output", output] if output else []
+        env = os.environ | node_env(rank, nodes, nproc, master_port, metrics_port, workdir)
+        procs.append(subprocess.Popen(command, env=env))
+    return wait_for_gang(procs)
+
+
+def wait_for_gang(procs: list[subprocess.Popen[bytes]]) -> int:
+    """0 when every node succeeds; else the first failing node's code after stopping the rest
+    (a dead rank must not leave the others hanging in a collective)."""
+    stop = {"signal": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next((c for c in codes if c not in (None, 0)), None)
+            if failed is not None or stop["signal"]:
+                terminate(procs)
+                if stop["signal"]:
+                    return contract.EXIT_PREEMPTED
+                return failed if failed and failed > 0 else 1
+            if all(c == 0 for c in codes):
+                return contract.EXIT_OK
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        terminate(procs)
+        return contract.EXIT_PREEMPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def terminate(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (workers checkpoint), then SIGKILL after the grace period."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + GRACE_SECONDS + 5
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

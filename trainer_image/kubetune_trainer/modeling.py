@@ -82,7 +82,8 @@ def load_tokenizer(source: str, revision: str | None, task: str) -> PreTrainedTo
 
 def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenizerBase,
                precision: Precision, label_names: list[str] | None,
-               device_map: Any = None) -> PreTrainedModel:
+               device_map: Any = None, quant_storage: torch.dtype | None = None
+               ) -> PreTrainedModel:
     """The base model for the task: pretrained weights, or a random init from its config."""
     auto_class = AUTO_CLASSES[spec.model.task]
     kwargs: dict[str, Any] = {"revision": spec.model.revision}
@@ -94,10 +95,10 @@ def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenize
     if spec.training.pretrain:
         model = auto_class.from_config(AutoConfig.from_pretrained(source, **kwargs))
     else:
-        quant = quantization_config(spec.method, compute_dtype(spec, precision))
+        quant = quantization_config(spec.method, compute_dtype(spec, precision), quant_storage)
         model = auto_class.from_pretrained(
             source, dtype=_load_dtype(spec, precision), quantization_config=quant,
-            device_map=device_map if quant else None, **kwargs)
+            device_map=device_map, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -12,6 +12,7 @@ checked in `setup` before anything is written to the output URI; rank 0 alone wr
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -26,20 +27,28 @@ from transformers import logging as hf_logging
 from transformers.trainer_utils import set_seed
 
 from kubetune_api.spec import FineTuneJob, MethodType
-from kubetune_trainer import artifacts, storage
-from kubetune_trainer.data import LoadedData, load_records, training_texts
+from kubetune_trainer import artifacts, checkpoints, storage, strategies
+from kubetune_trainer.checkpoints import CheckpointCallback
+from kubetune_trainer.data import DataError, LoadedData, load_records, training_texts
 from kubetune_trainer.features import collator_for, count_target_tokens, pack, tokenize
+from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
+    compute_dtype,
     load_model,
     load_tokenizer,
     make_trainable,
     parameter_counts,
     resolve_precision,
 )
+from kubetune_trainer.preemption import Preempted, PreemptionCallback
 from kubetune_trainer.tiny import build_tiny_model
 
 TINY_PREFIX = "tiny://"
+TRAINER_PICKLE = "training_args.bin"
+LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
+METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
+log = logging.getLogger("kubetune")
 
 
 @dataclass
@@ -60,31 +69,79 @@ class Setup:
     data: LoadedData
     source: str  # model id or local directory (tiny mode)
     tokenizer: PreTrainedTokenizerBase
+    args: TrainingArguments
     model: PreTrainedModel
     train_features: list[dict[str, Any]]
     eval_features: list[dict[str, Any]]
-    tokens_seen: list[int] = field(default_factory=lambda: [0])
+    metrics: TrainerMetrics
+    tokens: TokenCounter = field(default_factory=lambda: TokenCounter())
+
+
+class TokenCounter:
+    """Non-pad tokens fed to training (eval batches are not counted)."""
+
+    def __init__(self) -> None:
+        self.total = self._reported = 0
+
+    def take(self) -> int:
+        """Tokens since the previous call (for per-step throughput)."""
+        new, self._reported = self.total - self._reported, self.total
+        return new
 
 
 def run(job: FineTuneJob, *, output_uri: str | None = None,
         workdir: str | Path | None = None) -> RunResult | None:
-    """Train the job; returns the published result on rank 0 and None on other ranks."""
+    """Train the job; returns the published result on rank 0 and None on other ranks.
+
+    Raises Preempted after saving a checkpoint when SIGTERM arrives during training.
+    """
     hf_logging.disable_progress_bar()  # keep the training bar, drop shard-writing bars
     scratch = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kubetune-"))
+    metrics = start_metrics(job)
+    preemption = PreemptionCallback()
     try:
-        ready = setup(job, output_uri or job.spec.output.uri, scratch)
-        trainer = build_trainer(ready)
+        ready = setup(job, output_uri or job.spec.output.uri, scratch, metrics)
+        trainer = build_trainer(ready, preemption)
+        resumed = resume(ready)
         started = time.monotonic()
-        trainer.train()
-        eval_loss = trainer.evaluate()["eval_loss"] if ready.eval_features else None
+        trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+        if preemption.stopped_at is not None:
+            raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
+                            f"checkpoint saved")
+        eval_loss = evaluate(ready, trainer)
         facts = summarize(ready, trainer, eval_loss, time.monotonic() - started)
-        return save(ready, trainer, facts) if is_rank0() else None
+        facts["resumedFromStep"] = _step_of(resumed)
+        result = save(ready, trainer, facts)
+        metrics.set_phase("done")
+        return result
+    except BaseException:
+        metrics.set_phase("failed")
+        raise
     finally:
+        metrics.stop()
+        preemption.restore()
         if workdir is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def setup(job: FineTuneJob, output_uri: str, workdir: Path) -> Setup:
+def start_metrics(job: FineTuneJob) -> TrainerMetrics:
+    """Serve this rank's /metrics on spec.metrics.port + local rank (observability is never
+    worth failing a run for: a busy port only logs a warning)."""
+    spec = job.spec
+    metrics = TrainerMetrics(global_rank(), model=spec.model.name, method=spec.method.type,
+                             task=spec.model.task)
+    port = int(os.environ.get(METRICS_PORT_ENV, spec.metrics.port)) + local_rank()
+    try:
+        metrics.serve(port)
+    except OSError as exc:
+        log.warning("metrics: cannot listen on port %d (%s); continuing without /metrics",
+                    port, exc)
+    metrics.set_phase("loading")
+    return metrics
+
+
+def setup(job: FineTuneJob, output_uri: str, workdir: Path,
+          metrics: TrainerMetrics | None = None) -> Setup:
     spec = job.spec
     set_seed(spec.training.seed)
     data = load_records(spec.dataset, spec.model.task, spec.training.seed)
@@ -99,12 +156,19 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path) -> Setup:
 
     train_features, eval_features = features(data.train), features(data.eval)
     if not train_features:
-        raise artifacts.ArtifactError(f"{spec.dataset.train}: no record has a token to learn "
-                                      f"from after truncation to {spec.dataset.max_seq_length}")
-    device_map = {"": local_device()}
-    model = load_model(spec, source, tokenizer, precision, data.label_names, device_map)
-    return Setup(job, output_uri, workdir, precision, data, source, tokenizer,
-                 make_trainable(model, spec), train_features, eval_features)
+        raise DataError(f"{spec.dataset.train}: no record has a token to learn from after "
+                        f"truncation to {spec.dataset.max_seq_length}")
+    # Arguments before the model: with ZeRO-3 they make from_pretrained load sharded.
+    args = training_arguments(job, precision, workdir, has_eval=bool(eval_features),
+                              cuda=torch.cuda.is_available())
+    compute = compute_dtype(spec, precision)
+    model = load_model(spec, source, tokenizer, precision, data.label_names,
+                       device_map=strategies.device_map(spec, local_device()),
+                       quant_storage=strategies.quant_storage(spec, compute))
+    return Setup(job, output_uri, workdir, precision, data, source, tokenizer, args,
+                 make_trainable(model, spec), train_features, eval_features,
+                 metrics or TrainerMetrics(global_rank(), model=spec.model.name,
+                                           method=spec.method.type, task=spec.model.task))
 
 
 def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
@@ -123,21 +187,49 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
     return str(directory)
 
 
-def build_trainer(ready: Setup) -> Trainer:
+def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) -> Trainer:
     spec, cuda = ready.job.spec, torch.cuda.is_available()
-    args = training_arguments(ready.job, ready.precision, ready.workdir,
-                              has_eval=bool(ready.eval_features), cuda=cuda)
     collate = collator_for(spec.model.task, ready.tokenizer, ready.model, spec.training.seed,
                            pad_to_multiple_of=8 if cuda else None)
 
     def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         collated = collate(batch)
-        ready.tokens_seen[0] += count_target_tokens(collated)
+        if ready.model.training:
+            ready.tokens.total += count_target_tokens(collated)
         return collated
 
-    return Trainer(model=ready.model, args=args, train_dataset=ready.train_features,
+    callbacks: list[Any] = [
+        metrics_callback(ready.metrics, ready.tokens.take),
+        CheckpointCallback(checkpoints.root_uri(spec, ready.output_uri),
+                           spec.checkpoint.keep_last, ready.metrics),
+    ]
+    if preemption:
+        callbacks.append(preemption)
+    return Trainer(model=ready.model, args=ready.args, train_dataset=ready.train_features,
                    eval_dataset=ready.eval_features or None, data_collator=counting_collator,
-                   processing_class=ready.tokenizer)
+                   processing_class=ready.tokenizer, callbacks=callbacks)
+
+
+def resume(ready: Setup) -> Path | None:
+    """The newest complete checkpoint, downloaded, or None for a fresh start."""
+    root = checkpoints.root_uri(ready.job.spec, ready.output_uri)
+    step = checkpoints.resume_step(root)
+    if step is None:
+        return None
+    if is_rank0():
+        print(f"kubetune: resuming from {root} step {step}", flush=True)
+    return checkpoints.fetch(root, step, ready.workdir / LOCAL_CHECKPOINTS)
+
+
+def _step_of(checkpoint: Path | None) -> int | None:
+    return int(checkpoint.name.removeprefix(checkpoints.PREFIX)) if checkpoint else None
+
+
+def evaluate(ready: Setup, trainer: Trainer) -> float | None:
+    if not ready.eval_features:
+        return None
+    ready.metrics.set_phase("evaluating")
+    return float(trainer.evaluate()["eval_loss"])
 
 
 def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
@@ -146,7 +238,7 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
     t = job.spec.training
     evaluate_periodically = bool(has_eval and t.eval_every_steps)
     return TrainingArguments(
-        output_dir=str(workdir / "trainer"),
+        output_dir=str(workdir / LOCAL_CHECKPOINTS),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.per_device_batch_size,
@@ -168,12 +260,14 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         logging_first_step=True,
         eval_strategy="steps" if evaluate_periodically else "no",
         eval_steps=t.eval_every_steps if evaluate_periodically else None,
-        save_strategy="no",
+        save_strategy="steps" if job.spec.checkpoint.every_steps else "no",
+        save_steps=job.spec.checkpoint.every_steps or 500,
         report_to=[],
         remove_unused_columns=False,
         # Batches of similar length waste less compute on padding; packed blocks are uniform.
         train_sampling_strategy="random" if job.spec.dataset.packing else "group_by_length",
         disable_tqdm=not is_rank0(),
+        **strategies.strategy_arguments(job.spec, precision),
     )
 
 
@@ -191,7 +285,7 @@ def summarize(ready: Setup, trainer: Trainer, eval_loss: float | None,
                     "trainLoss": losses[-1] if losses else None,
                     "evalLoss": eval_loss,
                     "trainSeconds": round(seconds, 3),
-                    "tokensPerSecond": round(ready.tokens_seen[0] * world / max(seconds, 1e-9),
+                    "tokensPerSecond": round(ready.tokens.total * world / max(seconds, 1e-9),
                                              1)},
         "parameters": {"trainable": trainable, "total": total},
         "precision": ready.precision.name,
@@ -199,15 +293,17 @@ def summarize(ready: Setup, trainer: Trainer, eval_loss: float | None,
     }
 
 
-def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult:
-    """Write HF-loadable files locally, then publish them with the manifest last."""
+def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | None:
+    """Every rank joins the save (ZeRO-3/FSDP gather the full weights); rank 0 then checks the
+    files and publishes them with the manifest last."""
     spec = ready.job.spec
+    ready.metrics.set_phase("saving")
     staging = ready.workdir / "artifact"
-    model = trainer.model
-    adapter = spec.method.type != MethodType.FULL
-    model.save_pretrained(staging)  # type: ignore[union-attr,operator]
-    ready.tokenizer.save_pretrained(staging)
-    if adapter:
+    trainer.save_model(str(staging))  # model or adapter, and the tokenizer
+    if not is_rank0():
+        return None
+    (staging / TRAINER_PICKLE).unlink(missing_ok=True)  # a pickle has no place in an artifact
+    if spec.method.type != MethodType.FULL:
         artifacts.verify_adapter(staging)
         if spec.model.name.startswith(TINY_PREFIX):
             artifacts.copy_base_model(Path(ready.source), staging)
@@ -215,6 +311,7 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult:
             merge_adapter(ready, staging)
     manifest = artifacts.build_manifest(ready.job, staging, **facts)
     digest = storage.publish(staging, ready.output_uri, manifest)
+    ready.metrics.add_uploaded_bytes(sum(f["bytes"] for f in manifest["files"].values()))
     print_summary(ready.output_uri, manifest)
     return RunResult(ready.output_uri, manifest, digest)
 
@@ -248,15 +345,23 @@ def print_summary(uri: str, manifest: dict[str, Any]) -> None:
     )
 
 
+def global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return global_rank() == 0
 
 
 def local_device() -> str | int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+    return local_rank() if torch.cuda.is_available() else "cpu"
 
 

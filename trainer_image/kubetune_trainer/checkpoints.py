@@ -1,0 +1,129 @@
+"""Resumable checkpoints in object storage.
+
+The HF Trainer writes `checkpoint-<step>/` locally (model or adapter, optimizer, scheduler, RNG
+of every rank, trainer state with the step and so the data position). Then every node uploads
+what it wrote, all ranks meet, and rank 0 writes the `COMPLETE` marker last. A checkpoint
+without its marker (a crash mid-upload) is never resumed from (fms-hf-tuning#432).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from kubetune_api.contract import CHECKPOINT_MARKER_FILE, CHECKPOINTS_SUBDIR
+from kubetune_api.spec import FineTuneJobSpec
+from kubetune_trainer import storage
+from kubetune_trainer.metrics import TrainerMetrics
+
+PREFIX = "checkpoint-"  # the HF Trainer's folder name
+DOWNLOADED = ".kubetune-downloaded"  # node-local: the resume download is whole
+
+
+def root_uri(spec: FineTuneJobSpec, output_uri: str) -> str:
+    return spec.checkpoint.uri or storage.join(output_uri, CHECKPOINTS_SUBDIR)
+
+
+def _steps(root: str) -> list[int]:
+    names = storage.list_subdirs(root)
+    return sorted(int(n.removeprefix(PREFIX)) for n in names
+                  if n.startswith(PREFIX) and n.removeprefix(PREFIX).isdigit())
+
+
+def _folder(root: str, step: int) -> str:
+    return storage.join(root, f"{PREFIX}{step}")
+
+
+def complete_steps(root: str) -> list[int]:
+    """Steps of the complete checkpoints under `root`, oldest first."""
+    return [s for s in _steps(root)
+            if storage.exists(storage.join(_folder(root, s), CHECKPOINT_MARKER_FILE))]
+
+
+def prune(root: str, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older and partial leftovers."""
+    complete = complete_steps(root)
+    keep = set(complete[-keep_last:])
+    newest = complete[-1] if complete else -1
+    for step in _steps(root):
+        if step not in keep and step <= newest:
+            storage.remove(_folder(root, step))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_local_leader() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def resume_step(root: str) -> int | None:
+    """Rank 0 picks the newest complete checkpoint; every rank gets the same answer."""
+    choice: list[int | None] = [None]
+    if _rank() == 0:
+        complete = complete_steps(root)
+        choice[0] = complete[-1] if complete else None
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def fetch(root: str, step: int, local_root: Path) -> Path:
+    """Download checkpoint `step` once per node; the node's other ranks wait for it."""
+    local = local_root / f"{PREFIX}{step}"
+    if _is_local_leader() and not (local / DOWNLOADED).exists():
+        storage.download_dir(_folder(root, step), local)
+        (local / DOWNLOADED).touch()
+    _barrier()
+    return local
+
+
+class CheckpointCallback(TrainerCallback):
+    """Uploads each checkpoint the Trainer saves, then marks it complete and prunes."""
+
+    def __init__(self, root: str, keep_last: int, metrics: TrainerMetrics | None = None):
+        self.root, self.keep_last, self.metrics = root, keep_last, metrics
+        self.step_ended = 0.0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The Trainer saves right after this hook; the gap is the local save time (unless it
+        # evaluates first, which the measurement then leaves out).
+        self.step_ended = 0.0 if control.should_evaluate else time.monotonic()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        save_seconds = time.monotonic() - self.step_ended if self.step_ended else 0.0
+        local = Path(args.output_dir) / f"{PREFIX}{step}"
+        remote = _folder(self.root, step)
+        if self.metrics:
+            self.metrics.set_phase("checkpointing")
+        started = time.monotonic()
+        if _rank() == 0:
+            storage.remove(remote)  # leftovers of an earlier attempt at the same step
+        _barrier()  # every rank has written its part (RNG state, shards) and the folder is clean
+        uploaded = storage.upload_dir(local, remote) if _is_local_leader() else 0
+        _barrier()
+        if _rank() == 0:
+            marker = {"step": step, "epoch": state.epoch, "time": time.time()}
+            storage.write_text(storage.join(remote, CHECKPOINT_MARKER_FILE), json.dumps(marker))
+            prune(self.root, self.keep_last)
+        if _is_local_leader():
+            shutil.rmtree(local, ignore_errors=True)  # the remote copy is the one that counts
+        if self.metrics:
+            self.metrics.observe_checkpoint(step, save_seconds=save_seconds,
+                                            upload_seconds=time.monotonic() - started,
+                                            uploaded_bytes=uploaded)
+            self.metrics.set_phase("training")

@@ -1,0 +1,45 @@
+"""torchrun with kubetune's exit codes: what each pod (one per node) runs.
+
+    python -m kubetune_trainer.node -m kubetune_trainer --config /etc/kubetune/finetunejob.yaml
+
+Arguments and PET_* variables are torchrun's own (this *is* torch.distributed.run). Plain
+torchrun exits 1 for every failure, including SIGTERM, so the operator could not tell a
+preempted node (retryable) from a bad spec (permanent). This wrapper maps them:
+
+- a worker exited with EXIT_INVALID_SPEC (2)      -> 2
+- the agent got SIGTERM / a worker exited 75       -> EXIT_PREEMPTED (75)
+- any other worker failure                         -> that worker's exit code (1 if signalled)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from kubetune_api import contract
+
+
+def exit_code_of(worker_codes: list[int]) -> int:
+    """One exit code for the node from its failed workers' codes (negative = signal)."""
+    for code in (contract.EXIT_INVALID_SPEC, contract.EXIT_PREEMPTED):
+        if code in worker_codes:
+            return code
+    return next((c for c in worker_codes if c > 0), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv if argv is not None else sys.argv[1:]))
+    except ChildFailedError as failed:
+        return exit_code_of([f.exitcode for f in failed.failures.values()])
+    except SignalException:
+        # torchrun forwarded the signal; workers saved a checkpoint if they had time.
+        return contract.EXIT_PREEMPTED
+    return contract.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

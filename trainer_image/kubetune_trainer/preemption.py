@@ -1,0 +1,47 @@
+"""SIGTERM (preemption, suspend, node drain): checkpoint at the next step, then stop.
+
+torchrun forwards the pod's SIGTERM to its workers and gives them 30 s before SIGKILL. Ranks
+may receive it at different steps (or only one node may be drained), so the ranks agree with
+an all-reduce each step: all stop at the same step and save one consistent checkpoint, instead
+of one rank leaving the others hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint; rerunning resumes it."""
+
+
+class PreemptionCallback(TrainerCallback):
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def restore(self) -> None:
+        """Put back the SIGTERM handler that was there before."""
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def _anyone_requested(self, device: torch.device) -> bool:
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._anyone_requested(args.device):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
