@@ -1,9 +1,9 @@
 """A Kubernetes API server on loopback for operator tests and benchmarks.
 
 kmock's `KubernetesEmulator` gives the HTTP plumbing (routing, discovery, Status errors, user
-reactions that pre-empt the defaults, e.g. `emu['patch', 'v1/pods'] << 500`). It keeps objects
-as plain merged dicts, so this subclass replaces its storage with the API-server semantics an
-operator depends on:
+reactions that pre-empt the defaults, e.g. `emu['post /api/v1/namespaces/ns/pods'] << 500`).
+It keeps objects as plain merged dicts, so this subclass replaces its storage with the
+API-server semantics an operator depends on:
 
 - `metadata.uid`, `resourceVersion` (one global counter), `generation` (bumped when anything
   outside metadata/status changes), `creationTimestamp`, `generateName`;

@@ -1,0 +1,137 @@
+"""The API-server semantics the operator tests rely on, checked over HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from support.kube_emulator import EmulatorThread
+
+FTJ = "kubetune.dev/v1alpha1/finetunejobs"
+CM_URL = "/api/v1/namespaces/ns/configmaps"
+FTJ_URL = "/apis/kubetune.dev/v1alpha1/namespaces/ns/finetunejobs"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[EmulatorThread]:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        yield api
+
+
+def call(api: EmulatorThread, method: str, path: str, body: Any = None,
+         **kwargs: Any) -> requests.Response:
+    headers = kwargs.pop("headers", {})
+    data = json.dumps(body) if body is not None else None
+    return requests.request(method, api.url + path, data=data, timeout=10,
+                            headers={"Content-Type": "application/json", **headers}, **kwargs)
+
+
+def test_create_sets_identity_and_rejects_duplicates(api: EmulatorThread) -> None:
+    created = call(api, "POST", CM_URL, {"metadata": {"name": "a"}, "data": {"k": "v"}})
+    assert created.status_code == 201
+    meta = created.json()["metadata"]
+    assert meta["uid"] and meta["resourceVersion"] and meta["creationTimestamp"]
+    assert meta["namespace"] == "ns" and created.json()["kind"] == "ConfigMap"
+    again = call(api, "POST", CM_URL, {"metadata": {"name": "a"}})
+    assert again.status_code == 409 and again.json()["reason"] == "AlreadyExists"
+    assert call(api, "GET", CM_URL + "/missing").status_code == 404
+
+
+def test_label_and_field_selectors(api: EmulatorThread) -> None:
+    for name, tier in (("s1", "gold"), ("s2", "silver"), ("s3", None)):
+        labels = {"app": "sel"} | ({"tier": tier} if tier else {})
+        call(api, "POST", CM_URL, {"metadata": {"name": name, "labels": labels}})
+
+    def names(selector: str, field: str = "") -> list[str]:
+        params = {"labelSelector": selector, "fieldSelector": field}
+        items = call(api, "GET", CM_URL, params=params).json()["items"]
+        return [i["metadata"]["name"] for i in items]
+    assert names("app=sel") == ["s1", "s2", "s3"]
+    assert names("app=sel,tier in (gold,silver)") == ["s1", "s2"]
+    assert names("app=sel,tier!=gold") == ["s2", "s3"]
+    assert names("app=sel,!tier") == ["s3"]
+    assert names("app=sel,tier") == ["s1", "s2"]
+    assert names("app=sel", "metadata.name=s2") == ["s2"]
+
+
+def test_status_subresource_and_generation(api: EmulatorThread) -> None:
+    body = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "j"}, "spec": {"x": 1}, "status": {"phase": "Ignored"}}
+    created = call(api, "POST", FTJ_URL, body).json()
+    assert "status" not in created and created["metadata"]["generation"] == 1
+    main = call(api, "PATCH", FTJ_URL + "/j", {"spec": {"x": 2}, "status": {"phase": "No"}},
+                headers=MERGE).json()
+    assert main["metadata"]["generation"] == 2 and "status" not in main
+    status = call(api, "PATCH", FTJ_URL + "/j/status", {"spec": {"x": 3},
+                                                         "status": {"phase": "Running"}},
+                  headers=MERGE).json()
+    assert status["status"] == {"phase": "Running"} and status["spec"] == {"x": 2}
+    assert status["metadata"]["generation"] == 2
+    rv = status["metadata"]["resourceVersion"]
+    noop = call(api, "PATCH", FTJ_URL + "/j/status", {"status": {"phase": "Running"}},
+                headers=MERGE).json()
+    assert noop["metadata"]["resourceVersion"] == rv  # no change, no new version
+    stale = dict(noop, metadata={**noop["metadata"], "resourceVersion": "1"})
+    assert call(api, "PUT", FTJ_URL + "/j", stale).status_code == 409
+    assert call(api, "PUT", FTJ_URL + "/j", noop).status_code == 200
+
+
+def test_watch_replays_from_a_resource_version_and_filters(api: EmulatorThread) -> None:
+    start = call(api, "GET", CM_URL).json()["metadata"]["resourceVersion"]
+    call(api, "POST", CM_URL, {"metadata": {"name": "w1", "labels": {"watch": "me"}}})
+    call(api, "POST", CM_URL, {"metadata": {"name": "w2"}})
+    call(api, "PATCH", CM_URL + "/w1", {"metadata": {"labels": {"watch": None}}},
+         headers=MERGE)
+    response = call(api, "GET", CM_URL, params={
+        "watch": "true", "resourceVersion": start, "labelSelector": "watch=me",
+        "timeoutSeconds": "1"})
+    events = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+    # w1 appears, then leaves the selection (a DELETED for this watcher); w2 never matches.
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == \
+        [("ADDED", "w1"), ("DELETED", "w1")]
+
+
+def test_finalizers_and_owner_garbage_collection(api: EmulatorThread) -> None:
+    owner = call(api, "POST", FTJ_URL, {"metadata": {"name": "owner", "finalizers": ["x/y"]},
+                                        "spec": {}}).json()
+    ref = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "owner",
+           "uid": owner["metadata"]["uid"]}
+    call(api, "POST", CM_URL, {"metadata": {"name": "child", "ownerReferences": [ref]}})
+    deleting = call(api, "DELETE", FTJ_URL + "/owner").json()
+    assert deleting["metadata"]["deletionTimestamp"]
+    assert call(api, "GET", CM_URL + "/child").status_code == 200
+    call(api, "PATCH", FTJ_URL + "/owner", {"metadata": {"finalizers": None}}, headers=MERGE)
+    assert call(api, "GET", FTJ_URL + "/owner").status_code == 404
+    assert call(api, "GET", CM_URL + "/child").status_code == 404
+
+
+def test_orphan_propagation_keeps_dependents(api: EmulatorThread) -> None:
+    owner = call(api, "POST", FTJ_URL, {"metadata": {"name": "o2"}, "spec": {}}).json()
+    ref = {"apiVersion": "v1", "kind": "FineTuneJob", "name": "o2",
+           "uid": owner["metadata"]["uid"]}
+    call(api, "POST", CM_URL, {"metadata": {"name": "kept", "ownerReferences": [ref]}})
+    call(api, "DELETE", FTJ_URL + "/o2", {"propagationPolicy": "Orphan"})
+    kept = call(api, "GET", CM_URL + "/kept").json()
+    assert "ownerReferences" not in kept["metadata"]
+
+
+def test_user_reactions_preempt_and_change_nothing(api: EmulatorThread) -> None:
+    api.emulator["post /api/v1/namespaces/ns/configmaps"] << 503
+    try:
+        assert call(api, "POST", CM_URL, {"metadata": {"name": "never"}}).status_code == 503
+    finally:
+        api.emulator._payloads.pop()  # kmock has no public "remove reaction"
+    assert call(api, "GET", CM_URL + "/never").status_code == 404
+
+
+def test_namespaces_resource_and_discovery(api: EmulatorThread) -> None:
+    assert call(api, "POST", "/api/v1/namespaces", {"metadata": {"name": "team"}}).ok
+    assert call(api, "GET", "/api/v1/namespaces/team").json()["metadata"]["name"] == "team"
+    resources = call(api, "GET", "/apis/kubetune.dev/v1alpha1").json()["resources"]
+    assert {"finetunejobs", "finetunejobs/status"} <= {r["name"] for r in resources}

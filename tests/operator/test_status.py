@@ -1,0 +1,321 @@
+"""Table-driven status aggregation: pod/Job fixtures → phase, reason, actions."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+
+from kubetune_api import contract
+from kubetune_api.crd import Condition, FineTuneJobStatus, Phase, Progress
+from kubetune_api.load import validate_job
+from kubetune_api.spec import FineTuneJobSpec
+from kubetune_operator import status as st
+from kubetune_operator.builders import ANNOTATION_COMPLETION_INDEX, LABEL_ATTEMPT
+
+NOW = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
+STAMP = "2026-01-01T12:00:00Z"
+
+
+def spec(nodes: int = 2, **run_policy: Any) -> FineTuneJobSpec:
+    return validate_job({"spec": {
+        "model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+        "dataset": {"train": "d.jsonl"}, "output": {"uri": "s3://b/out"},
+        "resources": {"nodes": nodes, "gpusPerNode": 1}, "runPolicy": run_policy}}).spec
+
+
+def pod(rank: int, phase: str = "Running", attempt: int = 1, *, exit_code: int | None = None,
+        reason: str | None = None, message: str = "", waiting: str | None = None,
+        unschedulable: str | None = None, evicted: bool = False,
+        terminating: bool = False) -> dict[str, Any]:
+    state: dict[str, Any] = {"running": {}}
+    if waiting:
+        state = {"waiting": {"reason": waiting, "message": message}}
+    elif exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "reason": reason or "Error",
+                                "message": message}}
+    status: dict[str, Any] = {"phase": phase, "podIP": f"10.0.0.{rank}",
+                              "containerStatuses": [{"name": "trainer", "state": state}]}
+    if unschedulable:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False",
+                                 "reason": "Unschedulable", "message": unschedulable}]
+        status["containerStatuses"] = []
+    if evicted:
+        status.update(reason="Evicted", message="The node was low on resource: memory.")
+    meta: dict[str, Any] = {"name": f"llama-a{attempt}-{rank}",
+                            "labels": {LABEL_ATTEMPT: str(attempt)},
+                            "annotations": {ANNOTATION_COMPLETION_INDEX: str(rank)}}
+    if terminating:
+        meta["deletionTimestamp"] = STAMP
+    return {"metadata": meta, "status": status}
+
+
+def job(attempt: int = 1, *, condition: str | None = None, suspend: bool = False,
+        message: str = "") -> dict[str, Any]:
+    conditions = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded",
+                   "message": message}] if condition else []
+    return {"metadata": {"name": f"llama-a{attempt}", "labels": {LABEL_ATTEMPT: str(attempt)}},
+            "spec": {"suspend": suspend}, "status": {"conditions": conditions}}
+
+
+SUCCESS_MESSAGE = '{"uri": "s3://b/out", "manifestSha256": "abc123"}'
+
+ATTEMPT_CASES = [
+    # (id, job, pods, kind, reason, retryable)
+    ("no-pods-yet", job(), [], "waiting", st.REASON_WAITING_FOR_PODS, True),
+    ("unschedulable", job(), [pod(0), pod(1, "Pending", unschedulable="0/8 nodes: "
+                                          "insufficient nvidia.com/gpu")],
+     "waiting", st.REASON_UNSCHEDULABLE, True),
+    ("image-pull-beats-unschedulable", job(),
+     [pod(0, "Pending", waiting="ImagePullBackOff", message="pull access denied"),
+      pod(1, "Pending", unschedulable="insufficient gpu")],
+     "waiting", "ImagePullBackOff", True),
+    ("missing-secret", job(), [pod(0, "Pending", waiting="CreateContainerConfigError",
+                                   message='secret "s3" not found'), pod(1)],
+     "waiting", "CreateContainerConfigError", True),
+    ("container-creating", job(), [pod(0, "Pending", waiting="ContainerCreating"), pod(1)],
+     "waiting", "ContainerCreating", True),
+    ("queued-by-kueue", job(suspend=True), [], "waiting", st.REASON_QUEUED, True),
+    ("all-running", job(), [pod(0), pod(1)], "running", st.REASON_ALL_RANKS_RUNNING, True),
+    ("rank-crashed", job(), [pod(0), pod(1, "Failed", exit_code=1, message="CUDA error")],
+     "failed", st.REASON_RANK_FAILED, True),
+    ("preempted-sigterm", job(), [pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED),
+                                  pod(1)], "failed", st.REASON_PREEMPTED, True),
+    ("oom-killed", job(), [pod(0), pod(1, "Failed", exit_code=137, reason="OOMKilled")],
+     "failed", st.REASON_OOM_KILLED, True),
+    ("evicted", job(), [pod(0, "Failed", evicted=True), pod(1)],
+     "failed", st.REASON_EVICTED, True),
+    ("permanent-exit-code-wins", job(),
+     [pod(0, "Failed", exit_code=1), pod(1, "Failed", exit_code=contract.EXIT_INVALID_SPEC,
+                                         message="error: dataset.fields: no text")],
+     "failed", st.REASON_PERMANENT_FAILURE, False),
+    ("job-failed-without-pods", job(condition="Failed", message="pod deleted"), [],
+     "failed", st.REASON_ATTEMPT_FAILED, True),
+    ("succeeded", job(condition="Complete"),
+     [pod(0, "Succeeded", exit_code=0, message=SUCCESS_MESSAGE),
+      pod(1, "Succeeded", exit_code=0)], "succeeded", st.REASON_TRAINING_COMPLETE, True),
+]
+
+
+@pytest.mark.parametrize(("job_obj", "pods", "kind", "reason", "retryable"),
+                         [c[1:] for c in ATTEMPT_CASES], ids=[c[0] for c in ATTEMPT_CASES])
+def test_observe_attempt(job_obj: dict[str, Any], pods: list[dict[str, Any]], kind: str,
+                         reason: str, retryable: bool) -> None:
+    state = st.observe_attempt(job_obj, pods, spec(), queue_managed=True)
+    assert (state.kind, state.reason, state.retryable) == (kind, reason, retryable)
+
+
+def test_pending_message_says_why() -> None:
+    state = st.observe_attempt(job(), [pod(0), pod(1, "Pending", unschedulable="0/8 nodes "
+                                                "are available: insufficient nvidia.com/gpu")],
+                               spec())
+    assert "rank 1" in state.message and "insufficient nvidia.com/gpu" in state.message
+    assert "1/2 ranks running" in state.message
+
+
+def test_failure_message_quotes_exit_code_and_log_tail() -> None:
+    state = st.observe_attempt(job(), [pod(0, "Failed", exit_code=2, message="x" * 2000 +
+                                           "dataset.fields: bad")], spec())
+    assert "rank 0 exited with code 2" in state.message
+    assert state.message.endswith("dataset.fields: bad")
+    assert len(state.message) < 600
+    oom = st.observe_attempt(job(), [pod(0, "Failed", exit_code=137, reason="OOMKilled")],
+                             spec())
+    assert "spec.pod.memory" in oom.message
+
+
+def test_success_reads_rank0_termination_message() -> None:
+    state = st.observe_attempt(job(condition="Complete"), [
+        pod(1, "Succeeded", exit_code=0, message="not json"),
+        pod(0, "Succeeded", exit_code=0, message=SUCCESS_MESSAGE)], spec())
+    assert state.output is not None
+    assert (state.output.uri, state.output.manifest_sha256) == ("s3://b/out", "abc123")
+    fallback = st.observe_attempt(job(condition="Complete"), [pod(0, "Succeeded", exit_code=0)],
+                                  spec())
+    assert fallback.output is not None and fallback.output.uri == "s3://b/out"
+    assert fallback.output.manifest_sha256 is None
+
+
+# --- plan: transitions --------------------------------------------------------------------------
+
+def children(jobs: list[dict[str, Any]] = (), pods: list[dict[str, Any]] = ()) -> st.Children:
+    return st.Children(list(jobs), list(pods))
+
+
+def status(phase: Phase | None = None, attempt: int = 1, restarts: int = 0,
+           **fields: Any) -> FineTuneJobStatus:
+    return FineTuneJobStatus(phase=phase, attempt=attempt, restarts=restarts, **fields)
+
+
+def run(job_spec: FineTuneJobSpec, old: FineTuneJobStatus, kids: st.Children,
+        now: datetime.datetime = NOW) -> st.Plan:
+    return st.plan("llama", job_spec, 3, old, kids, now)
+
+
+def condition(plan: st.Plan, type_: str) -> Condition:
+    return next(c for c in plan.status.conditions if c.type == type_)
+
+
+def test_new_job_creates_attempt_one() -> None:
+    plan = run(spec(), FineTuneJobStatus(), children())
+    assert plan.create_attempt == 1
+    assert (plan.status.phase, plan.status.attempt, plan.status.restarts) == \
+        (Phase.PENDING, 1, 0)
+    assert plan.status.start_time == STAMP and plan.status.observed_generation == 3
+    assert [e.reason for e in plan.events] == [st.REASON_CREATED]
+
+
+def test_existing_attempt_is_not_created_again() -> None:
+    plan = run(spec(), status(Phase.PENDING), children([job()], [pod(0), pod(1)]))
+    assert plan.create_attempt is None
+    assert plan.status.phase == Phase.RUNNING
+    assert condition(plan, st.COND_RUNNING).status == "True"
+    assert [e.reason for e in plan.events] == [st.REASON_ALL_RANKS_RUNNING]
+
+
+def test_retryable_failure_restarts_the_gang() -> None:
+    failed = [pod(0), pod(1, "Failed", exit_code=contract.EXIT_PREEMPTED)]
+    plan = run(spec(backoffLimit=3), status(Phase.RUNNING), children([job()], failed))
+    assert plan.delete_jobs == ["llama-a1"]
+    assert (plan.status.phase, plan.status.attempt, plan.status.restarts) == \
+        (Phase.RESTARTING, 2, 1)
+    assert condition(plan, st.COND_RESTARTING).reason == st.REASON_PREEMPTED
+    assert plan.events[0].type == "Warning"
+    # Next round: the old attempt's pods are still terminating → wait, create nothing.
+    waiting = run(spec(), plan.status, children([], [pod(0, terminating=True)]))
+    assert waiting.create_attempt is None and waiting.status.phase == Phase.RESTARTING
+    # Then they are gone → attempt 2 starts.
+    started = run(spec(), waiting.status, children())
+    assert started.create_attempt == 2 and started.status.phase == Phase.PENDING
+
+
+def test_backoff_limit_exceeded_fails() -> None:
+    failed = [pod(0, "Failed", exit_code=1, attempt=4), pod(1, attempt=4)]
+    plan = run(spec(backoffLimit=3), status(Phase.RUNNING, attempt=4, restarts=3),
+               children([job(4)], failed))
+    assert plan.status.phase == Phase.FAILED
+    failed_condition = condition(plan, st.COND_FAILED)
+    assert failed_condition.reason == st.REASON_BACKOFF_LIMIT_EXCEEDED
+    assert "4 attempts failed" in failed_condition.message
+    assert plan.status.completion_time == STAMP and plan.delete_jobs == []
+
+
+def test_permanent_failure_fails_at_once() -> None:
+    plan = run(spec(backoffLimit=5), status(Phase.RUNNING),
+               children([job()], [pod(0, "Failed", exit_code=contract.EXIT_INVALID_SPEC)]))
+    assert plan.status.phase == Phase.FAILED and plan.status.restarts == 0
+    assert condition(plan, st.COND_FAILED).reason == st.REASON_PERMANENT_FAILURE
+
+
+def test_success_records_output() -> None:
+    done = [pod(0, "Succeeded", exit_code=0, message=SUCCESS_MESSAGE),
+            pod(1, "Succeeded", exit_code=0)]
+    old = status(Phase.RUNNING, progress=Progress(step=90, total_steps=100, percent=90.0))
+    plan = run(spec(), old, children([job(condition="Complete")], done))
+    assert plan.status.phase == Phase.SUCCEEDED
+    assert plan.status.output is not None and plan.status.output.manifest_sha256 == "abc123"
+    assert plan.status.progress is not None and plan.status.progress.percent == 100.0
+    assert condition(plan, st.COND_SUCCEEDED).status == "True"
+
+
+def test_deadline_fails_and_stops_the_pods() -> None:
+    started = (NOW - datetime.timedelta(seconds=61)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plan = run(spec(activeDeadlineSeconds=60), status(Phase.RUNNING, start_time=started),
+               children([job()], [pod(0), pod(1)]))
+    assert plan.status.phase == Phase.FAILED
+    assert condition(plan, st.COND_FAILED).reason == st.REASON_DEADLINE_EXCEEDED
+    assert plan.delete_jobs == ["llama-a1"]
+    early = run(spec(activeDeadlineSeconds=120), status(Phase.RUNNING, start_time=started),
+                children([job()], [pod(0), pod(1)]))
+    assert early.status.phase == Phase.RUNNING and early.recheck_after == pytest.approx(59)
+
+
+def test_suspend_and_resume() -> None:
+    plan = run(spec(suspend=True), status(Phase.RUNNING, start_time=STAMP),
+               children([job()], [pod(0), pod(1)]))
+    assert plan.suspend_job is True and plan.status.phase == Phase.SUSPENDED
+    assert plan.status.start_time is None
+    assert condition(plan, st.COND_SUSPENDED).status == "True"
+    # The Job controller stopped the pods (exit 75 on SIGTERM): no restart is counted.
+    quiet = run(spec(suspend=True), plan.status, children([job(suspend=True)], [
+        pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED)]))
+    assert quiet.status.restarts == 0 and quiet.suspend_job is None and not quiet.delete_jobs
+    resumed = run(spec(suspend=False), quiet.status, children([job(suspend=True)], []))
+    assert resumed.suspend_job is False
+    assert resumed.status.phase == Phase.PENDING and resumed.status.start_time == STAMP
+    assert condition(resumed, st.COND_SUSPENDED).status == "False"
+    assert st.REASON_RESUMED in [e.reason for e in resumed.events]
+
+
+def test_kueue_managed_job_is_never_unsuspended_by_the_operator() -> None:
+    plan = st.plan("llama", spec(), 1, status(Phase.PENDING), children([job(suspend=True)]),
+                   NOW, queue_managed=True)
+    assert plan.suspend_job is None
+    assert condition(plan, st.COND_RUNNING).reason == st.REASON_QUEUED
+
+
+def test_ttl_after_finished() -> None:
+    finished = (NOW - datetime.timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    old = status(Phase.SUCCEEDED, completion_time=finished)
+    assert run(spec(ttlSecondsAfterFinished=10), old, children()).delete_self
+    later = run(spec(ttlSecondsAfterFinished=100), old, children())
+    assert not later.delete_self and later.recheck_after == pytest.approx(70)
+    assert not run(spec(), old, children()).delete_self
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    conditions = st.set_condition([], "Running", False, "A", "", "t1", 1)
+    conditions = st.set_condition(conditions, "Running", False, "B", "m", "t2", 1)
+    assert conditions[0].last_transition_time == "t1" and conditions[0].reason == "B"
+    conditions = st.set_condition(conditions, "Running", True, "C", "", "t3", 2)
+    assert conditions[0].last_transition_time == "t3" and len(conditions) == 1
+
+
+def test_steady_state_plans_no_writes() -> None:
+    first = run(spec(), status(Phase.PENDING), children([job()], [pod(0), pod(1)]))
+    again = run(spec(), first.status, children([job()], [pod(0), pod(1)]))
+    assert st.dump_status(again.status) == st.dump_status(first.status)
+    assert again.events == [] and again.create_attempt is None
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+METRICS_TEXT = f"""# HELP {contract.METRIC_STEP} Optimizer steps completed.
+# TYPE {contract.METRIC_STEP} gauge
+{contract.METRIC_STEP}{{rank="0"}} 250.0
+{contract.METRIC_STEP}{{rank="1"}} 249.0
+# TYPE {contract.METRIC_TOTAL_STEPS} gauge
+{contract.METRIC_TOTAL_STEPS}{{rank="0"}} 1000.0
+# TYPE {contract.METRIC_LOSS} gauge
+{contract.METRIC_LOSS}{{rank="0"}} 1.23456789
+# TYPE {contract.METRIC_TOKENS_PER_SECOND} gauge
+{contract.METRIC_TOKENS_PER_SECOND}{{rank="0"}} 5120.5
+# TYPE {contract.METRIC_ETA_SECONDS} gauge
+{contract.METRIC_ETA_SECONDS}{{rank="0"}} 3725.0
+# TYPE kubetune_trainer_tokens counter
+kubetune_trainer_tokens_total{{rank="0"}} 12345.0
+"""
+
+
+def test_parse_progress_reads_rank0() -> None:
+    progress = st.parse_progress(METRICS_TEXT, NOW)
+    assert progress is not None
+    assert (progress.step, progress.total_steps, progress.percent) == (250, 1000, 25.0)
+    assert progress.loss == pytest.approx(1.2346)
+    assert progress.tokens_per_second == pytest.approx(5120.5)
+    assert (progress.eta_seconds, progress.eta) == (3725, "1h02m")
+    assert progress.last_update_time == STAMP
+
+
+def test_parse_progress_without_trainer_metrics() -> None:
+    assert st.parse_progress("# nothing here\n", NOW) is None
+    nan_eta = f"{contract.METRIC_STEP} 3\n{contract.METRIC_ETA_SECONDS} NaN\n"
+    progress = st.parse_progress(nan_eta, NOW)
+    assert progress is not None and progress.step == 3 and progress.eta_seconds is None
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59, "59s"), (61, "1m01s"),
+                                               (7260, "2h01m"), (None, None)])
+def test_human_duration(seconds: int | None, text: str | None) -> None:
+    assert st.human_duration(seconds) == text
