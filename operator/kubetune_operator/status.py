@@ -192,6 +192,11 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
                     queue_managed: bool = False) -> AttemptState:
     """The state of one attempt from its Job and its (non-terminating) pods."""
     nodes = spec.resources.nodes
+    if job is not None and job.get("spec", {}).get("suspend"):
+        # Pods of a suspended Job are being stopped on purpose (by the user or by Kueue's
+        # preemption): their exits are not failures.
+        who = "Kueue admission" if queue_managed else "the Job to be resumed"
+        return AttemptState("waiting", REASON_QUEUED, f"waiting for {who}")
     failures = [f for f in map(pod_failure, pods) if f is not None]
     if failures:
         # A permanent failure wins (restarting cannot help), then the lowest rank's.
@@ -203,9 +208,6 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
     if (job is not None and _has_condition(job, "Complete")) or len(succeeded) >= nodes:
         return AttemptState("succeeded", REASON_TRAINING_COMPLETE,
                             output=success_output(pods, spec))
-    if job is not None and job.get("spec", {}).get("suspend"):
-        who = "Kueue admission" if queue_managed else "the Job to be resumed"
-        return AttemptState("waiting", REASON_QUEUED, f"waiting for {who}")
     running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
     if len(running) + len(succeeded) >= nodes:
         return AttemptState("running", REASON_ALL_RANKS_RUNNING, f"{nodes}/{nodes} ranks running")

@@ -319,3 +319,10 @@ def test_parse_progress_without_trainer_metrics() -> None:
                                                (7260, "2h01m"), (None, None)])
 def test_human_duration(seconds: int | None, text: str | None) -> None:
     assert st.human_duration(seconds) == text
+
+
+def test_exits_of_a_suspended_jobs_pods_are_not_failures() -> None:
+    stopping = [pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED), pod(1, "Failed",
+                                                                         evicted=True)]
+    state = st.observe_attempt(job(suspend=True), stopping, spec(), queue_managed=True)
+    assert (state.kind, state.reason) == ("waiting", st.REASON_QUEUED)

@@ -1,0 +1,287 @@
+"""The real operator process against the emulated API server on loopback.
+
+Tests play the Job controller and kubelet (support/operator_process.py): they create the pods
+of a Job and write pod statuses; the operator must react as on a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetune_api import contract
+from support.kube_emulator import EmulatorThread
+from support.operator_process import (
+    FTJ,
+    JOBS,
+    PODS,
+    OperatorProcess,
+    free_port,
+    set_pod_state,
+    start_job_pods,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+NS = "default"
+
+
+def finetunejob(name: str, **spec_overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "tiny-lora.yaml").read_text())
+    body["metadata"] = {"name": name, "namespace": NS}
+    for key, value in spec_overrides.items():
+        body["spec"][key] = {**body["spec"].get(key, {}), **value} \
+            if isinstance(value, dict) else value
+    return body
+
+
+class Cluster:
+    def __init__(self, api: EmulatorThread, operator: OperatorProcess) -> None:
+        self.api, self.operator = api, operator
+
+    def wait(self, probe: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
+        try:
+            return wait_for(probe, timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- operator log ---\n"
+                                 f"{self.operator.logs()[-4000:]}") from None
+
+    def ftj(self, name: str) -> dict[str, Any] | None:
+        return self.api.get(FTJ, NS, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.ftj(name) or {}).get("status", {})
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 15.0) -> dict[str, Any]:
+        return self.wait(lambda: self.status(name).get("phase") == phase and self.status(name),
+                         f"{name} phase {phase} (now {self.status(name).get('phase')})",
+                         timeout)
+
+    def job(self, name: str) -> dict[str, Any]:
+        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}")
+
+    def owned(self, resource: str, base: str) -> list[dict[str, Any]]:
+        return self.api.find(resource, NS, labels=f"kubetune.dev/finetunejob={base}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        operator = OperatorProcess(api, tmp_path_factory.mktemp("operator"))
+        with operator:
+            yield Cluster(api, operator)
+
+
+def test_create_makes_owned_children_and_follows_pods(cluster: Cluster) -> None:
+    created = cluster.api.create(FTJ, finetunejob("create", resources={"nodes": 2}))
+    job = cluster.job("create-a1")
+    assert cluster.api.get("v1/configmaps", NS, "create-config")
+    service = cluster.api.get("v1/services", NS, "create")
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    for child in (job, service):
+        assert child["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+    assert job["spec"]["completions"] == 2
+    status = cluster.wait_phase("create", "Pending")
+    assert status["attempt"] == 1 and status["restarts"] == 0
+    start_job_pods(cluster.api, job)
+    status = cluster.wait_phase("create", "Running")
+    running = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert running["status"] == "True" and running["observedGeneration"] == 1
+
+    def reasons() -> set[str]:
+        return {e["reason"] for e in cluster.api.find("v1/events", NS)
+                if e["involvedObject"]["name"] == "create"}
+    cluster.wait(lambda: {"Created", "AllRanksRunning"} <= reasons() or None,
+                 "events posted (kopf posts them in the background)")
+
+
+def test_pending_job_says_why(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob("pending"))
+    job = cluster.job("pending-a1")
+    [pod] = start_job_pods(cluster.api, job, phase="Pending")
+    set_pod_state(cluster.api, NS, pod["metadata"]["name"], "Pending",
+                  waiting="ImagePullBackOff", message='pull access denied for "trainer"')
+    status = cluster.wait(
+        lambda: any(c["reason"] == "ImagePullBackOff" for c in
+                    cluster.status("pending").get("conditions", [])) and cluster.status("pending"),
+        "ImagePullBackOff condition")
+    running = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert "pull access denied" in running["message"] and status["phase"] == "Pending"
+
+
+def test_failed_rank_restarts_the_gang_then_backoff_limit_fails(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob("flaky", runPolicy={"backoffLimit": 1}))
+    first = cluster.job("flaky-a1")
+    start_job_pods(cluster.api, first)
+    cluster.wait_phase("flaky", "Running")
+    set_pod_state(cluster.api, NS, "flaky-a1-0", "Failed", exit_code=contract.EXIT_PREEMPTED)
+    second = cluster.job("flaky-a2")
+    assert cluster.api.get(JOBS, NS, "flaky-a1") is None  # the failed attempt is gone
+    assert cluster.api.get(PODS, NS, "flaky-a1-0") is None  # and its pods with it
+    status = cluster.status("flaky")
+    assert (status["attempt"], status["restarts"]) == (2, 1)
+    start_job_pods(cluster.api, second)
+    cluster.wait_phase("flaky", "Running")
+    set_pod_state(cluster.api, NS, "flaky-a2-0", "Failed", exit_code=1, message="CUDA error")
+    status = cluster.wait_phase("flaky", "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded" and "CUDA error" in failed["message"]
+    assert cluster.api.get(JOBS, NS, "flaky-a3") is None
+
+
+def test_restart_waits_for_old_pods_to_terminate(cluster: Cluster) -> None:
+    cluster.api.emulator.pod_grace_seconds = 1.5
+    try:
+        cluster.api.create(FTJ, finetunejob("graceful"))
+        start_job_pods(cluster.api, cluster.job("graceful-a1"))
+        cluster.wait_phase("graceful", "Running")
+        set_pod_state(cluster.api, NS, "graceful-a1-0", "Failed", exit_code=1)
+        cluster.wait_phase("graceful", "Restarting")
+        assert cluster.api.get(JOBS, NS, "graceful-a2") is None  # old pod still terminating
+        cluster.job("graceful-a2")
+        assert cluster.api.get(PODS, NS, "graceful-a1-0") is None
+    finally:
+        cluster.api.emulator.pod_grace_seconds = 0.0
+
+
+def test_suspend_and_resume(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob("pausable"))
+    start_job_pods(cluster.api, cluster.job("pausable-a1"))
+    cluster.wait_phase("pausable", "Running")
+    cluster.api.patch(FTJ, NS, "pausable", {"spec": {"runPolicy": {"suspend": True}}})
+    cluster.wait(lambda: cluster.api.get(JOBS, NS, "pausable-a1")["spec"]["suspend"],
+                 "Job suspended")
+    status = cluster.wait_phase("pausable", "Suspended")
+    assert "startTime" not in status
+    # The Job controller stops the pods; their SIGTERM exit must not count as a failure.
+    set_pod_state(cluster.api, NS, "pausable-a1-0", "Failed", exit_code=contract.EXIT_PREEMPTED)
+    cluster.api.delete(PODS, NS, "pausable-a1-0")
+    cluster.api.patch(FTJ, NS, "pausable", {"spec": {"runPolicy": {"suspend": False}}})
+    cluster.wait(lambda: not cluster.api.get(JOBS, NS, "pausable-a1")["spec"]["suspend"],
+                 "Job resumed")
+    status = cluster.wait_phase("pausable", "Pending")
+    assert status["restarts"] == 0 and status["attempt"] == 1
+
+
+def test_delete_removes_children(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob("doomed"))
+    start_job_pods(cluster.api, cluster.job("doomed-a1"))
+    cluster.wait_phase("doomed", "Running")
+    cluster.api.delete(FTJ, NS, "doomed")
+    cluster.wait(lambda: cluster.ftj("doomed") is None, "FineTuneJob gone (finalizer released)")
+    for resource in ("v1/configmaps", "v1/services", JOBS, PODS):
+        assert cluster.owned(resource, "doomed") == [], resource
+
+
+def test_invalid_spec_fails_once_without_children(cluster: Cluster) -> None:
+    body = finetunejob("invalid", method={"type": "qlora", "lora": {"r": 8}})
+    body["spec"]["method"].pop("quantization", None)
+    cluster.api.create(FTJ, body)
+    status = cluster.wait_phase("invalid", "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.method" in failed["message"]
+    assert "quantization" in failed["message"]
+    version = cluster.ftj("invalid")["metadata"]["resourceVersion"]
+    time.sleep(2.5)  # more than two timer intervals: nothing may retry it
+    assert cluster.ftj("invalid")["metadata"]["resourceVersion"] == version
+    for resource in ("v1/configmaps", "v1/services", JOBS):
+        assert cluster.owned(resource, "invalid") == []
+
+
+class _Metrics(http.server.BaseHTTPRequestHandler):
+    text = ""
+
+    def do_GET(self) -> None:
+        body = self.text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_progress_from_rank0_then_success_output(cluster: Cluster) -> None:
+    port = free_port()
+    _Metrics.text = (f"{contract.METRIC_STEP}{{rank=\"0\"}} 30\n"
+                     f"{contract.METRIC_TOTAL_STEPS}{{rank=\"0\"}} 120\n"
+                     f"{contract.METRIC_LOSS}{{rank=\"0\"}} 0.75\n"
+                     f"{contract.METRIC_ETA_SECONDS}{{rank=\"0\"}} 90\n")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cluster.api.create(FTJ, finetunejob("progress", metrics={"port": port}))
+        start_job_pods(cluster.api, cluster.job("progress-a1"))
+        status = cluster.wait(lambda: cluster.status("progress").get("progress"),
+                              "status.progress")
+        assert status == {**status, "step": 30, "totalSteps": 120, "percent": 25.0,
+                          "loss": 0.75, "etaSeconds": 90, "eta": "1m30s"}
+    finally:
+        server.shutdown()
+    summary = '{"uri": "s3://bucket/out", "manifestSha256": "f00d"}'
+    set_pod_state(cluster.api, NS, "progress-a1-0", "Succeeded", exit_code=0, message=summary)
+    status = cluster.wait_phase("progress", "Succeeded")
+    assert status["output"] == {"uri": "s3://bucket/out", "manifestSha256": "f00d"}
+    assert status["progress"]["percent"] == 100.0 and status["completionTime"]
+
+
+def test_ttl_deletes_finished_job(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob("shortlived", runPolicy={"ttlSecondsAfterFinished": 1}))
+    start_job_pods(cluster.api, cluster.job("shortlived-a1"))
+    set_pod_state(cluster.api, NS, "shortlived-a1-0", "Succeeded", exit_code=0)
+    cluster.wait_phase("shortlived", "Succeeded")
+    cluster.wait(lambda: cluster.ftj("shortlived") is None, "TTL deletion", timeout=10)
+
+
+def test_operator_metrics_endpoint_parses(cluster: Cluster) -> None:
+    cluster.wait_phase("create", "Running")
+    text = requests.get(f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics",
+                        timeout=5).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"kubetune_operator_jobs", "kubetune_operator_jobs_created",
+            "kubetune_operator_jobs_succeeded", "kubetune_operator_jobs_failed",
+            "kubetune_operator_jobs_restarted", "kubetune_operator_reconcile_duration_seconds",
+            "kubetune_operator_time_to_running_seconds"} <= set(families)
+    by_phase = {s.labels["phase"]: s.value for s in families["kubetune_operator_jobs"].samples}
+    assert by_phase["Running"] >= 1 and by_phase["Failed"] >= 1
+    created = families["kubetune_operator_jobs_created"].samples[0].value
+    assert created >= 5
+    restarts = sum(s.value for s in families["kubetune_operator_jobs_restarted"].samples
+                   if s.name.endswith("_total"))
+    assert restarts >= 1
+
+
+def test_restarted_operator_duplicates_nothing(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob("survivor", resources={"nodes": 2}))
+    start_job_pods(cluster.api, cluster.job("survivor-a1"))
+    before = copy.deepcopy(cluster.wait_phase("survivor", "Running"))
+    children = {r: [o["metadata"]["uid"] for o in cluster.owned(r, "survivor")]
+                for r in ("v1/configmaps", "v1/services", JOBS, PODS)}
+    cluster.operator.kill()
+    cluster.operator.start()
+    # Wait until the new process has handled the world (a new FineTuneJob proves it).
+    cluster.api.create(FTJ, finetunejob("after-restart"))
+    cluster.job("after-restart-a1")
+    time.sleep(1.5)  # resume handlers and a timer round for the old job
+    after = {r: [o["metadata"]["uid"] for o in cluster.owned(r, "survivor")]
+             for r in children}
+    assert after == children
+    status = cluster.status("survivor")
+    assert (status["phase"], status["attempt"], status["restarts"]) == ("Running", 1, 0)
+    assert status["conditions"] == before["conditions"]  # no flapping on restart
