@@ -273,7 +273,8 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
 
 def summarize(ready: Setup, trainer: Trainer, eval_loss: float | None,
               seconds: float) -> dict[str, Any]:
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    curve = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
+    losses = [loss for _, loss in curve]
     trainable, total = parameter_counts(ready.model)
     world = trainer.args.world_size
     return {
@@ -284,6 +285,7 @@ def summarize(ready: Setup, trainer: Trainer, eval_loss: float | None,
                     "firstTrainLoss": losses[0] if losses else None,
                     "trainLoss": losses[-1] if losses else None,
                     "evalLoss": eval_loss,
+                    "lossCurve": curve,
                     "trainSeconds": round(seconds, 3),
                     "tokensPerSecond": round(ready.tokens.total * world / max(seconds, 1e-9),
                                              1)},

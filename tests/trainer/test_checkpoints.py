@@ -1,0 +1,104 @@
+"""Checkpoint selection and pruning, strategy configs, node exit codes (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetune_api import contract
+from kubetune_trainer import checkpoints, strategies
+from kubetune_trainer.modeling import Precision
+from kubetune_trainer.node import exit_code_of
+from support.jobs import example_job
+
+
+def make_checkpoint(root: Path, step: int, complete: bool) -> None:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.pt").write_bytes(b"x")
+    if complete:
+        (folder / contract.CHECKPOINT_MARKER_FILE).write_text("{}")
+
+
+def test_partial_checkpoints_are_never_resumed_from(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 5, complete=True)
+    make_checkpoint(tmp_path, 10, complete=True)
+    make_checkpoint(tmp_path, 15, complete=False)  # the upload died before the marker
+    (tmp_path / "not-a-checkpoint").mkdir()
+    assert checkpoints.complete_steps(str(tmp_path)) == [5, 10]
+    assert checkpoints.resume_step(str(tmp_path)) == 10
+    assert checkpoints.resume_step(str(tmp_path / "missing")) is None
+
+
+def test_prune_keeps_the_newest_complete_ones(tmp_path: Path) -> None:
+    for step, complete in [(5, True), (7, False), (10, True), (15, True), (20, False)]:
+        make_checkpoint(tmp_path, step, complete)
+    checkpoints.prune(str(tmp_path), keep_last=2)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # old complete and old partial gone; a partial newer than every complete one is untouched
+    assert left == ["checkpoint-10", "checkpoint-15", "checkpoint-20"]
+
+
+def test_checkpoint_root_defaults_under_the_output(tmp_path: Path) -> None:
+    job = example_job("tiny-lora", "s3://bucket/run/")
+    assert checkpoints.root_uri(job.spec, "s3://bucket/run/") == "s3://bucket/run/checkpoints"
+    job.spec.checkpoint.uri = "s3://other/ckpt"
+    assert checkpoints.root_uri(job.spec, "s3://bucket/run/") == "s3://other/ckpt"
+
+
+def test_deepspeed_configs_are_generated_and_overridable(tmp_path: Path) -> None:
+    job = example_job("tiny-lora", tmp_path, training={
+        "strategy": "deepspeed-zero3",
+        "strategyConfig": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}})
+    config = strategies.strategy_arguments(job.spec, Precision("bf16"))["deepspeed"]
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"]
+    assert zero["offload_optimizer"] == {"device": "cpu"} and zero["overlap_comm"]
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert config["train_micro_batch_size_per_gpu"] == "auto"
+    job.spec.training.strategy = "deepspeed-zero2"  # type: ignore[assignment]
+    job.spec.training.strategy_config = {}
+    zero2 = strategies.deepspeed_config(job.spec, Precision("fp16"))
+    assert zero2["zero_optimization"]["stage"] == 2 and zero2["fp16"]["enabled"]
+    assert "stage3_gather_16bit_weights_on_model_save" not in zero2["zero_optimization"]
+
+
+def test_fsdp_and_ddp_arguments(tmp_path: Path) -> None:
+    job = example_job("tiny-lora", tmp_path, training={
+        "strategy": "fsdp", "gradientCheckpointing": True,
+        "strategyConfig": {"limit_all_gathers": True}})
+    args = strategies.strategy_arguments(job.spec, Precision("bf16"))
+    assert args["fsdp"] == "full_shard auto_wrap"
+    assert args["fsdp_config"]["use_orig_params"] and args["fsdp_config"]["limit_all_gathers"]
+    assert args["fsdp_config"]["activation_checkpointing"] is True
+    job.spec.training.strategy = "ddp"  # type: ignore[assignment]
+    assert strategies.strategy_arguments(job.spec, Precision("bf16")) == {}
+
+
+@pytest.mark.parametrize(("strategy", "storage", "device_map"), [
+    ("ddp", None, {"": 3}),  # accelerate#1515: each rank its own device
+    ("deepspeed-zero2", None, {"": 3}),
+    ("deepspeed-zero3", torch.bfloat16, None),  # peft#2016: flatten with the other params
+    ("fsdp", torch.bfloat16, None),
+])
+def test_qlora_placement_traps(tmp_path: Path, strategy: str, storage: torch.dtype | None,
+                               device_map: dict | None) -> None:
+    job = example_job("tiny-qlora", tmp_path, training={"strategy": strategy})
+    assert strategies.quant_storage(job.spec, torch.bfloat16) == storage
+    assert strategies.device_map(job.spec, 3) == device_map
+    lora = example_job("tiny-lora", tmp_path, training={"strategy": strategy})
+    assert strategies.quant_storage(lora.spec, torch.bfloat16) is None
+    assert strategies.device_map(lora.spec, 3) is None
+
+
+@pytest.mark.parametrize(("codes", "expected"), [
+    ([2], contract.EXIT_INVALID_SPEC),
+    ([1, 75], contract.EXIT_PREEMPTED),
+    ([-9, 2], contract.EXIT_INVALID_SPEC),
+    ([-9], 1),
+    ([137], 137),
+])
+def test_node_exit_codes(codes: list[int], expected: int) -> None:
+    assert exit_code_of(codes) == expected
