@@ -60,3 +60,15 @@ lock:
 
 clean:
 	rm -rf $(VENV) $(TOOLS) out .pytest_cache .mypy_cache .ruff_cache
+
+# --- operator (docs/operator.md) ---------------------------------------------------------
+.PHONY: crds bench-operator operator
+
+crds: venv  ## regenerate crds/ from the pydantic contract (a test fails while it is stale)
+	$(BIN)/python -m kubetune_api.crd
+
+bench-operator: venv  ## N FineTuneJobs against the emulated API server: latency and RSS
+	$(BIN)/python bench/operator_scale.py
+
+operator: venv  ## run the operator against the current kubeconfig
+	$(BIN)/kubetune operator

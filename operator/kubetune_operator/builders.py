@@ -99,6 +99,10 @@ def _metadata(name: str, owner: Owner, labels: dict[str, str] | None = None) -> 
             "ownerReferences": [owner_reference(owner)]}
 
 
+# libyaml when present: the pure-Python emitter is most of the cost of creating a job.
+_YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 # --- ConfigMap ----------------------------------------------------------------------------------
 
 def render_config(job: FineTuneJob, owner: Owner) -> str:
@@ -106,7 +110,7 @@ def render_config(job: FineTuneJob, owner: Owner) -> str:
     document = {"apiVersion": API_VERSION, "kind": KIND,
                 "metadata": {"name": owner.name, "namespace": owner.namespace},
                 "spec": job.spec.model_dump(by_alias=True, mode="json", exclude_none=True)}
-    return yaml.safe_dump(document, sort_keys=False)
+    return yaml.dump(document, Dumper=_YamlDumper, sort_keys=False)
 
 
 def build_config_map(job: FineTuneJob, owner: Owner) -> Manifest:

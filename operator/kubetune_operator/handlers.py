@@ -3,7 +3,8 @@ status.py, manifests in builders.py, API calls in reconciler.py.
 
 - FineTuneJob created / resumed (operator start) / updated → reconcile it.
 - A trainer pod or Job changed → reconcile its FineTuneJob (found through an index).
-- A timer per active FineTuneJob → resync (deadlines, TTL, missed events) and scrape progress.
+- A timer per running (or TTL-bound finished) FineTuneJob → scrape rank 0's progress and
+  resync (deadlines, TTL, missed events).
 
 kopf's indexes keep the children in memory, so a reconcile lists nothing; kopf starts the
 handlers only once every index has its initial listing, so a restarted operator sees all
@@ -32,15 +33,16 @@ PODS = ("", "v1", "pods")
 JOBS = ("batch", "v1", "jobs")
 TRAINER_LABELS = {LABEL_JOB: kopf.PRESENT}
 RETRY_DELAY = 5.0  # seconds before kopf retries a create/update handler after an API error
-TIMER_PHASES = frozenset({Phase.PENDING.value, Phase.RUNNING.value, Phase.RESTARTING.value})
 
 
 def needs_timer(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    """Active jobs need resyncs and progress; finished ones only a TTL. None of them before
-    the first reconcile, which keeps creation to one round of writes."""
+    """Running jobs need progress scrapes and resyncs, finished ones a TTL. Other phases
+    move on events, and deadlines are timed by the reconciler itself, so creating a job
+    costs no finalizer and no timer task."""
     phase = status.get("phase")
     ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    return phase in TIMER_PHASES or (phase in (Phase.SUCCEEDED, Phase.FAILED) and ttl is not None)
+    return phase == Phase.RUNNING or (phase in (Phase.SUCCEEDED, Phase.FAILED)
+                                      and ttl is not None)
 
 
 def children_lookup(pods_index: kopf.Index[Any, Any],
@@ -94,7 +96,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
             await reconciler.reconcile(namespace, owner["name"])
 
     @kopf.timer(*FTJ, id="resync", interval=settings.progress_interval, when=needs_timer,
-                registry=registry)
+                initial_delay=settings.progress_interval, registry=registry)
     async def resync(**kw: Any) -> None:
         try:
             await reconciler.reconcile(kw["namespace"], kw["name"])

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import datetime
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,6 +41,7 @@ FINETUNEJOBS = Resource(GROUP, VERSION, PLURAL)
 CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES, "Job": JOBS}
 
 Key = tuple[str, str]  # (namespace, name)
+CREATION_GRACE_SECONDS = 30.0  # how long a just-created Job may be missing from the index
 ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → children
 
 
@@ -68,6 +70,7 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._queued: set[Key] = set()
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
+        self._created: dict[Key, tuple[int, float]] = {}  # attempt created, monotonic time
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -127,9 +130,11 @@ class Reconciler:
         # Status first: if the operator dies after it, the next reconcile finishes the job
         # (e.g. deletes the failed attempt) instead of redoing the decision.
         await self._write_status(ns, name, old, plan.status)
-        if plan.create_attempt is not None:
+        if plan.create_attempt is not None and not self._in_flight((ns, name),
+                                                                  plan.create_attempt):
             for manifest in build_children(job, owner, plan.create_attempt, self.settings):
                 await self.api.create(CHILD_RESOURCES[manifest["kind"]], ns, manifest)
+            self._created[(ns, name)] = (plan.create_attempt, time.monotonic())
         for job_name in plan.delete_jobs:
             await self.api.delete(JOBS, ns, job_name)
         if plan.suspend_job is not None:
@@ -140,6 +145,12 @@ class Reconciler:
         self._count(old, plan.status, body)
         if plan.recheck_after is not None:
             self._recheck_later((ns, name), plan.recheck_after)
+
+    def _in_flight(self, key: Key, attempt: int) -> bool:
+        """Created moments ago but not in the index yet: creating again would only 409."""
+        created = self._created.get(key)
+        return created is not None and created[0] == attempt \
+            and time.monotonic() - created[1] < CREATION_GRACE_SECONDS
 
     async def _write_status(self, namespace: str, name: str, old: st.FineTuneJobStatus,
                             new: st.FineTuneJobStatus) -> None:
@@ -184,6 +195,7 @@ class Reconciler:
     def forget(self, key: Key) -> None:
         if key in self._rechecks:
             self._rechecks.pop(key).cancel()
+        self._created.pop(key, None)
         lock = self._locks.get(key)
         if lock is not None and not lock.locked():
             del self._locks[key]

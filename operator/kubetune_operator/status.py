@@ -217,7 +217,11 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
         return AttemptState("waiting", reason, f"{message} ({len(running)}/{nodes} ranks "
                             "running)")
     return AttemptState("waiting", REASON_WAITING_FOR_PODS,
-                        f"{len(pods)}/{nodes} pods created")
+                        waiting_for_pods_message(len(pods), nodes))
+
+
+def waiting_for_pods_message(created: int, nodes: int) -> str:
+    return f"{created}/{nodes} pods created"
 
 
 # --- conditions ---------------------------------------------------------------------------------
@@ -392,8 +396,9 @@ class _Planner:
                                           f"created attempt {self.attempt} "
                                           f"({self.spec.resources.nodes} nodes)"))
         self.set_phase(Phase.PENDING)
+        # The same words observe_attempt will find next time: no second write for nothing.
         self.condition(COND_RUNNING, False, REASON_WAITING_FOR_PODS,
-                       f"attempt {self.attempt} created")
+                       waiting_for_pods_message(0, self.spec.resources.nodes))
         return self.plan
 
     def follow(self, state: AttemptState) -> Plan:

@@ -658,9 +658,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return {"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {}}
 
 
-def default_emulator(**kwargs: Any) -> KubeEmulator:
+def default_emulator(emulator_class: type[KubeEmulator] = KubeEmulator,
+                     **kwargs: Any) -> KubeEmulator:
     """Core and batch resources, plus kopf's peering resources (kopf looks them up)."""
-    emulator = KubeEmulator(**kwargs)
+    emulator = emulator_class(**kwargs)
     emulator.resources.load_bundled()
     emulator.declare("kopf.dev/v1/kopfpeerings", "KopfPeering", status=False)
     emulator.declare("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering",
@@ -688,7 +689,7 @@ class EmulatorThread:
     """
 
     def __init__(self, emulator: KubeEmulator | None = None, port: int | None = None) -> None:
-        self.emulator = emulator or default_emulator()
+        self.emulator = emulator if emulator is not None else default_emulator()
         self._port = port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
