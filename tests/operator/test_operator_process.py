@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_api import contract
+from kubetune_operator import rbac
 from support.kube_emulator import EmulatorThread
 from support.operator_process import (
     FTJ,
@@ -81,7 +82,8 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with EmulatorThread() as api:
         api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
-        operator = OperatorProcess(api, tmp_path_factory.mktemp("operator"))
+        operator = OperatorProcess(api, tmp_path_factory.mktemp("operator"),
+                                   KUBETUNE_HEALTH_PORT=str(free_port()))
         with operator:
             yield Cluster(api, operator)
 
@@ -249,8 +251,11 @@ def test_ttl_deletes_finished_job(cluster: Cluster) -> None:
     cluster.wait(lambda: cluster.ftj("shortlived") is None, "TTL deletion", timeout=10)
 
 
-def test_operator_metrics_endpoint_parses(cluster: Cluster) -> None:
+def test_operator_metrics_endpoint_parses_and_liveness_answers(cluster: Cluster) -> None:
     cluster.wait_phase("create", "Running")
+    health = requests.get(f"http://127.0.0.1:{cluster.operator.env['KUBETUNE_HEALTH_PORT']}"
+                          "/healthz", timeout=5)
+    assert health.status_code == 200
     text = requests.get(f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics",
                         timeout=5).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -285,3 +290,80 @@ def test_restarted_operator_duplicates_nothing(cluster: Cluster) -> None:
     status = cluster.status("survivor")
     assert (status["phase"], status["attempt"], status["restarts"]) == ("Running", 1, 0)
     assert status["conditions"] == before["conditions"]  # no flapping on restart
+
+
+def test_every_api_call_is_allowed_by_the_rbac_rules(cluster: Cluster) -> None:
+    """All requests the emulator saw came from the operator (tests use the store directly)."""
+    cluster.api.create(FTJ, finetunejob("audited"))
+    start_job_pods(cluster.api, cluster.job("audited-a1"))
+    cluster.wait_phase("audited", "Running")
+    calls = set()
+    for request in list(cluster.api.emulator._requests):
+        resource = request.resource
+        if resource is None or not resource.plural:
+            continue  # discovery: allowed to every authenticated user
+        plural = f"{resource.plural}/{request.subresource}" if request.subresource \
+            else resource.plural
+        calls.add((resource.group, plural, verb_of(request)))
+    assert ("batch", "jobs", "create") in calls and ("", "pods", "watch") in calls
+    denied = sorted(c for c in calls if not rbac.allows(*c))
+    assert denied == [], f"add these to kubetune_operator.rbac.RULES: {denied}"
+
+
+def verb_of(request: Any) -> str:
+    method = request.method.value
+    if method == "GET":
+        if request.params.get("watch") == "true":
+            return "watch"
+        return "get" if request.name else "list"
+    return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+
+
+def test_two_replicas_never_both_act(tmp_path: Path) -> None:
+    """kopf peering with distinct random priorities: one replica pauses."""
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        api.create("kopf.dev/v1/clusterkopfpeerings",
+                   {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                    "metadata": {"name": "kubetune"}})
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+        replicas = [OperatorProcess(api, tmp_path / name, token=name,
+                                    KUBETUNE_PEERING="kubetune") for name in ("a", "b")]
+        with replicas[0], replicas[1]:
+            # Mandatory peering starts paused; the top-priority replica resumes. (Started at
+            # the same instant, both may resume for the milliseconds before each sees the
+            # other: docs/operator.md.)
+            active = wait_for(lambda: settled_leader(replicas), 20,
+                              what="exactly one replica leading for a while")
+            paused = next(r for r in replicas if r is not active)
+            started = len(api.emulator._requests)
+            api.create(FTJ, finetunejob("peered"))
+            Cluster(api, active).wait_phase("peered", "Pending")
+            time.sleep(1.0)
+            assert not is_active(paused) and is_active(active)
+            writes = {(r.method.value, r.resource.plural if r.resource else "")
+                      for r in list(api.emulator._requests)[started:]
+                      if r.headers.get("Authorization") == f"Bearer {paused.token}"
+                      and r.method.value in ("POST", "PATCH", "PUT", "DELETE")}
+            # The paused replica only keeps its peering record alive.
+            assert writes <= {("PATCH", "clusterkopfpeerings")}, writes
+
+
+def is_active(replica: OperatorProcess) -> bool:
+    """kopf logs every pause and resume of peering; the last one tells the state."""
+    logs = replica.logs()
+    return logs.rfind("Resuming operations") > logs.rfind("Pausing operations")
+
+
+def settled_leader(replicas: list[OperatorProcess], hold: float = 1.5) -> OperatorProcess | None:
+    """The one active replica, if it stays the only one for `hold` seconds."""
+    deadline = time.monotonic() + hold
+    leader = None
+    while time.monotonic() < deadline:
+        active = [r for r in replicas if is_active(r)]
+        if len(active) != 1 or (leader is not None and active[0] is not leader):
+            return None
+        leader = active[0]
+        time.sleep(0.1)
+    return leader

@@ -669,11 +669,13 @@ def default_emulator(emulator_class: type[KubeEmulator] = KubeEmulator,
     return emulator
 
 
-def write_kubeconfig(path: Path, server: str, namespace: str = "default") -> Path:
+def write_kubeconfig(path: Path, server: str, namespace: str = "default",
+                     token: str = "emulator") -> Path:
+    """A kubeconfig for the emulator; distinct tokens tell clients apart in its requests."""
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-        "users": [{"name": "emulator", "user": {"token": "emulator"}}],
+        "users": [{"name": "emulator", "user": {"token": token}}],
         "contexts": [{"name": "emulator", "context": {"cluster": "emulator",
                                                         "user": "emulator",
                                                         "namespace": namespace}}],
@@ -756,5 +758,6 @@ class EmulatorThread:
         with contextlib.suppress(kmock.KubernetesError):
             self.call(self.emulator.delete_object, resource, namespace, name, **kwargs)
 
-    def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
-        return write_kubeconfig(path, self.url, namespace)
+    def write_kubeconfig(self, path: Path, namespace: str = "default",
+                         token: str = "emulator") -> Path:
+        return write_kubeconfig(path, self.url, namespace, token)

@@ -45,8 +45,10 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, interval: flo
 class OperatorProcess:
     """The operator as a subprocess; logs go to `log_path` (printed by tests on failure)."""
 
-    def __init__(self, api: EmulatorThread, workdir: Path, **env: str) -> None:
-        self.kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
+    def __init__(self, api: EmulatorThread, workdir: Path, token: str = "operator",
+                 **env: str) -> None:
+        self.token = token
+        self.kubeconfig = api.write_kubeconfig(workdir / "kubeconfig", token=token)
         self.log_path = workdir / "operator.log"
         self.metrics_port = free_port()
         self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
