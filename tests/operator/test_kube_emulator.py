@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,3 +138,21 @@ def test_namespaces_resource_and_discovery(api: EmulatorThread) -> None:
     assert call(api, "GET", "/api/v1/namespaces/team").json()["metadata"]["name"] == "team"
     resources = call(api, "GET", "/apis/kubetune.dev/v1alpha1").json()["resources"]
     assert {"finetunejobs", "finetunejobs/status"} <= {r["name"] for r in resources}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_apply_get_delete(api: EmulatorThread, tmp_path: Path) -> None:
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", namespace="kubectl")
+
+    def kubectl(*args: str) -> str:
+        result = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), *args],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        return result.stdout + result.stderr
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "tiny-lora.yaml"
+    assert "created" in kubectl("apply", "-f", str(example), "--validate=false")
+    assert "tiny-lora" in kubectl("get", "ftj")
+    assert "Warning" not in kubectl("get", "ftj")  # subresources carry no short names
+    assert kubectl("get", "configmaps", "-l", "app!=x").startswith("No resources")
+    assert "deleted" in kubectl("delete", "ftj", "tiny-lora")

@@ -303,6 +303,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return self._serve_delete_collection
         return None
 
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """Two fixes to kmock's discovery for kubectl: the core group is "v1" (not "/v1"),
+        and subresources have no short names (kubectl warns that `ftj` is ambiguous)."""
+        payload = await super()._serve_version(request)
+        payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        for entry in payload.get("resources", []):
+            if "/" in entry["name"]:
+                entry.update(shortNames=[], categories=[], verbs=["get", "patch", "update"])
+        return payload
+
     # --- resource metadata -------------------------------------------------------------------
 
     def declare(self, resource: str, kind: str, *, namespaced: bool = True,
@@ -617,6 +627,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _serve_create(self, request: kmock.Request) -> Any:
         assert request.resource is not None
+        if "protobuf" in request.headers.get("Content-Type", ""):
+            raise _error(415, "UnsupportedMediaType", "protobuf bodies are not emulated "
+                         "(kubectl's create <kind> generators send them; use apply -f)")
         if not isinstance(request.data, dict):
             raise _error(400, "BadRequest", "the body must be a JSON object")
         obj = self.create_object(request.resource, request.namespace, request.data)
