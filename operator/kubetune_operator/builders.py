@@ -207,7 +207,8 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
     container: Manifest = {
         "name": TRAINER_CONTAINER,
         "image": spec.pod.image or settings.trainer_image,
-        "command": ["torchrun", "-m", contract.TRAINER_MODULE, "--config", contract.CONFIG_PATH],
+        # torchrun behind a wrapper that keeps the trainer's exit codes (docs/contract.md).
+        "command": list(contract.POD_COMMAND),
         "env": trainer_env(job, owner, attempt),
         "ports": [{"name": TORCHRUN_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT},
                   {"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port}],

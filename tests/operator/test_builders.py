@@ -161,10 +161,11 @@ def test_pod_placement_fields_reach_the_pod() -> None:
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
 
 
-def test_trainer_container_runs_torchrun_with_the_launch_contract() -> None:
+def test_trainer_container_runs_the_node_launcher_with_the_launch_contract() -> None:
     container = trainer(make_job())
     assert container["image"] == "registry.example/custom:2"
-    assert container["command"] == ["torchrun", "-m", contract.TRAINER_MODULE,
+    assert container["command"] == ["python", "-m", contract.NODE_LAUNCHER_MODULE,
+                                    "-m", contract.TRAINER_MODULE,
                                     "--config", contract.CONFIG_PATH]
     env = env_of(container)
     assert env[contract.PET_NNODES] == "4"
