@@ -93,7 +93,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     async def child_changed(**kw: Any) -> None:
         namespace, parents = kw["namespace"], kw["finetunejobs"]
         for owner in list(parents.get((namespace, kw["labels"][LABEL_JOB]), [])):
-            await reconciler.reconcile(namespace, owner["name"])
+            await reconciler.reconcile_or_retry(namespace, owner["name"])
 
     @kopf.timer(*FTJ, id="resync", interval=settings.progress_interval, when=needs_timer,
                 initial_delay=settings.progress_interval, registry=registry)

@@ -42,6 +42,7 @@ CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES, "Job": JOBS}
 
 Key = tuple[str, str]  # (namespace, name)
 CREATION_GRACE_SECONDS = 30.0  # how long a just-created Job may be missing from the index
+RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
 ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → children
 
 
@@ -71,6 +72,7 @@ class Reconciler:
         self._queued: set[Key] = set()
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
         self._created: dict[Key, tuple[int, float]] = {}  # attempt created, monotonic time
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -89,6 +91,18 @@ class Reconciler:
             raise
         finally:
             self._queued.discard(key)
+
+    async def reconcile_or_retry(self, namespace: str, name: str) -> None:
+        """For triggers nobody retries (child events, scheduled wake-ups): on an error, try
+        again a little later instead of waiting for the next event."""
+        try:
+            await self.reconcile(namespace, name)
+        except InvalidSpec:
+            pass  # recorded as Failed/InvalidSpec; nothing to retry
+        except Exception as exc:
+            logger.warning("%s/%s: reconcile failed (%s); retrying in %.0fs", namespace, name,
+                           exc, RETRY_SECONDS)
+            self._recheck_later((namespace, name), RETRY_SECONDS)
 
     async def _reconcile(self, namespace: str, name: str) -> None:
         body = await self.api.get(FINETUNEJOBS, namespace, name)
@@ -189,8 +203,9 @@ class Reconciler:
 
     def _spawn_recheck(self, key: Key) -> None:
         self._rechecks.pop(key, None)
-        task = asyncio.create_task(self.reconcile(*key))
-        task.add_done_callback(_log_failure)
+        task = asyncio.create_task(self.reconcile_or_retry(*key))
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
 
     def forget(self, key: Key) -> None:
         if key in self._rechecks:
@@ -246,8 +261,3 @@ def _same_progress(new: st.Progress, old: st.Progress | None) -> bool:
 
 def _as_body(body: dict[str, Any]) -> kopf.Body:
     return kopf.Body(cast(kopf.RawBody, body))
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("scheduled reconcile failed: %s", task.exception())

@@ -111,6 +111,18 @@ def test_create_makes_owned_children_and_follows_pods(cluster: Cluster) -> None:
                  "events posted (kopf posts them in the background)")
 
 
+def test_transient_api_errors_are_retried(cluster: Cluster) -> None:
+    emulator = cluster.api.emulator
+    cluster.api.call(emulator.inject_fault, "GET", "finetunejobs", 503, times=2)
+    cluster.api.call(emulator.inject_fault, "POST", "jobs", 500, times=3)
+    cluster.api.call(emulator.inject_fault, "PATCH", "finetunejobs", 500, times=1)
+    cluster.api.create(FTJ, finetunejob("unlucky"))
+    cluster.job("unlucky-a1")
+    cluster.wait_phase("unlucky", "Pending")
+    assert all(fault[3] == 0 for fault in emulator._faults)  # every fault was hit
+    assert len(cluster.owned(JOBS, "unlucky")) == 1
+
+
 def test_pending_job_says_why(cluster: Cluster) -> None:
     cluster.api.create(FTJ, finetunejob("pending"))
     job = cluster.job("pending-a1")

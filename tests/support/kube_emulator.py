@@ -262,6 +262,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _terminating: set[StoreKey] = attrs.field(factory=set, init=False)
 
     _builtin_reactions: int = attrs.field(default=0, init=False)
+    _faults: list[list[Any]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -278,7 +279,23 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 for errors in self._errors:
                     errors.clear()
 
+    def inject_fault(self, method: str, plural: str, status: int = 500, times: int = 1) -> None:
+        """Answer the next `times` requests `METHOD .../<plural>[/...]` with `status` (and
+        change nothing): transient API errors for retry tests, cheaper than a kmock reaction."""
+        self._faults.append([method.upper(), plural, status, times])
+
+    def _take_fault(self, request: kmock.Request) -> int | None:
+        plural = request.resource.plural if request.resource is not None else None
+        for fault in self._faults:
+            if fault[3] > 0 and fault[0] == request.method.value and fault[1] == plural:
+                fault[3] -= 1
+                return int(fault[2])
+        return None
+
     async def _handle(self, request: kmock.Request) -> Any:
+        if self._faults and (status := self._take_fault(request)) is not None:
+            raise _error(status, "InternalError" if status >= 500 else "Conflict",
+                         "injected fault")
         # State changes happen in the fallback handlers only (not in KubernetesEmulator._handle),
         # so a user reaction that answers 500 changes nothing. Without user reactions, resource
         # requests skip kmock's matching, which rescans every past request for every reaction.
