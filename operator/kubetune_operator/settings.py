@@ -14,6 +14,11 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def _log_level(name: str) -> int:
+    level = logging.getLevelName(name.strip().upper())
+    return level if isinstance(level, int) else logging.INFO
+
+
 @dataclass(frozen=True)
 class Settings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -47,5 +52,5 @@ class Settings:
             scrape_timeout=float(env.get("KUBETUNE_SCRAPE_TIMEOUT", cls.scrape_timeout)),
             termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS",
                                                   cls.termination_grace_seconds)),
-            log_level=logging.getLevelName(env.get("KUBETUNE_LOG_LEVEL", "INFO").upper()),
+            log_level=_log_level(env.get("KUBETUNE_LOG_LEVEL", "INFO")),
         )
