@@ -19,8 +19,9 @@ from typing import Any, cast
 
 import kopf
 
+from kubetune_api import contract
 from kubetune_api.crd import Phase
-from kubetune_api.load import SpecError, validate_job
+from kubetune_api.load import SpecError, parse_job, validate_job
 from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
@@ -28,6 +29,7 @@ from kubetune_operator.builders import (
     attempt_job_name,
     base_name,
     build_children,
+    config_map_name,
     is_queue_managed,
     master_address,
 )
@@ -146,7 +148,8 @@ class Reconciler:
         await self._write_status(ns, name, old, plan.status)
         if plan.create_attempt is not None and not self._in_flight((ns, name),
                                                                   plan.create_attempt):
-            for manifest in build_children(job, owner, plan.create_attempt, self.settings):
+            accepted = await self._accepted_job(job, owner) if plan.create_attempt > 1 else job
+            for manifest in build_children(accepted, owner, plan.create_attempt, self.settings):
                 await self.api.create(CHILD_RESOURCES[manifest["kind"]], ns, manifest)
             self._created[(ns, name)] = (plan.create_attempt, time.monotonic())
         for job_name in plan.delete_jobs:
@@ -159,6 +162,22 @@ class Reconciler:
         self._count(old, plan.status, body)
         if plan.recheck_after is not None:
             self._recheck_later((ns, name), plan.recheck_after)
+
+    async def _accepted_job(self, job: FineTuneJob, owner: Owner) -> FineTuneJob:
+        """The job as its first attempt got it (the ConfigMap), with today's runPolicy: a later
+        attempt must train the same thing even if the spec changed behind the API server's
+        back (the CRD forbids such changes; old servers do not enforce CEL)."""
+        config_map = await self.api.get(CONFIG_MAPS, owner.namespace,
+                                         config_map_name(owner.name))
+        text = ((config_map or {}).get("data") or {}).get(contract.CONFIG_FILE)
+        if not text:
+            return job
+        try:
+            accepted = parse_job(text, source=config_map_name(owner.name))
+        except SpecError:
+            return job
+        accepted.spec.run_policy = job.spec.run_policy
+        return accepted
 
     def _in_flight(self, key: Key, attempt: int) -> bool:
         """Created moments ago but not in the index yet: creating again would only 409."""

@@ -191,7 +191,8 @@ def success_output(pods: list[Manifest], spec: FineTuneJobSpec) -> Output:
 def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJobSpec,
                     queue_managed: bool = False) -> AttemptState:
     """The state of one attempt from its Job and its (non-terminating) pods."""
-    nodes = spec.resources.nodes
+    # The Job's own size: a spec edited behind the API server's back must not change it.
+    nodes = int((job or {}).get("spec", {}).get("completions") or spec.resources.nodes)
     if job is not None and job.get("spec", {}).get("suspend"):
         # Pods of a suspended Job are being stopped on purpose (by the user or by Kueue's
         # preemption): their exits are not failures.

@@ -326,3 +326,10 @@ def test_exits_of_a_suspended_jobs_pods_are_not_failures() -> None:
                                                                          evicted=True)]
     state = st.observe_attempt(job(suspend=True), stopping, spec(), queue_managed=True)
     assert (state.kind, state.reason) == ("waiting", st.REASON_QUEUED)
+
+
+def test_gang_size_comes_from_the_job_not_an_edited_spec() -> None:
+    sized = job()
+    sized["spec"]["completions"] = 2
+    state = st.observe_attempt(sized, [pod(0), pod(1)], spec(nodes=4))
+    assert state.kind == "running"
