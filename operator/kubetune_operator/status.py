@@ -347,9 +347,10 @@ class _Planner:
         if ttl is not None and done is not None:
             left = ttl - (self.now - done).total_seconds()
             self.plan.delete_self = left <= 0
-            self.plan.recheck_after = max(left, 0) if left > 0 else None
-        if self.status.conditions and any(c.reason == REASON_DEADLINE_EXCEEDED
-                                          for c in self.status.conditions if c.type == COND_FAILED):
+            self.plan.recheck_after = left if left > 0 else None
+        failed = next((c for c in self.status.conditions if c.type == COND_FAILED), None)
+        if failed is not None and failed.reason == REASON_DEADLINE_EXCEEDED:
+            # Keep stopping the pods until they are gone (the first delete may have failed).
             self.plan.delete_jobs = [j["metadata"]["name"] for j in self.children.jobs]
         return self.plan
 
@@ -412,10 +413,16 @@ class _Planner:
             self.set_phase(Phase.RUNNING, Event("Normal", state.reason, state.message))
             self.condition(COND_RUNNING, True, state.reason, state.message)
         else:
-            waiting_event = Event("Normal", state.reason, state.message)
-            self.set_phase(Phase.PENDING, waiting_event)
+            kind: Literal["Normal", "Warning"] = \
+                "Warning" if state.reason in ERROR_WAITING_REASONS else "Normal"
+            if self.old.phase == Phase.PENDING and self._old_reason(COND_RUNNING) != state.reason:
+                self.plan.events.append(Event(kind, state.reason, state.message))  # new cause
+            self.set_phase(Phase.PENDING, Event(kind, state.reason, state.message))
             self.condition(COND_RUNNING, False, state.reason, state.message)
         return self.plan
+
+    def _old_reason(self, type_: str) -> str | None:
+        return next((c.reason for c in self.old.conditions if c.type == type_), None)
 
     def handle_failure(self, state: AttemptState) -> Plan:
         if not state.retryable:

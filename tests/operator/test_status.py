@@ -333,3 +333,15 @@ def test_gang_size_comes_from_the_job_not_an_edited_spec() -> None:
     sized["spec"]["completions"] = 2
     state = st.observe_attempt(sized, [pod(0), pod(1)], spec(nodes=4))
     assert state.kind == "running"
+
+
+def test_a_new_pending_cause_posts_an_event() -> None:
+    creating = run(spec(), status(Phase.PENDING), children([job()], [
+        pod(0, "Pending", waiting="ContainerCreating"), pod(1)]))
+    assert [e.reason for e in creating.events] == ["ContainerCreating"]
+    pulling = run(spec(), creating.status, children([job()], [
+        pod(0, "Pending", waiting="ImagePullBackOff", message="denied"), pod(1)]))
+    assert [(e.type, e.reason) for e in pulling.events] == [("Warning", "ImagePullBackOff")]
+    same = run(spec(), pulling.status, children([job()], [
+        pod(0, "Pending", waiting="ImagePullBackOff", message="denied"), pod(1)]))
+    assert same.events == []
