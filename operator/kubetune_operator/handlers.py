@@ -68,7 +68,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     def trainer_jobs(**kw: Any) -> dict[Any, Any]:
         return {(kw["namespace"], kw["labels"][LABEL_JOB]): dict(kw["body"])}
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="wire-indexes", registry=registry)
     async def start(**kw: Any) -> None:
         # Indexes are live views: capture them once for the reconciler and the metrics.
         jobs_by_key: kopf.Index[Any, Any] = kw["finetunejobs"]

@@ -77,13 +77,13 @@ def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Reconciler, KubeAp
     api = KubeApi(login=credentials.current)
     metrics = OperatorMetrics()
     reconciler = Reconciler(api, settings, metrics)
-    kopf.on.login(registry=registry)(credentials.login)
+    kopf.on.login(id="login", registry=registry)(credentials.login)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="configure-kopf", registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings)
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="close-api-client", registry=registry)
     async def cleanup(**_: Any) -> None:
         await api.close()
 
