@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,5 +131,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "bench"
     sys.exit(main())
