@@ -72,3 +72,22 @@ bench-operator: venv  ## N FineTuneJobs against the emulated API server: latency
 
 operator: venv  ## run the operator against the current kubeconfig
 	$(BIN)/kubetune operator
+
+# --- Helm chart and images (docs/helm.md) ------------------------------------------------
+.PHONY: chart-crds images
+IMAGE_REGISTRY ?= ghcr.io/kubetune
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+DOCKER ?= docker
+CHART_CRD := charts/kubetune/files/crds/finetunejobs.kubetune.dev.yaml
+
+chart-crds: crds  ## regenerate crds/ and copy it into the chart (tests/chart asserts byte equality)
+	cp crds/finetunejobs.kubetune.dev.yaml $(CHART_CRD)
+
+# The operator, GPU trainer and CPU trainer images, where a Docker engine answers.
+images:
+	@if ! $(DOCKER) info >/dev/null 2>&1; then \
+	  echo "make images: skipped: no Docker engine (\`$(DOCKER) info\` failed)"; exit 0; fi; \
+	set -e; \
+	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .; \
+	$(DOCKER) build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .; \
+	$(DOCKER) build -f trainer_image/Dockerfile.cpu -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-cpu .

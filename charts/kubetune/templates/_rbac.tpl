@@ -1,0 +1,34 @@
+{{/* Rules on namespaced resources: the FineTuneJobs, their children, events (rbac.py). */}}
+{{- define "kubetune.namespacedRules" -}}
+# FineTuneJobs: watched by kopf; annotations and finalizer patched; deleted after their TTL.
+- apiGroups: [kubetune.dev]
+  resources: [finetunejobs]
+  verbs: [get, list, watch, patch, delete]
+# Status written by the reconciler.
+- apiGroups: [kubetune.dev]
+  resources: [finetunejobs/status]
+  verbs: [get, patch]
+# Each attempt's Indexed Job: created, suspended/resumed, deleted between attempts.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
+# The job's config and headless Service: created once (owned by the FineTuneJob).
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [get, create]
+# Trainer pods are only read (their Job owns them).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+# Events for every transition.
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{/* kopf discovers and watches CRDs (a CRD installed later is noticed). */}}
+{{- define "kubetune.crdRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [get, list, watch]
+{{- end }}

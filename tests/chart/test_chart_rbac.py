@@ -1,0 +1,208 @@
+"""The chart's RBAC is operator/kubetune_operator/rbac.py (RULES), per install mode, and RULES
+is exactly what the operator's code calls: kopf's watches, patches and events, and every
+request the reconciler sends (found in its source)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chartlib import NAMESPACE, SCENARIOS, Manifest, find, render, require_helm, values_of
+
+from kubetune_operator import kube, rbac, reconciler
+from kubetune_operator.main import build
+from kubetune_operator.settings import Settings
+
+Triple = tuple[str, str, str]  # (apiGroup, resource, verb)
+SCENARIO_IDS = [name for name, _ in SCENARIOS]
+
+CLUSTER_PEERINGS = ("kopf.dev", "clusterkopfpeerings")
+NAMESPACED_PEERINGS = ("kopf.dev", "kopfpeerings")
+NAMESPACES = ("", "namespaces")
+CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
+CLUSTER_SCOPED = {CLUSTER_PEERINGS, NAMESPACES, CRDS}
+
+
+@pytest.fixture(autouse=True)
+def _helm() -> None:
+    require_helm()
+
+
+def triples(rules: list[dict[str, Any]]) -> set[Triple]:
+    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def unused_in_mode(clusterwide: bool, peering: bool) -> set[tuple[str, str]]:
+    """Resources of RULES the operator's code path never touches in this mode (kopf sources:
+    _core/reactor/observation.py namespace_observer, _core/engines/peering.py)."""
+    unused = {NAMESPACED_PEERINGS if clusterwide else CLUSTER_PEERINGS}
+    if not peering:  # standalone: no peering at all
+        unused |= {NAMESPACED_PEERINGS, CLUSTER_PEERINGS}
+    if clusterwide:  # kopf lists/watches namespaces only when it serves a namespace list
+        unused.add(NAMESPACES)
+    return unused
+
+
+def expected_grants(clusterwide: bool, peering: bool) -> set[Triple]:
+    unused = unused_in_mode(clusterwide, peering)
+    return {t for t in triples(rbac.RULES) if (t[0], t[1]) not in unused}
+
+
+def granted(objects: tuple[Manifest, ...], kind: str) -> dict[str, set[Triple]]:
+    """Rules of every Role/ClusterRole, keyed by namespace ("" for cluster roles)."""
+    out: dict[str, set[Triple]] = {}
+    for role in find(objects, kind):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"wildcard in {kind} {rule}"
+            assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
+        ns = role["metadata"].get("namespace", "")
+        out.setdefault(ns, set()).update(triples(role["rules"]))
+    return out
+
+
+def check_binding(binding: Manifest, role: Manifest, service_account: str) -> None:
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role["kind"],
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": service_account,
+                                    "namespace": NAMESPACE}]
+
+
+@pytest.mark.parametrize(("scenario", "values"), SCENARIOS, ids=SCENARIO_IDS)
+def test_rendered_rbac_is_rbac_py_for_the_mode(scenario: str, values: Path | None) -> None:
+    objects, config = render(values), values_of(values)
+    clusterwide, peering = not config["watchNamespaces"], config["replicas"] > 1
+    service_account = find(objects, "Deployment")[0]["spec"]["template"]["spec"][
+        "serviceAccountName"]
+    assert [sa["metadata"]["name"] for sa in find(objects, "ServiceAccount")] == [service_account]
+    cluster = granted(objects, "ClusterRole").get("", set())
+    namespaced = granted(objects, "Role")
+    expected = expected_grants(clusterwide, peering)
+    if clusterwide:
+        assert not namespaced
+        assert cluster == expected
+    else:
+        assert set(namespaced) == set(config["watchNamespaces"])
+        in_cluster_role = {t for t in expected if (t[0], t[1]) in CLUSTER_SCOPED}
+        assert cluster == in_cluster_role  # only cluster-scoped reads, nothing namespaced
+        for ns, rules in namespaced.items():
+            assert rules == expected - in_cluster_role, ns
+    for kind, binding_kind in (("ClusterRole", "ClusterRoleBinding"), ("Role", "RoleBinding")):
+        for role in find(objects, kind):
+            matching = [b for b in find(objects, binding_kind)
+                        if b["metadata"]["name"] == role["metadata"]["name"]
+                        and b["metadata"].get("namespace") == role["metadata"].get("namespace")]
+            assert len(matching) == 1, role["metadata"]
+            check_binding(matching[0], role, service_account)
+
+
+def test_rbac_can_be_left_to_the_cluster_admin() -> None:
+    objects = render(None, ("rbac.create=false",))
+    for kind in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
+        assert not find(objects, kind)
+
+
+# --- RULES against the calls the operator's code makes --------------------------------------
+
+VERBS = {"get": "get", "create": "create", "patch": "patch", "delete": "delete"}
+
+
+def resources_of(node: ast.expr, namespace: dict[str, Any]) -> list[kube.Resource]:
+    """The kube.Resource(s) an argument expression of the reconciler refers to."""
+    if isinstance(node, ast.Name) and isinstance(namespace.get(node.id), kube.Resource):
+        return [namespace[node.id]]
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
+            and isinstance(namespace.get(node.value.id), dict):
+        values = list(namespace[node.value.id].values())
+        if values and all(isinstance(v, kube.Resource) for v in values):
+            return values
+    raise AssertionError(f"cannot tell which resource `{ast.unparse(node)}` is: keep API calls "
+                         "in the reconciler on module-level kube.Resource constants")
+
+
+def reconciler_calls() -> set[Triple]:
+    """Every `self.api.<verb>(RESOURCE, ...)` call in the reconciler's source."""
+    calls: set[Triple] = set()
+    namespace = vars(reconciler)
+    for node in ast.walk(ast.parse(inspect.getsource(reconciler))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr == "api"):
+            continue
+        method = node.func.attr
+        if method == "fetch_text":  # rank 0's /metrics: not the API server
+            continue
+        assert method in VERBS, f"unaudited API call self.api.{method} in reconciler.py"
+        subresource = next((k.value.value for k in node.keywords if k.arg == "subresource"
+                            and isinstance(k.value, ast.Constant)), None)
+        for resource in resources_of(node.args[0], namespace):
+            plural = f"{resource.plural}/{subresource}" if subresource else resource.plural
+            calls.add((resource.group, plural, VERBS[method]))
+    return calls
+
+
+def test_only_the_reconciler_sends_api_requests() -> None:
+    package = Path(inspect.getfile(reconciler)).parent
+    for path in package.glob("*.py"):
+        if path.name in ("reconciler.py", "kube.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                    and node.value.attr == "api" and node.attr in (*VERBS, "request"):
+                raise AssertionError(f"{path.name} calls the API directly: audit it here")
+
+
+def kopf_calls(clusterwide: bool, peering: bool) -> set[Triple]:
+    """What kopf itself does for the operator's registry in this mode."""
+    registry, _, _ = build(Settings())
+    calls: set[Triple] = set()
+    for kind in ("_indexing", "_watching", "_changing", "_spawning"):
+        for handler in getattr(registry, kind).get_all_handlers():
+            selector = handler.selector
+            resource = (selector.group or "", selector.plural or selector.any_name)
+            calls |= {(*resource, "list"), (*resource, "watch")}
+            if kind in ("_changing", "_spawning"):  # finalizers, progress annotations
+                calls.add((*resource, "patch"))
+    calls.add(("", "events", "create"))  # kopf's event poster (core v1 events)
+    calls |= {(*CRDS, "list"), (*CRDS, "watch")}  # resource observer
+    if not clusterwide:
+        calls |= {(*NAMESPACES, "list"), (*NAMESPACES, "watch")}  # namespace observer
+    if peering:
+        peerings = CLUSTER_PEERINGS if clusterwide else NAMESPACED_PEERINGS
+        calls |= {(*peerings, "list"), (*peerings, "watch"), (*peerings, "patch")}
+    return calls
+
+
+# rbac.py grants events.k8s.io/events, but kopf posts core/v1 events only
+# (kopf/_core/engines/posting.py: references.EVENTS): granted, never used.
+KNOWN_UNUSED = {("events.k8s.io", "events")}
+
+MODES = [(True, False), (True, True), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize(("clusterwide", "peering"), MODES,
+                         ids=["all-namespaces", "all-namespaces-ha", "namespaced",
+                              "namespaced-ha"])
+def test_rules_grant_every_call_and_nothing_unused(clusterwide: bool, peering: bool) -> None:
+    calls = kopf_calls(clusterwide, peering) | reconciler_calls()
+    grants = expected_grants(clusterwide, peering)
+    assert calls - grants == set(), "calls the chart/rbac.py would forbid"
+    for call in calls:
+        assert rbac.allows(*call), call
+    # Nothing granted on a resource the operator never touches in this mode (but the known
+    # leftover below); read access comes as get/list/watch together.
+    touched = {(g, r) for g, r, _ in calls}
+    assert {(g, r) for g, r, _ in grants} - touched <= KNOWN_UNUSED
+    assert {t for t in grants - calls if (t[0], t[1]) not in KNOWN_UNUSED} <= \
+        {(g, r, "get") for g, r in touched}
+
+
+def test_reconciler_audit_sees_the_operators_writes() -> None:
+    calls = reconciler_calls()
+    assert ("batch", "jobs", "create") in calls and ("", "configmaps", "create") in calls
+    assert ("kubetune.dev", "finetunejobs/status", "patch") in calls

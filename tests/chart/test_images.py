@@ -1,0 +1,200 @@
+"""The Dockerfiles, read without Docker: pinned bases, non-root users that match the pods,
+the launch contract as entrypoint, and Python dependencies from the very pins `make test`
+installs (the closure check the image builds run is run here on the CI venv)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from chartlib import CHART, ROOT
+from pins import closure_problems, load_pins, requirements
+
+from kubetune_api import contract
+from kubetune_operator import builders
+
+OPERATOR = ROOT / "operator" / "Dockerfile"
+TRAINER = ROOT / "trainer_image" / "Dockerfile"
+TRAINER_CPU = ROOT / "trainer_image" / "Dockerfile.cpu"
+DOCKERFILES = {OPERATOR: "operator", TRAINER: "trainer", TRAINER_CPU: "trainer"}
+CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
+PINS = load_pins(CONSTRAINTS)
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, current = [], ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        current += line.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        if current.strip():
+            word, _, rest = current.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+        current = ""
+    return out
+
+
+def args_of(path: Path) -> dict[str, str]:
+    return dict(rest.split("=", 1) for word, rest in instructions(path) if word == "ARG"
+                and "=" in rest)
+
+
+def last(path: Path, word: str) -> str:
+    return [rest for w, rest in instructions(path) if w == word][-1]
+
+
+def test_bases_are_pinned_versions() -> None:
+    for path in DOCKERFILES:
+        arg_defaults = args_of(path)
+        for word, rest in instructions(path):
+            if word != "FROM":
+                continue
+            image = rest.split()[0]
+            image = arg_defaults.get(image.strip("${}"), image) if image.startswith("$") \
+                else image
+            if image in ("build",):  # a stage name
+                continue
+            tag = image.partition(":")[2]
+            assert tag and tag != "latest" and re.search(r"\d+\.\d+", tag), f"{path}: {image}"
+
+
+def test_python_bases_match_the_ci_python() -> None:
+    """constraints.txt was resolved on the CI venv's Python: the images use the same minor."""
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for path in (OPERATOR, TRAINER_CPU):
+        assert re.fullmatch(rf"python:{re.escape(minor)}\.\d+-slim-\w+",
+                            args_of(path)["PYTHON_IMAGE"]), path
+
+
+def test_gpu_base_carries_the_pinned_torch() -> None:
+    base = args_of(TRAINER)["BASE_IMAGE"]
+    match = re.fullmatch(r"pytorch/pytorch:(?P<torch>[\d.]+)-cuda[\d.]+-cudnn\d+-runtime", base)
+    assert match, base
+    assert match["torch"] == PINS["torch"]
+    # ... and the build refuses a base whose torch differs from the pin.
+    assert any("s/^torch==//p' requirements/constraints.txt" in rest
+               and "torch.__version__" in rest and "exit 1" in rest
+               for word, rest in instructions(TRAINER) if word == "RUN")
+
+
+def test_cpu_torch_comes_from_the_pin() -> None:
+    runs = " ".join(rest for word, rest in instructions(TRAINER_CPU) if word == "RUN")
+    assert "download.pytorch.org/whl/cpu" in runs
+    assert "torch==$(sed -n 's/^torch==//p' requirements/constraints.txt)" in runs
+
+
+@pytest.mark.parametrize("path", list(DOCKERFILES), ids=lambda p: p.name + p.parent.name)
+def test_dependencies_come_from_pyproject_extras_and_constraints(path: Path) -> None:
+    extra = DOCKERFILES[path]
+    runs = " ".join(rest for word, rest in instructions(path) if word == "RUN")
+    copies = [rest for word, rest in instructions(path) if word == "COPY"]
+    assert "tests/chart/pins.py /usr/local/bin/kubetune-pins" in copies
+    assert "requirements/constraints.txt requirements/" in copies
+    assert f"kubetune-pins requirements --extra {extra} > /tmp/requirements.txt" in runs
+    assert re.search(r"pip install (--no-compile )?-c requirements/constraints.txt .*"
+                     r"-r /tmp/requirements.txt", runs), runs
+    assert f"kubetune-pins check --extra {extra}" in runs
+    # No other pip install of unpinned names.
+    for install in re.findall(r"pip install ([^&]*)", runs):
+        words = shlex.split(install)
+        named = [w for w in words if not w.startswith("-") and "/" not in w
+                 and w not in ("-c", "-r")]
+        assert all(w.startswith("torch==") for w in named), install
+
+
+@pytest.mark.parametrize("extra", ["operator", "trainer"])
+def test_constraints_pin_every_distribution_the_images_install(extra: str) -> None:
+    """The same walk the image builds run after `pip install`, on the venv `make test` built:
+    every distribution in the extra's dependency closure is pinned, at the installed version."""
+    problems, walked = closure_problems(requirements(ROOT / "pyproject.toml", extra), PINS)
+    assert problems == []
+    assert len(walked) > 10
+
+
+def test_pins_cli_prints_the_extras() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "tests/chart/pins.py"), "requirements",
+                             "--extra", "operator"], capture_output=True, text=True, cwd=ROOT,
+                            check=True)
+    assert result.stdout.split() == requirements(ROOT / "pyproject.toml", "operator")
+    assert not any(r.startswith(("torch", "transformers")) for r in result.stdout.split())
+
+
+def uid_of(path: Path) -> int:
+    user = last(path, "USER")
+    assert re.fullmatch(r"\d+:\d+", user), f"{path}: USER must be numeric uid:gid ({user})"
+    uid = int(user.split(":")[0])
+    assert uid != 0
+    return uid
+
+
+def test_images_run_as_the_uid_their_pods_ask_for() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert uid_of(OPERATOR) == values["podSecurityContext"]["runAsUser"]
+    assert uid_of(TRAINER) == uid_of(TRAINER_CPU) == builders.NON_ROOT_UID
+
+
+def exec_form(path: Path, word: str) -> list[str]:
+    return list(yaml.safe_load(last(path, word)))
+
+
+def test_trainer_entrypoint_is_the_pod_command() -> None:
+    for path in (TRAINER, TRAINER_CPU):
+        assert exec_form(path, "ENTRYPOINT") + exec_form(path, "CMD") == \
+            list(contract.POD_COMMAND)
+        assert last(path, "WORKDIR") == "/opt/kubetune"
+        copies = " ".join(rest for word, rest in instructions(path) if word == "COPY")
+        assert "trainer_image/kubetune_trainer /opt/kubetune/kubetune_trainer" in copies
+        assert "api/kubetune_api /opt/kubetune/kubetune_api" in copies
+        assert "operator/" not in copies
+        env = " ".join(rest for word, rest in instructions(path) if word == "ENV")
+        assert "PYTHONPATH=/opt/kubetune" in env and "HF_HOME=/tmp/" in env
+
+
+def test_operator_image_holds_only_the_operator() -> None:
+    copies = [rest for word, rest in instructions(OPERATOR) if word == "COPY"]
+    sources = " ".join(copies)
+    assert "operator/kubetune_operator" in sources and "api/kubetune_api" in sources
+    assert "kubetune_trainer" not in sources
+    assert exec_form(OPERATOR, "ENTRYPOINT") == ["python", "-m", "kubetune_operator"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    exposed = {int(p) for p in last(OPERATOR, "EXPOSE").split()}
+    assert exposed == {values["metrics"]["port"], values["operator"]["healthPort"]}
+
+
+def dockerignore_includes() -> list[str]:
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert "*" in lines, ".dockerignore must start from an empty context"
+    return [line[1:] for line in lines if line.startswith("!")]
+
+
+def test_dockerignore_sends_only_what_the_images_copy() -> None:
+    includes = dockerignore_includes()
+    for path in DOCKERFILES:
+        for word, rest in instructions(path):
+            if word != "COPY" or rest.startswith("--from"):
+                continue
+            *sources, _ = rest.split()
+            for source in sources:
+                assert any(fnmatch.fnmatch(source, pattern) or source == pattern
+                           or pattern.startswith(source.rstrip("/") + "/")
+                           for pattern in includes), f"{path.name}: {source} is ignored"
+                assert list(ROOT.glob(source)), f"{path.name}: {source} does not exist"
+    for big in (".venv", ".tools", "out", ".git", "tests/trainer"):
+        assert not any(p.startswith(big) for p in includes), big
+
+
+def test_make_images_skips_without_a_docker_engine() -> None:
+    result = subprocess.run(["make", "--no-print-directory", "images", "DOCKER=false"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "make images: skipped: no Docker engine" in result.stdout
