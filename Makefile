@@ -56,7 +56,7 @@ bench: venv
 
 lock:
 	{ echo '# Exact versions of the CPU stack (make venv, CI, Dockerfiles). Regenerate: make lock'; \
-	  $(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements/constraints.txt
+	  $(BIN)/pip freeze --all --exclude-editable | sed 's/+cpu$$//'; } > requirements/constraints.txt
 
 clean:
 	rm -rf $(VENV) $(TOOLS) out .pytest_cache .mypy_cache .ruff_cache
@@ -64,8 +64,9 @@ clean:
 # --- operator (docs/operator.md) ---------------------------------------------------------
 .PHONY: crds bench-operator operator
 
-crds: venv  ## regenerate crds/ from the pydantic contract (a test fails while it is stale)
+crds: venv  ## regenerate crds/ and the chart's copy from the contract (tests fail while stale)
 	$(BIN)/python -m kubetune_api.crd
+	cp crds/finetunejobs.kubetune.dev.yaml charts/kubetune/files/crds/finetunejobs.kubetune.dev.yaml
 
 bench-operator: venv  ## N FineTuneJobs against the emulated API server: latency and RSS
 	$(BIN)/python bench/operator_scale.py
@@ -74,14 +75,10 @@ operator: venv  ## run the operator against the current kubeconfig
 	$(BIN)/kubetune operator
 
 # --- Helm chart and images (docs/helm.md) ------------------------------------------------
-.PHONY: chart-crds images
+.PHONY: images
 IMAGE_REGISTRY ?= ghcr.io/kubetune
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DOCKER ?= docker
-CHART_CRD := charts/kubetune/files/crds/finetunejobs.kubetune.dev.yaml
-
-chart-crds: crds  ## regenerate crds/ and copy it into the chart (tests/chart asserts byte equality)
-	cp crds/finetunejobs.kubetune.dev.yaml $(CHART_CRD)
 
 # The operator, GPU trainer and CPU trainer images, where a Docker engine answers.
 images:

@@ -21,7 +21,7 @@ RULES: list[dict[str, Any]] = [
     # Pods are only read (their Job owns them; deleting the Job deletes them).
     {"apiGroups": [""], "resources": ["pods"], "verbs": WATCH},
     # Events for every transition (kopf posts them).
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf: peering between replicas, CRD discovery, namespaces when watching patterns.
     {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
      "verbs": [*WATCH, "patch"]},

@@ -178,10 +178,6 @@ def kopf_calls(clusterwide: bool, peering: bool) -> set[Triple]:
     return calls
 
 
-# rbac.py grants events.k8s.io/events, but kopf posts core/v1 events only
-# (kopf/_core/engines/posting.py: references.EVENTS): granted, never used.
-KNOWN_UNUSED = {("events.k8s.io", "events")}
-
 MODES = [(True, False), (True, True), (False, False), (False, True)]
 
 
@@ -194,12 +190,11 @@ def test_rules_grant_every_call_and_nothing_unused(clusterwide: bool, peering: b
     assert calls - grants == set(), "calls the chart/rbac.py would forbid"
     for call in calls:
         assert rbac.allows(*call), call
-    # Nothing granted on a resource the operator never touches in this mode (but the known
-    # leftover below); read access comes as get/list/watch together.
+    # Nothing granted on a resource the operator never touches in this mode; read access
+    # comes as get/list/watch together.
     touched = {(g, r) for g, r, _ in calls}
-    assert {(g, r) for g, r, _ in grants} - touched <= KNOWN_UNUSED
-    assert {t for t in grants - calls if (t[0], t[1]) not in KNOWN_UNUSED} <= \
-        {(g, r, "get") for g, r in touched}
+    assert {(g, r) for g, r, _ in grants} - touched == set()
+    assert grants - calls <= {(g, r, "get") for g, r in touched}
 
 
 def test_reconciler_audit_sees_the_operators_writes() -> None:

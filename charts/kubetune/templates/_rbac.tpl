@@ -21,7 +21,7 @@
   resources: [pods]
   verbs: [get, list, watch]
 # Events for every transition.
-- apiGroups: ["", events.k8s.io]
+- apiGroups: [""]
   resources: [events]
   verbs: [create]
 {{- end }}
