@@ -127,10 +127,8 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
 def start_metrics(job: FineTuneJob) -> TrainerMetrics:
     """Serve this rank's /metrics on spec.metrics.port + local rank (observability is never
     worth failing a run for: a busy port only logs a warning)."""
-    spec = job.spec
-    metrics = TrainerMetrics(global_rank(), model=spec.model.name, method=spec.method.type,
-                             task=spec.model.task)
-    port = int(os.environ.get(METRICS_PORT_ENV, spec.metrics.port)) + local_rank()
+    metrics = job_metrics(job)
+    port = int(os.environ.get(METRICS_PORT_ENV, job.spec.metrics.port)) + local_rank()
     try:
         metrics.serve(port)
     except OSError as exc:
@@ -138,6 +136,12 @@ def start_metrics(job: FineTuneJob) -> TrainerMetrics:
                     port, exc)
     metrics.set_phase("loading")
     return metrics
+
+
+def job_metrics(job: FineTuneJob) -> TrainerMetrics:
+    spec = job.spec
+    return TrainerMetrics(global_rank(), model=spec.model.name, method=spec.method.type,
+                          task=spec.model.task)
 
 
 def setup(job: FineTuneJob, output_uri: str, workdir: Path,
@@ -167,8 +171,7 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
                        quant_storage=strategies.quant_storage(spec, compute))
     return Setup(job, output_uri, workdir, precision, data, source, tokenizer, args,
                  make_trainable(model, spec), train_features, eval_features,
-                 metrics or TrainerMetrics(global_rank(), model=spec.model.name,
-                                           method=spec.method.type, task=spec.model.task))
+                 metrics or job_metrics(job))
 
 
 def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
