@@ -88,3 +88,12 @@ images:
 	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .; \
 	$(DOCKER) build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .; \
 	$(DOCKER) build -f trainer_image/Dockerfile.cpu -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-cpu .
+
+# --- end to end (docs/e2e.md) -------------------------------------------------------------
+# The real operator and trainer processes behind an emulated API server (no cluster needed).
+e2e: venv
+	$(BIN)/pytest tests/e2e -m e2e
+
+# kind + the images + the chart + MinIO, where Docker and kind exist (skips otherwise).
+kind-e2e: venv helm
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/kind -m kind -rs

@@ -97,21 +97,28 @@ def start_job_pods(api: EmulatorThread, job: dict[str, Any], phase: str = "Runni
                    ip: str = "127.0.0.1") -> list[dict[str, Any]]:
     """Create one pod per completion index of an Indexed Job, as the Job controller would,
     and give them `phase` as a kubelet would."""
-    meta, template = job["metadata"], job["spec"]["template"]
     pods = []
     for index in range(job["spec"]["completions"]):
-        name = f"{meta['name']}-{index}"
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
-            "name": name, "namespace": meta["namespace"],
-            "labels": {**template["metadata"].get("labels", {}), "job-name": meta["name"]},
-            "annotations": {**template["metadata"].get("annotations", {}),
-                            COMPLETION_INDEX: str(index)},
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                 "uid": meta["uid"], "controller": True}]},
-            "spec": {**template["spec"], "hostname": name}}
-        api.create(PODS, pod)
-        pods.append(set_pod_state(api, meta["namespace"], name, phase, ip=ip))
+        pod = api.create(PODS, job_pod(job, index))
+        pods.append(set_pod_state(api, pod["metadata"]["namespace"], pod["metadata"]["name"],
+                                  phase, ip=ip))
     return pods
+
+
+def job_pod(job: dict[str, Any], index: int) -> dict[str, Any]:
+    """The pod the Job controller creates for completion index `index` of an Indexed Job."""
+    meta, template = job["metadata"], job["spec"]["template"]
+    name = f"{meta['name']}-{index}"
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": name, "namespace": meta["namespace"],
+        "labels": {**template["metadata"].get("labels", {}), "job-name": meta["name"],
+                   COMPLETION_INDEX: str(index)},
+        "annotations": {**template["metadata"].get("annotations", {}),
+                        COMPLETION_INDEX: str(index)},
+        "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                             "uid": meta["uid"], "controller": True,
+                             "blockOwnerDeletion": True}]},
+        "spec": {**template["spec"], "hostname": name}}
 
 
 def set_pod_state(api: EmulatorThread, namespace: str, name: str, phase: str, *,
