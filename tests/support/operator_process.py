@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from support.kube_emulator import EmulatorThread
+from support.net import free_port
 
 T = TypeVar("T")
 
@@ -22,11 +22,6 @@ JOBS = "batch/v1/jobs"
 PODS = "v1/pods"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, interval: float = 0.05,

@@ -22,15 +22,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from support.net import free_port
+
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _moto_command(port: int) -> list[str]:
