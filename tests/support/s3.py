@@ -10,17 +10,20 @@ reset connections.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import IO
 
 from support.net import free_port
 
@@ -43,6 +46,7 @@ class MotoServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] = io.BytesIO()
 
     @property
     def endpoint(self) -> str:
@@ -51,13 +55,15 @@ class MotoServer:
     def start(self, timeout: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
-        self.proc = subprocess.Popen(
-            _moto_command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # moto logs every request to stderr: a pipe nobody reads fills up after a few thousand
+        # requests and wedges the server, so the log goes to a file.
+        self._log = log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(_moto_command(self.port), stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                log.seek(0)
+                err = log.read()[-2000:].decode(errors="replace")
                 raise RuntimeError(f"moto_server exited with {self.proc.returncode}: {err}")
             if self.ready():
                 return
@@ -84,8 +90,7 @@ class MotoServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        self._log.close()
 
     def __enter__(self) -> MotoServer:
         self.start()
