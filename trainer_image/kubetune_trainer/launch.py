@@ -36,6 +36,7 @@ def train_rank(config: str, *, output: str | None = None, workdir: str | None = 
     """Run this process's rank of the job; map failures to the documented exit codes."""
     try:
         job = load_job(config)
+        use_cpu_accelerator_without_cuda()
         from kubetune_trainer.preemption import Preempted
         from kubetune_trainer.recipe import run  # torch & co. only after the spec is valid
 
@@ -51,6 +52,14 @@ def train_rank(config: str, *, output: str | None = None, workdir: str | None = 
         write_termination_message({"uri": result.output_uri,
                                    "manifestSha256": result.manifest_sha256})
     return contract.EXIT_OK
+
+
+def use_cpu_accelerator_without_cuda() -> None:
+    """DeepSpeed guesses its accelerator (and warns) unless told; on a CPU-only host, say so."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def write_termination_message(summary: dict[str, str]) -> None:

@@ -99,8 +99,9 @@ def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenize
         model = auto_class.from_pretrained(
             source, dtype=_load_dtype(spec, precision), quantization_config=quant,
             device_map=device_map, **kwargs)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
     return model
 
 

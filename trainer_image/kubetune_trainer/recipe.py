@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
 log = logging.getLogger("kubetune")
+# Raised inside transformers/peft on every run; nothing a user of kubetune can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass
