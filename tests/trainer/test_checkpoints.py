@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kubetune_api import contract
+from kubetune_api.load import SpecError
 from kubetune_trainer import checkpoints, strategies
 from kubetune_trainer.modeling import Precision
 from kubetune_trainer.node import exit_code_of
@@ -52,7 +53,7 @@ def test_deepspeed_configs_are_generated_and_overridable(tmp_path: Path) -> None
     job = example_job("tiny-lora", tmp_path, training={
         "strategy": "deepspeed-zero3",
         "strategyConfig": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}})
-    config = strategies.strategy_arguments(job.spec, Precision("bf16"))["deepspeed"]
+    config = strategies.strategy_arguments(job.spec, Precision("bf16"), cuda=False)["deepspeed"]
     zero = config["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"]
     assert zero["offload_optimizer"] == {"device": "cpu"} and zero["overlap_comm"]
@@ -69,12 +70,14 @@ def test_fsdp_and_ddp_arguments(tmp_path: Path) -> None:
     job = example_job("tiny-lora", tmp_path, training={
         "strategy": "fsdp", "gradientCheckpointing": True,
         "strategyConfig": {"limit_all_gathers": True}})
-    args = strategies.strategy_arguments(job.spec, Precision("bf16"))
+    with pytest.raises(SpecError, match="fsdp needs CUDA GPUs"):
+        strategies.strategy_arguments(job.spec, Precision("fp32"), cuda=False)
+    args = strategies.strategy_arguments(job.spec, Precision("bf16"), cuda=True)
     assert args["fsdp"] == "full_shard auto_wrap"
     assert args["fsdp_config"]["use_orig_params"] and args["fsdp_config"]["limit_all_gathers"]
     assert args["fsdp_config"]["activation_checkpointing"] is True
     job.spec.training.strategy = "ddp"  # type: ignore[assignment]
-    assert strategies.strategy_arguments(job.spec, Precision("bf16")) == {}
+    assert strategies.strategy_arguments(job.spec, Precision("bf16"), cuda=False) == {}
 
 
 @pytest.mark.parametrize(("strategy", "storage", "device_map"), [

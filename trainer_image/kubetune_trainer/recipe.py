@@ -274,7 +274,7 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         # Batches of similar length waste less compute on padding; packed blocks are uniform.
         train_sampling_strategy="random" if job.spec.dataset.packing else "group_by_length",
         disable_tqdm=not is_rank0(),
-        **strategies.strategy_arguments(job.spec, precision),
+        **strategies.strategy_arguments(job.spec, precision, cuda),
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from kubetune_api.load import SpecError
 from kubetune_api.spec import FineTuneJobSpec, MethodType, Strategy
 from kubetune_trainer.modeling import Precision
 
@@ -61,12 +62,17 @@ def fsdp_arguments(spec: FineTuneJobSpec) -> dict[str, Any]:
             "fsdp_config": deep_merge(config, spec.training.strategy_config)}
 
 
-def strategy_arguments(spec: FineTuneJobSpec, precision: Precision) -> dict[str, Any]:
+def strategy_arguments(spec: FineTuneJobSpec, precision: Precision,
+                       cuda: bool) -> dict[str, Any]:
     """Extra TrainingArguments for the strategy (none for DDP)."""
     strategy = spec.training.strategy
     if strategy in (Strategy.DEEPSPEED_ZERO2, Strategy.DEEPSPEED_ZERO3):
         return {"deepspeed": deepspeed_config(spec, precision)}
     if strategy == Strategy.FSDP:
+        if not cuda:
+            # accelerate enables FSDP only on accelerators: on CPU the run would silently be DDP.
+            raise SpecError("spec.training.strategy: fsdp needs CUDA GPUs (on CPU the HF "
+                            "Trainer silently falls back to DDP); use ddp or deepspeed-zero2")
         return fsdp_arguments(spec)
     return {}
 
