@@ -31,6 +31,29 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
+CLUSTER_PEERINGS = ("kopf.dev", "clusterkopfpeerings")
+NAMESPACED_PEERINGS = ("kopf.dev", "kopfpeerings")
+NAMESPACES = ("", "namespaces")
+
+
+def rules_for(clusterwide: bool, peering: bool) -> list[dict[str, Any]]:
+    """RULES less the resources this install mode never touches: peering objects without
+    peering (and the other scope's kind with it), namespaces when watching all of them (kopf
+    lists namespaces only to resolve a namespace list)."""
+    unused = {NAMESPACED_PEERINGS if clusterwide else CLUSTER_PEERINGS}
+    if not peering:
+        unused |= {NAMESPACED_PEERINGS, CLUSTER_PEERINGS}
+    if clusterwide:
+        unused.add(NAMESPACES)
+    rules = []
+    for rule in RULES:
+        resources = [r for r in rule["resources"]
+                     if not any((group, r) in unused for group in rule["apiGroups"])]
+        if resources:
+            rules.append({**rule, "resources": resources})
+    return rules
+
+
 def allows(api_group: str, resource: str, verb: str) -> bool:
     return any(api_group in rule["apiGroups"] and resource in rule["resources"]
                and verb in rule["verbs"] for rule in RULES)

@@ -19,9 +19,8 @@ from kubetune_operator.settings import Settings
 Triple = tuple[str, str, str]  # (apiGroup, resource, verb)
 SCENARIO_IDS = [name for name, _ in SCENARIOS]
 
-CLUSTER_PEERINGS = ("kopf.dev", "clusterkopfpeerings")
-NAMESPACED_PEERINGS = ("kopf.dev", "kopfpeerings")
-NAMESPACES = ("", "namespaces")
+CLUSTER_PEERINGS, NAMESPACED_PEERINGS = rbac.CLUSTER_PEERINGS, rbac.NAMESPACED_PEERINGS
+NAMESPACES = rbac.NAMESPACES
 CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 CLUSTER_SCOPED = {CLUSTER_PEERINGS, NAMESPACES, CRDS}
 
@@ -36,20 +35,8 @@ def triples(rules: list[dict[str, Any]]) -> set[Triple]:
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
-def unused_in_mode(clusterwide: bool, peering: bool) -> set[tuple[str, str]]:
-    """Resources of RULES the operator's code path never touches in this mode (kopf sources:
-    _core/reactor/observation.py namespace_observer, _core/engines/peering.py)."""
-    unused = {NAMESPACED_PEERINGS if clusterwide else CLUSTER_PEERINGS}
-    if not peering:  # standalone: no peering at all
-        unused |= {NAMESPACED_PEERINGS, CLUSTER_PEERINGS}
-    if clusterwide:  # kopf lists/watches namespaces only when it serves a namespace list
-        unused.add(NAMESPACES)
-    return unused
-
-
 def expected_grants(clusterwide: bool, peering: bool) -> set[Triple]:
-    unused = unused_in_mode(clusterwide, peering)
-    return {t for t in triples(rbac.RULES) if (t[0], t[1]) not in unused}
+    return triples(rbac.rules_for(clusterwide, peering))
 
 
 def granted(objects: tuple[Manifest, ...], kind: str) -> dict[str, set[Triple]]:
