@@ -12,6 +12,7 @@ checked in `setup` before anything is written to the output URI; rank 0 alone wr
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -212,9 +213,27 @@ def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) ->
     ]
     if preemption:
         callbacks.append(preemption)
-    return Trainer(model=ready.model, args=ready.args, train_dataset=ready.train_features,
-                   eval_dataset=ready.eval_features or None, data_collator=counting_collator,
-                   processing_class=ready.tokenizer, callbacks=callbacks)
+    return FrozenHeapTrainer(model=ready.model, args=ready.args,
+                             train_dataset=ready.train_features,
+                             eval_dataset=ready.eval_features or None,
+                             data_collator=counting_collator, processing_class=ready.tokenizer,
+                             callbacks=callbacks)
+
+
+class FrozenHeapTrainer(Trainer):
+    """The HF Trainer, with the garbage collector ignoring what existed before training.
+
+    The imported ML stack is ~0.5M long-lived objects: the Trainer's gc.collect() at the start
+    of train() (0.4 s on these cores) and later full collections would rescan them all for
+    nothing. Unfrozen afterwards, so nothing this run leaves behind escapes collection.
+    """
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        gc.freeze()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            gc.unfreeze()
 
 
 def resume(ready: Setup) -> Path | None:
