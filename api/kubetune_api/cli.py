@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kubetune_api import contract
 from kubetune_api.load import SpecError, load_job
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                          nproc_per_node=args.nproc_per_node, workdir=args.workdir)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return contract.EXIT_INVALID_SPEC
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ class QuantizationSpec(SpecModel):
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description="Dtype of matmuls on dequantized weights; auto = bfloat16 where the GPU "
-        "supports it, else float16, float32 on CPU.",
+        description="Dtype of matmuls on dequantized weights; auto = the training precision "
+        "(bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU).",
     )
 
 

@@ -126,3 +126,15 @@ def test_long_prompts_without_completion_left_are_dropped(llama_tokenizer) -> No
     rows = records({"p": "the cat sees the ball " * 5, "c": "Paris"}, {"p": "hi", "c": "Paris"})
     feats = tokenize(rows, spec, "causal-lm", llama_tokenizer)
     assert len(feats) == 1 and len(feats[0]["input_ids"]) <= 8
+
+
+def test_chat_template_that_is_not_prefix_stable_is_refused(tmp_path: Path) -> None:
+    tokenizer = train_tokenizer("llama", TEXTS)
+    # Renders the message count first: no partial conversation is a prefix of the whole.
+    tokenizer.chat_template = "{{ messages|length }}" + tokenizer.chat_template
+    tokenizer.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path), None, "causal-lm")
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"}]
+    with pytest.raises(DataError, match="chat template does not render a conversation as a "
+                                        "prefix"):
+        tokenize(records({"m": messages}), dataset(fields={"messages": "m"}), "causal-lm", tok)

@@ -97,9 +97,12 @@ def _chat_example(messages: list[dict[str, str]],
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render(messages[:i], prompt=True))
-        end = len(render(messages[: i + 1], prompt=False))
-        labels[start:end] = ids[start:end]
+        prompt, turn = render(messages[:i], prompt=True), render(messages[: i + 1], prompt=False)
+        if ids[:len(prompt)] != prompt or ids[:len(turn)] != turn:
+            raise DataError("dataset.fields.messages: the tokenizer's chat template does not "
+                            "render a conversation as a prefix of its continuation, so the "
+                            "assistant turns cannot be located")
+        labels[len(prompt):len(turn)] = ids[len(prompt):len(turn)]
     return ids, labels
 
 
@@ -161,7 +164,7 @@ def collator_for(task: str, tokenizer: PreTrainedTokenizerBase, model: Any, seed
     return CausalCollator(tokenizer.pad_token_id, pad_to_multiple_of)
 
 
-def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
+def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-pad tokens in a collated batch (throughput is counted in these)."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())

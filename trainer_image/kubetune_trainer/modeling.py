@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from kubetune_api.load import SpecError
-from kubetune_api.spec import FineTuneJobSpec, MethodType, Task
+from kubetune_api.spec import FineTuneJobSpec, MethodType, Strategy, Task
 from kubetune_trainer.factories import peft_config, quantization_config
 
 AUTO_CLASSES: dict[str, Any] = {
@@ -88,7 +88,7 @@ def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenize
     auto_class = AUTO_CLASSES[spec.model.task]
     kwargs: dict[str, Any] = {"revision": spec.model.revision}
     if spec.model.task == Task.SEQUENCE_CLASSIFICATION:
-        names = label_names or [str(i) for i in range(spec.model.num_labels or 0)]
+        names = list(label_names or [str(i) for i in range(spec.model.num_labels or 0)])
         names += [str(i) for i in range(len(names), spec.model.num_labels or 0)]
         kwargs.update(num_labels=spec.model.num_labels, id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)})
@@ -123,12 +123,21 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=NON_REENTRANT)
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        if spec.training.strategy != Strategy.FSDP:  # FSDP checkpoints activations itself
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         if spec.method.type == MethodType.LORA:
             # Without it the frozen embeddings cut the graph and lora_B never trains (peft#137).
             model.enable_input_require_grads()
     adapter = peft_config(spec.method, spec.model.task)
-    return get_peft_model(model, adapter) if adapter else model  # type: ignore[return-value]
+    if adapter is None:
+        return model
+    model = get_peft_model(model, adapter)  # type: ignore[assignment]
+    # peft upcasts adapter layers only; a new head (modules_to_save) loaded in fp16 would make
+    # the fp16 grad scaler fail and train in bf16 otherwise. Trainable weights stay fp32.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

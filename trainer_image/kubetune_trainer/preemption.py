@@ -23,6 +23,7 @@ class Preempted(Exception):
 class PreemptionCallback(TrainerCallback):
     def __init__(self) -> None:
         self.requested = False
+        self.training = self._finished = False
         self.stopped_at: int | None = None
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -32,6 +33,16 @@ class PreemptionCallback(TrainerCallback):
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.requested = True
+        if not self.training and not self._finished:
+            # Still loading (model download, data): nothing to save, so stop now rather than
+            # when the grace period runs out. After training, finishing the save is the point.
+            raise Preempted("SIGTERM before training started; nothing to checkpoint")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training, self._finished = False, True
 
     def _anyone_requested(self, device: torch.device) -> bool:
         if not dist.is_initialized():

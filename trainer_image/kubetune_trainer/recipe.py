@@ -26,13 +26,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers import logging as hf_logging
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 
-from kubetune_api.spec import FineTuneJob, MethodType
+from kubetune_api.spec import TINY_SCHEME, FineTuneJob, MethodType
 from kubetune_trainer import artifacts, checkpoints, storage, strategies
 from kubetune_trainer.checkpoints import CheckpointCallback
 from kubetune_trainer.data import DataError, LoadedData, load_records, training_texts
-from kubetune_trainer.features import collator_for, count_target_tokens, pack, tokenize
+from kubetune_trainer.features import collator_for, count_input_tokens, pack, tokenize
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
@@ -46,7 +47,7 @@ from kubetune_trainer.modeling import (
 from kubetune_trainer.preemption import Preempted, PreemptionCallback
 from kubetune_trainer.tiny import build_tiny_model
 
-TINY_PREFIX = "tiny://"
+TINY_PREFIX = TINY_SCHEME
 TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
@@ -110,6 +111,8 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
         resumed = resume(ready)
         started = time.monotonic()
         trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+        if resumed and local_rank() == 0:
+            shutil.rmtree(resumed, ignore_errors=True)  # loaded; the remote copy is the one kept
         if preemption.stopped_at is not None:
             raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
                             f"checkpoint saved")
@@ -119,6 +122,9 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
         result = save(ready, trainer, facts)
         metrics.set_phase("done")
         return result
+    except Preempted:
+        metrics.set_phase("checkpointing")  # stopped on purpose, resumable
+        raise
     except BaseException:
         metrics.set_phase("failed")
         raise
@@ -197,13 +203,15 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
 
 def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) -> Trainer:
     spec, cuda = ready.job.spec, torch.cuda.is_available()
-    collate = collator_for(spec.model.task, ready.tokenizer, ready.model, spec.training.seed,
+    # Each rank masks differently (one shared seed would mask every rank's batch alike).
+    collate = collator_for(spec.model.task, ready.tokenizer, ready.model,
+                           spec.training.seed + global_rank(),
                            pad_to_multiple_of=8 if cuda else None)
 
     def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         collated = collate(batch)
         if ready.model.training:
-            ready.tokens.total += count_target_tokens(collated)
+            ready.tokens.total += count_input_tokens(collated)
         return collated
 
     callbacks: list[Any] = [
@@ -220,6 +228,20 @@ def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) ->
                              callbacks=callbacks)
 
 
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Length-grouped order that depends only on (seed, epoch). HF's sampler draws from the
+    global RNG, so a run resumed inside epoch 2+ would skip other batches than it trained."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate calls it at every epoch start
+        assert self.generator is not None
+        self.generator.manual_seed(self.seed + epoch)
+
+
 class FrozenHeapTrainer(Trainer):
     """The HF Trainer, with the garbage collector ignoring what existed before training.
 
@@ -227,6 +249,13 @@ class FrozenHeapTrainer(Trainer):
     of train() (0.4 s on these cores) and later full collections would rescan them all for
     nothing. Unfrozen afterwards, so nothing this run leaves behind escapes collection.
     """
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         gc.freeze()
