@@ -105,3 +105,16 @@ def test_qlora_placement_traps(tmp_path: Path, strategy: str, storage: torch.dty
 ])
 def test_node_exit_codes(codes: list[int], expected: int) -> None:
     assert exit_code_of(codes) == expected
+
+
+def test_sigterm_after_publishing_is_not_a_preemption(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_trainer.node import already_published
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv(contract.TERMINATION_LOG_ENV, str(log))
+    assert not already_published()  # nothing written yet
+    log.write_text("Traceback (most recent call last): ...")
+    assert not already_published()  # a crash message is not a success
+    log.write_text('{"uri": "s3://b/out", "manifestSha256": "ab12"}')
+    assert already_published()

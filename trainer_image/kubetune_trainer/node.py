@@ -7,13 +7,17 @@ torchrun exits 1 for every failure, including SIGTERM, so the operator could not
 preempted node (retryable) from a bad spec (permanent). This wrapper maps them:
 
 - a worker exited with EXIT_INVALID_SPEC (2)      -> 2
-- the agent got SIGTERM / a worker exited 75       -> EXIT_PREEMPTED (75)
+- the agent got SIGTERM / a worker exited 75       -> EXIT_PREEMPTED (75), or 0 when rank 0
+                                                     had already published the artifact
 - any other worker failure                         -> that worker's exit code (1 if signalled)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 from kubetune_api import contract
 
@@ -36,9 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as failed:
         return exit_code_of([f.exitcode for f in failed.failures.values()])
     except SignalException:
-        # torchrun forwarded the signal; workers saved a checkpoint if they had time.
-        return contract.EXIT_PREEMPTED
+        # torchrun forwarded the signal; workers saved a checkpoint if they had time. If rank 0
+        # had already published, the job is done: a retry would only train it again.
+        return contract.EXIT_OK if already_published() else contract.EXIT_PREEMPTED
     return contract.EXIT_OK
+
+
+def already_published() -> bool:
+    """Rank 0 writes its success summary to the termination log only after publishing."""
+    path = os.environ.get(contract.TERMINATION_LOG_ENV, contract.DEFAULT_TERMINATION_LOG)
+    try:
+        return "manifestSha256" in json.loads(Path(path).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 if __name__ == "__main__":
