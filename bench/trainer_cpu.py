@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_PREFIX = "tiny://"
 WARMUP_STEPS = 5  # one untimed run per runner first: lazy imports, allocator, thread pool
 NO_LOGGING = 10**6  # log interval beyond the run: no loss logging inside the timed window
 
@@ -140,13 +139,13 @@ def kubetune_trainer(w: Workload, steps: int, *, packing: bool = False) -> Any:
 
 def prepare(example: str, seq_len: int | None, workdir: Path) -> Workload:
     """Build the example's tiny model once (same data texts and seed as kubetune's tiny://)."""
-    from kubetune_api.spec import MethodType, Task
+    from kubetune_api.spec import TINY_SCHEME, MethodType, Task
     from kubetune_trainer.data import load_records, training_texts
     from kubetune_trainer.tiny import build_tiny_model
 
     spec = kubetune_job(example, workdir).spec
     lora = spec.method.lora
-    if not (spec.model.name.startswith(TINY_PREFIX) and spec.model.task == Task.CAUSAL_LM
+    if not (spec.model.name.startswith(TINY_SCHEME) and spec.model.task == Task.CAUSAL_LM
             and spec.method.type == MethodType.LORA and lora is not None
             and spec.dataset.train.endswith(".jsonl")
             and spec.training.gradient_accumulation_steps == 1):
@@ -154,7 +153,7 @@ def prepare(example: str, seq_len: int | None, workdir: Path) -> Workload:
                          f"with jsonl data and no gradient accumulation")
     seq_len = seq_len or spec.dataset.max_seq_length
     data = load_records(spec.dataset, spec.model.task, spec.training.seed)
-    model_dir = build_tiny_model(spec.model.name.removeprefix(TINY_PREFIX),
+    model_dir = build_tiny_model(spec.model.name.removeprefix(TINY_SCHEME),
                                  training_texts(data, spec.dataset), workdir / "model",
                                  max_positions=seq_len, seed=spec.training.seed)
     fields = spec.dataset.fields

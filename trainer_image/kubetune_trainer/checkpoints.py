@@ -9,7 +9,6 @@ without its marker (a crash mid-upload) is never resumed from (fms-hf-tuning#432
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from kubetune_api.contract import CHECKPOINT_MARKER_FILE, CHECKPOINTS_SUBDIR
 from kubetune_api.spec import FineTuneJobSpec
 from kubetune_trainer import storage
 from kubetune_trainer.metrics import TrainerMetrics
+from kubetune_trainer.ranks import is_local_leader, is_rank0
 
 PREFIX = "checkpoint-"  # the HF Trainer's folder name
 DOWNLOADED = ".kubetune-downloaded"  # node-local: the resume download is whole
@@ -57,23 +57,15 @@ def prune(root: str, keep_last: int) -> None:
             storage.remove(_folder(root, step))
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def _is_local_leader() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-
 def resume_step(root: str) -> int | None:
     """Rank 0 picks the newest complete checkpoint; every rank gets the same answer."""
     choice: list[int | None] = [None]
-    if _rank() == 0:
+    if is_rank0():
         complete = complete_steps(root)
         choice[0] = complete[-1] if complete else None
     if dist.is_initialized():
@@ -84,7 +76,7 @@ def resume_step(root: str) -> int | None:
 def fetch(root: str, step: int, local_root: Path) -> Path:
     """Download checkpoint `step` once per node; the node's other ranks wait for it."""
     local = local_root / f"{PREFIX}{step}"
-    if _is_local_leader() and not (local / DOWNLOADED).exists():
+    if is_local_leader() and not (local / DOWNLOADED).exists():
         storage.download_dir(_folder(root, step), local)
         (local / DOWNLOADED).touch()
     _barrier()
@@ -111,16 +103,16 @@ class CheckpointCallback(TrainerCallback):
         if self.metrics:
             self.metrics.set_phase("checkpointing")
         started = time.monotonic()
-        if _rank() == 0:
+        if is_rank0():
             storage.remove(remote)  # leftovers of an earlier attempt at the same step
         _barrier()  # every rank has written its part (RNG state, shards) and the folder is clean
-        uploaded = storage.upload_dir(local, remote) if _is_local_leader() else 0
+        uploaded = storage.upload_dir(local, remote) if is_local_leader() else 0
         _barrier()
-        if _rank() == 0:
+        if is_rank0():
             marker = {"step": step, "epoch": state.epoch, "time": time.time()}
             storage.write_text(storage.join(remote, CHECKPOINT_MARKER_FILE), json.dumps(marker))
             prune(self.root, self.keep_last)
-        if _is_local_leader():
+        if is_local_leader():
             shutil.rmtree(local, ignore_errors=True)  # the remote copy is the one that counts
         if self.metrics:
             self.metrics.observe_checkpoint(step, save_seconds=save_seconds,

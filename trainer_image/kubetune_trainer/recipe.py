@@ -45,9 +45,9 @@ from kubetune_trainer.modeling import (
     resolve_precision,
 )
 from kubetune_trainer.preemption import Preempted, PreemptionCallback
+from kubetune_trainer.ranks import global_rank, is_local_leader, is_rank0, local_rank, world_size
 from kubetune_trainer.tiny import build_tiny_model
 
-TINY_PREFIX = TINY_SCHEME
 TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
@@ -111,7 +111,7 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
         resumed = resume(ready)
         started = time.monotonic()
         trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
-        if resumed and local_rank() == 0:
+        if resumed and is_local_leader():
             shutil.rmtree(resumed, ignore_errors=True)  # loaded; the remote copy is the one kept
         if preemption.stopped_at is not None:
             raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
@@ -191,11 +191,11 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
     Every rank builds the same tiny model from the same seed and data (nodes share no disk).
     """
     spec = job.spec
-    if not spec.model.name.startswith(TINY_PREFIX):
+    if not spec.model.name.startswith(TINY_SCHEME):
         return spec.model.name
-    arch = spec.model.name.removeprefix(TINY_PREFIX)
+    arch = spec.model.name.removeprefix(TINY_SCHEME)
     texts = list(training_texts(data, spec.dataset))
-    directory = workdir / f"tiny-{arch}-rank{os.environ.get('RANK', '0')}"
+    directory = workdir / f"tiny-{arch}-rank{global_rank()}"
     build_tiny_model(arch, texts, directory, max_positions=spec.dataset.max_seq_length,
                      seed=spec.training.seed)
     return str(directory)
@@ -362,7 +362,7 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     (staging / TRAINER_PICKLE).unlink(missing_ok=True)  # a pickle has no place in an artifact
     if spec.method.type != MethodType.FULL:
         artifacts.verify_adapter(staging)
-        if spec.model.name.startswith(TINY_PREFIX):
+        if spec.model.name.startswith(TINY_SCHEME):
             artifacts.copy_base_model(Path(ready.source), staging)
         if spec.output.merge_adapter:
             merge_adapter(ready, staging)
@@ -400,22 +400,6 @@ def print_summary(uri: str, manifest: dict[str, Any]) -> None:
         f"  artifact: {uri}",
         flush=True,
     )
-
-
-def global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_rank0() -> bool:
-    return global_rank() == 0
 
 
 def local_device() -> str | int:

@@ -1,0 +1,26 @@
+"""Where this process sits in the gang, from the variables torchrun sets (0 / 1 outside it)."""
+
+from __future__ import annotations
+
+import os
+
+
+def global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank0() -> bool:
+    return global_rank() == 0
+
+
+def is_local_leader() -> bool:
+    """The first rank on this node: the one that touches the node's disk for all."""
+    return local_rank() == 0
