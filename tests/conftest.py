@@ -14,6 +14,9 @@ import pytest
 
 from support.s3 import MotoServer, create_bucket, s3_env_vars
 
+# Under CI=true a skipped test fails, except gpu and kind tests (tests/support/tools.py).
+pytest_plugins = ["support.tools"]
+
 # --- S3: a real moto server on loopback (tests/support/s3.py) ------------------------------
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from support.tools import tool_path
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubetune"
@@ -28,10 +28,7 @@ Manifest = dict[str, Any]
 
 
 def helm_path() -> str | None:
-    local = ROOT / ".tools" / "helm"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which("helm")
+    return tool_path("helm")
 
 
 def require_helm() -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chartlib import NAMESPACE, SCENARIOS, Manifest, find, render, require_helm, values_of
+from chartlib import NAMESPACE, SCENARIOS, Manifest, find, render, values_of
 
 from kubetune_operator import kube, rbac, reconciler
 from kubetune_operator.main import build
@@ -23,11 +23,6 @@ CLUSTER_PEERINGS, NAMESPACED_PEERINGS = rbac.CLUSTER_PEERINGS, rbac.NAMESPACED_P
 NAMESPACES = rbac.NAMESPACES
 CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
 CLUSTER_SCOPED = {CLUSTER_PEERINGS, NAMESPACES, CRDS}
-
-
-@pytest.fixture(autouse=True)
-def _helm() -> None:
-    require_helm()
 
 
 def triples(rules: list[dict[str, Any]]) -> set[Triple]:

@@ -28,7 +28,6 @@ from chartlib import (
     operator_container,
     operator_env,
     render,
-    require_helm,
     run_helm,
     values_of,
 )
@@ -42,11 +41,6 @@ from kubetune_operator.settings import Settings
 SCENARIO_IDS = [name for name, _ in SCENARIOS]
 CHART_CRD = CHART / "files" / "crds" / CRD_PATH.name
 KEEP = {"helm.sh/resource-policy": "keep"}
-
-
-@pytest.fixture(autouse=True)
-def _helm() -> None:
-    require_helm()
 
 
 def test_ci_values_cover_every_install_mode() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from kubetune_operator import builders
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import Settings
 from kubetune_trainer.metrics import TrainerMetrics
+from support.tools import tool_path
 
 MONITORING = CHART / "ci" / "monitoring-values.yaml"
 DASHBOARD = CHART / "files" / "dashboards" / "kubetune.json"
@@ -179,7 +179,7 @@ def test_promql_parses_with_promtool(monitoring_objects: tuple[Manifest, ...],
                                      tmp_path: Path) -> None:
     """Where Prometheus' promtool is installed (Debian package `prometheus`): every alert and
     dashboard query is valid PromQL."""
-    promtool = shutil.which("promtool")
+    promtool = tool_path("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (apt-get install prometheus) - PromQL not parsed")
     grafana = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m",
@@ -204,7 +204,7 @@ def test_alerts_fire_when_they_should_with_promtool(monitoring_objects: tuple[Ma
                                                      tmp_path: Path) -> None:
     """`promtool test rules` on synthetic series: each alert fires on its failure and stays
     quiet otherwise (annotations left out: they are text, checked above)."""
-    promtool = shutil.which("promtool")
+    promtool = tool_path("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (apt-get install prometheus) - alerts not exercised")
     spec = one(monitoring_objects, "PrometheusRule")["spec"]

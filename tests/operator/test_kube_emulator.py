@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import requests
 
 from support.kube_emulator import EmulatorThread
+from support.tools import tool_path
 
 FTJ = "kubetune.dev/v1alpha1/finetunejobs"
 CM_URL = "/api/v1/namespaces/ns/configmaps"
@@ -140,12 +140,14 @@ def test_namespaces_resource_and_discovery(api: EmulatorThread) -> None:
     assert {"finetunejobs", "finetunejobs/status"} <= {r["name"] for r in resources}
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.skipif(tool_path("kubectl") is None,
+                    reason="kubectl is not installed (`make kubectl` fetches it)")
 def test_kubectl_apply_get_delete(api: EmulatorThread, tmp_path: Path) -> None:
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", namespace="kubectl")
 
     def kubectl(*args: str) -> str:
-        result = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), *args],
+        result = subprocess.run([tool_path("kubectl") or "kubectl", "--kubeconfig",
+                                 str(kubeconfig), *args],
                                 capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         return result.stdout + result.stderr

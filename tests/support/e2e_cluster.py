@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from support.kube_emulator import EmulatorThread, JsonDict
 from support.operator_process import FTJ, OperatorProcess, free_port, wait_for
 from support.pod_runner import ROOT, PodRunner
 from support.s3 import ACCESS_KEY, REGION, SECRET_KEY
+from support.tools import tool_path
 
 T = TypeVar("T")
 NAMESPACE = "default"
@@ -33,7 +33,7 @@ TERMINATION_GRACE_SECONDS = 20
 
 
 def kubectl_binary() -> str | None:
-    return shutil.which("kubectl")
+    return tool_path("kubectl")
 
 
 def s3_example(example: str, *, name: str, bucket: str, endpoint: str, nodes: int = 1,
