@@ -20,8 +20,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_api import contract
-from kubetune_operator import rbac
-from support.kube_emulator import EmulatorThread
+from kubetune_operator import handlers, kube, rbac, reconciler
+from support.kube_emulator import EmulatorThread, default_emulator
 from support.operator_process import (
     FTJ,
     JOBS,
@@ -32,6 +32,7 @@ from support.operator_process import (
     start_job_pods,
     wait_for,
 )
+from support.strict_emulator import DROP, StrictEmulator
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +72,8 @@ class Cluster:
                          f"{name} phase {phase} (now {self.status(name).get('phase')})",
                          timeout)
 
-    def job(self, name: str) -> dict[str, Any]:
-        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}")
+    def job(self, name: str, timeout: float = 15.0) -> dict[str, Any]:
+        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}", timeout)
 
     def owned(self, resource: str, base: str) -> list[dict[str, Any]]:
         return self.api.find(resource, NS, labels=f"kubetune.dev/finetunejob={base}")
@@ -80,7 +81,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with EmulatorThread() as api:
+    with EmulatorThread(default_emulator(StrictEmulator)) as api:
         api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
         operator = OperatorProcess(api, tmp_path_factory.mktemp("operator"),
                                    KUBETUNE_HEALTH_PORT=str(free_port()))
@@ -111,16 +112,32 @@ def test_create_makes_owned_children_and_follows_pods(cluster: Cluster) -> None:
                  "events posted (kopf posts them in the background)")
 
 
+def strict(cluster: Cluster) -> StrictEmulator:
+    assert isinstance(cluster.api.emulator, StrictEmulator)
+    return cluster.api.emulator
+
+
 def test_transient_api_errors_are_retried(cluster: Cluster) -> None:
-    emulator = cluster.api.emulator
-    cluster.api.call(emulator.inject_fault, "GET", "finetunejobs", 503, times=2)
-    cluster.api.call(emulator.inject_fault, "POST", "jobs", 500, times=3)
-    cluster.api.call(emulator.inject_fault, "PATCH", "finetunejobs", 500, times=1)
+    """Faults within the client's retries, and a run of them past its retries: the Job's
+    creation fails all the client's attempts (5xx, 429, a dropped connection), so kopf's
+    handler retry (handlers.RETRY_DELAY later) creates it. (Stalls: test_kube_client.py.)"""
+    emulator = strict(cluster)
+    attempts = len(kube.RETRY_DELAYS) + 1
+    past_retries = [503, 429, DROP, 500, 502, 504][:attempts]
+    assert past_retries[-1] != DROP  # the handler sees an API error it reports
+    cluster.api.call(emulator.inject, "GET", "finetunejobs", 503, 429)
+    cluster.api.call(emulator.inject, "POST", "jobs", *past_retries)
+    cluster.api.call(emulator.inject, "PATCH", "finetunejobs", DROP, 500)
     cluster.api.create(FTJ, finetunejob("unlucky"))
-    cluster.job("unlucky-a1")
+    cluster.job("unlucky-a1", timeout=handlers.RETRY_DELAY + 30)
     cluster.wait_phase("unlucky", "Pending")
-    assert all(fault[3] == 0 for fault in emulator._faults)  # every fault was hit
+    assert emulator.pending_faults() == 0  # every fault was hit
     assert len(cluster.owned(JOBS, "unlucky")) == 1
+    posts = [r for r in list(emulator._requests)
+             if r.method.value == "POST" and r.resource and r.resource.plural == "jobs"
+             and (r.data or {}).get("metadata", {}).get("name") == "unlucky-a1"]
+    assert len(posts) == attempts + 1  # the client's attempts, then the handler's retry
+    assert "Handler 'reconcile' failed temporarily" in cluster.operator.logs()
 
 
 def test_pending_job_says_why(cluster: Cluster) -> None:
@@ -224,8 +241,20 @@ def test_invalid_spec_fails_once_without_children(cluster: Cluster) -> None:
     assert failed["reason"] == "InvalidSpec" and "spec.method" in failed["message"]
     assert "quantization" in failed["message"]
     version = cluster.ftj("invalid")["metadata"]["resourceVersion"]
-    time.sleep(2.5)  # more than two timer intervals: nothing may retry it
-    assert cluster.ftj("invalid")["metadata"]["resourceVersion"] == version
+    seen = len(cluster.api.emulator._requests)
+    # Watch for longer than any retry the operator has (kopf's handler backoff, the
+    # reconciler's own retry) plus timer rounds: the job must not change once.
+    window = max(handlers.RETRY_DELAY, reconciler.RETRY_SECONDS) + 3.0
+    deadline = time.monotonic() + window
+    while time.monotonic() < deadline:
+        assert cluster.ftj("invalid")["metadata"]["resourceVersion"] == version
+        time.sleep(0.2)
+    # The operator was alive all along: it still handles a new job now.
+    cluster.api.create(FTJ, finetunejob("valid-after-invalid"))
+    cluster.job("valid-after-invalid-a1")
+    writes = [r for r in list(cluster.api.emulator._requests)[seen:]
+              if r.name == "invalid" and r.method.value != "GET"]
+    assert writes == [], [(r.method.value, str(r.url)) for r in writes]
     for resource in ("v1/configmaps", "v1/services", JOBS):
         assert cluster.owned(resource, "invalid") == []
 
@@ -277,25 +306,57 @@ def test_ttl_deletes_finished_job(cluster: Cluster) -> None:
     cluster.wait(lambda: cluster.ftj("shortlived") is None, "TTL deletion", timeout=10)
 
 
+def scrape(cluster: Cluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the operator's /metrics, keyed by (name, sorted labels)."""
+    text = requests.get(f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics",
+                        timeout=5).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_operator_metrics_endpoint_parses_and_liveness_answers(cluster: Cluster) -> None:
-    cluster.wait_phase("create", "Running")
+    """Runs on its own (in any order): counters move by what this test does."""
     health = requests.get(f"http://127.0.0.1:{cluster.operator.env['KUBETUNE_HEALTH_PORT']}"
                           "/healthz", timeout=5)
     assert health.status_code == 200
-    text = requests.get(f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics",
-                        timeout=5).text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert {"kubetune_operator_jobs", "kubetune_operator_jobs_created",
-            "kubetune_operator_jobs_succeeded", "kubetune_operator_jobs_failed",
-            "kubetune_operator_jobs_restarted", "kubetune_operator_reconcile_duration_seconds",
-            "kubetune_operator_time_to_running_seconds"} <= set(families)
-    by_phase = {s.labels["phase"]: s.value for s in families["kubetune_operator_jobs"].samples}
-    assert by_phase["Running"] >= 1 and by_phase["Failed"] >= 1
-    created = families["kubetune_operator_jobs_created"].samples[0].value
-    assert created >= 5
-    restarts = sum(s.value for s in families["kubetune_operator_jobs_restarted"].samples
-                   if s.name.endswith("_total"))
-    assert restarts >= 1
+    before = scrape(cluster)
+    cluster.api.create(FTJ, finetunejob("metered-ok"))
+    start_job_pods(cluster.api, cluster.job("metered-ok-a1"))
+    cluster.wait_phase("metered-ok", "Running")
+    set_pod_state(cluster.api, NS, "metered-ok-a1-0", "Succeeded", exit_code=0)
+    cluster.wait_phase("metered-ok", "Succeeded")
+    cluster.api.create(FTJ, finetunejob("metered-restart"))
+    start_job_pods(cluster.api, cluster.job("metered-restart-a1"))
+    cluster.wait_phase("metered-restart", "Running")
+    set_pod_state(cluster.api, NS, "metered-restart-a1-0", "Failed", exit_code=1)
+    start_job_pods(cluster.api, cluster.job("metered-restart-a2"))
+    cluster.wait_phase("metered-restart", "Running")
+    bad = finetunejob("metered-invalid", method={"type": "qlora"})
+    cluster.api.create(FTJ, bad)
+    cluster.wait_phase("metered-invalid", "Failed")
+
+    after = before
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    def counted() -> bool:
+        nonlocal after
+        after = scrape(cluster)  # counters move right after the status writes
+        return moved("kubetune_operator_jobs_failed_total", reason="InvalidSpec") >= 1 \
+            and moved("kubetune_operator_jobs_succeeded_total") >= 1
+    cluster.wait(counted, "the counters of this test's jobs")
+    assert moved("kubetune_operator_jobs_created_total") == 2  # the invalid one never started
+    assert moved("kubetune_operator_jobs_succeeded_total") == 1
+    assert moved("kubetune_operator_jobs_failed_total", reason="InvalidSpec") == 1
+    restarts = sum(after[k] - before.get(k, 0.0) for k in after
+                   if k[0] == "kubetune_operator_jobs_restarted_total")
+    assert restarts == 1
+    assert moved("kubetune_operator_time_to_running_seconds_count") == 2
+    assert moved("kubetune_operator_reconcile_duration_seconds_count") > 0
+    for phase in ("Running", "Succeeded", "Failed"):
+        assert after[("kubetune_operator_jobs", (("phase", phase),))] >= 1, phase
 
 
 def test_restarted_operator_duplicates_nothing(cluster: Cluster) -> None:
@@ -305,11 +366,16 @@ def test_restarted_operator_duplicates_nothing(cluster: Cluster) -> None:
     children = {r: [o["metadata"]["uid"] for o in cluster.owned(r, "survivor")]
                 for r in ("v1/configmaps", "v1/services", JOBS, PODS)}
     cluster.operator.kill()
+    seen = len(cluster.api.emulator._requests)
     cluster.operator.start()
-    # Wait until the new process has handled the world (a new FineTuneJob proves it).
+    # The new process has reconciled the old job twice (its resume handler, then a timer
+    # round: every reconcile reads the FineTuneJob first) and handles new jobs.
+    cluster.wait(lambda: len([r for r in list(cluster.api.emulator._requests)[seen:]
+                              if r.method.value == "GET" and r.name == "survivor"
+                              and r.resource and r.resource.plural == "finetunejobs"]) >= 2,
+                 "the restarted operator reconciling survivor", timeout=30)
     cluster.api.create(FTJ, finetunejob("after-restart"))
     cluster.job("after-restart-a1")
-    time.sleep(1.5)  # resume handlers and a timer round for the old job
     after = {r: [o["metadata"]["uid"] for o in cluster.owned(r, "survivor")]
              for r in children}
     assert after == children

