@@ -6,7 +6,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -155,21 +155,45 @@ def test_instances_do_not_collide_and_stop_frees_the_port() -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
-def test_gpu_memory_with_cuda(metrics: TrainerMetrics, monkeypatch: pytest.MonkeyPatch):
-    """No GPU here: a stand-in for the torch.cuda calls the metrics make (names as in torch)."""
-    cuda = SimpleNamespace(
-        is_available=lambda: True, current_device=lambda: 1,
-        memory_allocated=lambda device: 1000 * (device + 1),
-        memory_reserved=lambda device: 5000 * (device + 1),
-    )
-    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+def test_gpu_memory_calls_the_real_torch_cuda_api(metrics: TrainerMetrics,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: torch.cuda autospecced from the installed torch answers as a GPU would.
+    A misspelt or re-signed call fails the spec (the metrics swallow errors, so no sample
+    would appear). The values themselves: test_gpu_memory_on_a_real_gpu."""
+    import torch
+
+    cuda = mock.create_autospec(torch.cuda, spec_set=True)
+    cuda.is_available.return_value = True
+    cuda.current_device.return_value = 1
+    cuda.memory_allocated.side_effect = lambda device=None: 1000 * (device + 1)
+    cuda.memory_reserved.side_effect = lambda device=None: 5000 * (device + 1)
+    monkeypatch.setattr(torch, "cuda", cuda)
     port = metrics.serve(0)
     metrics.on_step(1, 0.0, tokens=0, samples=0)
-
     samples = scrape(port)
-
     assert value(samples, "kubetune_trainer_gpu_memory_allocated_bytes") == 2000
     assert value(samples, "kubetune_trainer_gpu_memory_reserved_bytes") == 10000
+    cuda.memory_allocated.assert_called_with(1)
+    # A broken call (here: a CUDA runtime error) leaves the series without a sample.
+    cuda.memory_reserved.side_effect = RuntimeError("CUDA error: device-side assert")
+    metrics.on_step(2, 0.0, tokens=0, samples=0)
+    assert value(scrape(port), "kubetune_trainer_gpu_memory_reserved_bytes") == 10000
+
+
+@pytest.mark.gpu
+def test_gpu_memory_on_a_real_gpu(metrics: TrainerMetrics) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    port = metrics.serve(0)
+    metrics.on_step(1, 0.0, tokens=0, samples=0)
+    samples = scrape(port)
+    allocated = value(samples, "kubetune_trainer_gpu_memory_allocated_bytes")
+    assert allocated == torch.cuda.memory_allocated() >= block.numel()
+    assert value(samples, "kubetune_trainer_gpu_memory_reserved_bytes") >= allocated
+    del block
 
 
 def test_trainer_metrics_needs_neither_torch_nor_transformers() -> None:
