@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# Tiny models on 2 cores: one intra-op thread per process is as fast and never oversubscribes
-# when tests run trainer processes, moto and the operator side by side.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 from collections.abc import Iterator
 
 import pytest

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from kubetune_trainer.launch import free_port, node_env
 from support.jobs import ROOT, example_dict
 
 pytestmark = pytest.mark.slow
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+# The documented path: no test-only settings (the launcher sets threads, DS_ACCELERATOR).
+ENV = dict(os.environ)
 
 
 def write_job(tmp_path: Path, output: Path, **spec: dict) -> Path:
@@ -125,6 +127,52 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_and_metrics_move(tmp_path: Path
     assert pod.returncode == contract.EXIT_PREEMPTED, log[-3000:]
     saved = complete_steps(output / contract.CHECKPOINTS_SUBDIR)
     assert len(saved) == 1 and saved[0] >= after[contract.METRIC_STEP]
+    assert not (output / contract.MANIFEST_FILE).exists()
+
+
+def test_sigterm_on_one_node_stops_every_rank_at_one_checkpoint(tmp_path: Path) -> None:
+    """Two pods' commands (one rank each); only node 1 is drained (SIGTERM). The ranks agree
+    through their per-step all-reduce: both stop at the same step, one checkpoint is saved
+    (each rank reports the same step once), and both nodes exit 75 so the operator restarts
+    the gang."""
+    output = tmp_path / "out"
+    config = write_job(tmp_path, output, training={"maxSteps": 5000, "logEverySteps": 1},
+                       resources={"nodes": 2})
+    master_port, metrics_port = free_port(), free_port()
+    nodes = []
+    for rank in range(2):
+        workdir = tmp_path / f"node-{rank}"
+        workdir.mkdir()
+        env = ENV | node_env(rank, 2, 1, master_port, metrics_port, workdir)
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", contract.NODE_LAUNCHER_MODULE, "-m", contract.TRAINER_MODULE,
+             "--config", str(config), "--workdir", str(workdir / "w")],
+            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        def step() -> float:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:
+                    text = page.read().decode()
+            except OSError:
+                return 0
+            return next((s.value for f in text_string_to_metric_families(text)
+                         for s in f.samples if s.name == contract.METRIC_STEP), 0)
+
+        wait_for(lambda: step() >= 3, timeout=300, proc=nodes[0])
+        reached = step()
+        nodes[1].send_signal(signal.SIGTERM)
+        logs = [node.communicate(timeout=180)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [contract.EXIT_PREEMPTED] * 2, \
+        "\n---\n".join(log[-2000:] for log in logs)
+    saved = complete_steps(output / contract.CHECKPOINTS_SUBDIR)
+    assert len(saved) == 1 and saved[0] >= reached, saved
+    for log in logs:
+        stops = re.findall(r"kubetune: stopped by SIGTERM at step (\d+); checkpoint saved", log)
+        assert stops == [str(saved[0])], log[-2000:]
     assert not (output / contract.MANIFEST_FILE).exists()
 
 

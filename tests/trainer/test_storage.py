@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,6 @@ from kubetune_api.contract import MANIFEST_FILE
 from kubetune_trainer import storage
 from kubetune_trainer.storage import StorageError, join
 from support.s3 import FlakyProxy, MotoServer, create_bucket
-
-
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.01)
-    monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 3)
 
 
 @pytest.fixture(params=["path", "file-uri", "s3"])
@@ -280,16 +275,20 @@ def test_large_file_goes_multipart(s3_bucket: str, tmp_path: Path, monkeypatch) 
     assert (tmp_path / "dst" / "model.safetensors").read_bytes() == data
 
 
+@pytest.mark.parametrize("layers", ["defaults", "kubetune-only"])
 def test_upload_survives_brief_outage(
     s3_server: MotoServer, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, layers: str,
 ) -> None:
     """Storage goes away (open connections reset, new ones refused) just as the first file
-    upload starts, and comes back 1.5 s later with its data intact (a proxy in front of moto);
-    publish rides it out on its own per-file retries."""
+    upload starts, and comes back 1.5 s later with its data intact (a proxy in front of moto).
+    With the defaults publish rides it out (s3fs's request retries, then kubetune's per-file
+    ones); with s3fs's retries off, kubetune's own per-file retries alone do it."""
     bucket = create_bucket(s3_server.endpoint)
     src = make_tree_dir(tmp_path / "src")
-    monkeypatch.setattr(storage, "S3_REQUEST_RETRIES", 1)  # only kubetune's retries count
+    kubetune_only = layers == "kubetune-only"
+    if kubetune_only:
+        monkeypatch.setattr(storage, "S3_REQUEST_RETRIES", 1)
     outages: list[threading.Thread] = []
     put_file = storage._put_file
 
@@ -304,11 +303,15 @@ def test_upload_survives_brief_outage(
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         monkeypatch.setattr(storage, "_put_file", put_during_outage)
         with caplog.at_level(logging.WARNING, logger=storage.__name__):
-            storage.publish(src, f"s3://{bucket}/out", {"ok": True}, attempts=8, base_delay=0.2)
+            if kubetune_only:
+                storage.publish(src, f"s3://{bucket}/out", {"ok": True}, attempts=8,
+                                base_delay=0.2)
+            else:
+                storage.publish(src, f"s3://{bucket}/out", {"ok": True})
         outages[0].join()
 
     retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
-    assert any(m.startswith("uploading ") for m in retried), retried
+    assert any(m.startswith("uploading ") for m in retried) or not kubetune_only, retried
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # straight to moto now
     assert json.loads(storage.read_text(f"s3://{bucket}/out/{MANIFEST_FILE}")) == {"ok": True}
     storage.download_dir(f"s3://{bucket}/out", tmp_path / "dst")
@@ -320,7 +323,6 @@ def test_storage_down_for_good_is_a_clear_error(
     s3_server: MotoServer, s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = create_bucket(s3_server.endpoint)
-    monkeypatch.setattr(storage, "S3_REQUEST_RETRIES", 1)
     proxy = FlakyProxy(s3_server.port)  # never up: every connection is refused
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     uri = f"s3://{bucket}/out"
@@ -332,6 +334,47 @@ def test_storage_down_for_good_is_a_clear_error(
     assert "connect" in str(err.value).lower()  # the underlying cause is named
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     assert not storage.exists(join(uri, MANIFEST_FILE))
+
+
+class FakeClock:
+    """Stands in for storage's `time` module: sleeps are recorded, not waited."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("failures", [4, 5])
+def test_retry_defaults_are_the_documented_ones(failures: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/storage.md: 5 attempts, attempt n waits min(30 s, 1 s x 2^n) +-20 %. The product's
+    constants run; only the waiting is recorded instead of slept."""
+    clock = FakeClock()
+    monkeypatch.setattr(storage, "time", clock)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) <= failures:
+            raise ConnectionResetError("peer reset")
+        return "ok"
+
+    if failures < storage.RETRY_ATTEMPTS:
+        assert storage._retry("reading s3://b/x", flaky) == "ok"
+    else:
+        with pytest.raises(StorageError, match=r"s3://b/x: failed after 5 attempt\(s\)"):
+            storage._retry("reading s3://b/x", flaky)
+    assert len(calls) == min(failures + 1, 5)
+    assert len(clock.sleeps) == 4
+    for n, slept in enumerate(clock.sleeps):
+        assert 0.8 * 2**n <= slept <= 1.2 * 2**n, clock.sleeps
+    assert (storage.RETRY_ATTEMPTS, storage.RETRY_BASE_DELAY, storage.RETRY_MAX_DELAY) == \
+        (5, 1.0, 30.0)
 
 
 def test_moto_server_restarts_on_the_same_port() -> None:

@@ -95,11 +95,20 @@ def node_env(node_rank: int, nodes: int, nproc: int, master_port: int,
         contract.PET_MASTER_ADDR: "127.0.0.1",
         contract.PET_MASTER_PORT: str(master_port),
         "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or threads_per_rank(nodes * nproc),
         # Pods each have the port to themselves; nodes sharing this machine must not collide.
         "KUBETUNE_METRICS_PORT": str(metrics_port + node_rank * nproc),
         contract.TERMINATION_LOG_ENV: str(workdir / "termination-log"),
     }
+
+
+def threads_per_rank(ranks: int) -> str:
+    """CPU threads for each of `ranks` processes sharing this machine: an even share of the
+    cores this process may run on, at least 1 (torch would give each rank every core, and
+    oversubscribed ranks crawl)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    return str(max(1, cores // max(1, ranks)))
 
 
 def run_nodes(file: str, nodes: int, nproc: int, scratch: Path, *, output: str | None,
