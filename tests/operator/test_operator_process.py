@@ -7,6 +7,7 @@ of a Job and write pod statuses; the operator must react as on a cluster.
 from __future__ import annotations
 
 import copy
+import datetime
 import http.server
 import threading
 import time
@@ -304,6 +305,27 @@ def test_ttl_deletes_finished_job(cluster: Cluster) -> None:
     set_pod_state(cluster.api, NS, "shortlived-a1-0", "Succeeded", exit_code=0)
     cluster.wait_phase("shortlived", "Succeeded")
     cluster.wait(lambda: cluster.ftj("shortlived") is None, "TTL deletion", timeout=10)
+
+
+def test_deadline_fails_a_running_job_and_stops_its_pods_then_ttl_deletes_it(
+        cluster: Cluster) -> None:
+    """No event arrives after Running: the operator must wake itself for the deadline (and
+    then for the TTL), stop the attempt and say why."""
+    deadline, ttl = 3, 2
+    cluster.api.create(FTJ, finetunejob("deadline", runPolicy={
+        "activeDeadlineSeconds": deadline, "ttlSecondsAfterFinished": ttl}))
+    start_job_pods(cluster.api, cluster.job("deadline-a1"))
+    running = cluster.wait_phase("deadline", "Running")
+    status = cluster.wait_phase("deadline", "Failed", timeout=deadline + 20)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded"
+    assert f"activeDeadlineSeconds ({deadline}s) passed" in failed["message"]
+    started = datetime.datetime.fromisoformat(running["startTime"].replace("Z", "+00:00"))
+    ended = datetime.datetime.fromisoformat(failed["lastTransitionTime"].replace("Z", "+00:00"))
+    assert (ended - started).total_seconds() >= deadline - 1  # (timestamps are whole seconds)
+    cluster.wait(lambda: cluster.api.get(JOBS, NS, "deadline-a1") is None, "attempt stopped")
+    assert cluster.api.get(JOBS, NS, "deadline-a2") is None  # a deadline is not retried
+    cluster.wait(lambda: cluster.ftj("deadline") is None, "TTL deletion", timeout=ttl + 20)
 
 
 def scrape(cluster: Cluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
