@@ -14,6 +14,10 @@ RULES: list[dict[str, Any]] = [
     # a finalizer patched by kopf, deleted when its ttlSecondsAfterFinished passes.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": [*WATCH, "patch", "delete"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    # Never called: children carry blockOwnerDeletion, and clusters that enforce owner
+    # reference permissions (OwnerReferencesPermissionEnforcement, on in OpenShift) require
+    # update on the owner's finalizers to create them.
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     # Children: created once, Jobs suspended/resumed and deleted between attempts.
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*WATCH, "create", "patch",
                                                               "delete"]},

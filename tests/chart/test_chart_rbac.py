@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from chartlib import NAMESPACE, SCENARIOS, Manifest, find, render, values_of
 
-from kubetune_operator import kube, rbac, reconciler
+from kubetune_api.spec import GROUP, PLURAL
+from kubetune_operator import builders, kube, rbac, reconciler
 from kubetune_operator.main import build
 from kubetune_operator.settings import Settings
 
@@ -160,6 +161,15 @@ def kopf_calls(clusterwide: bool, peering: bool) -> set[Triple]:
     return calls
 
 
+def admission_calls() -> set[Triple]:
+    """Permissions admission checks without a call of their own: creating a child whose owner
+    reference has blockOwnerDeletion needs update on the owner's finalizers where the
+    OwnerReferencesPermissionEnforcement plugin runs (OpenShift)."""
+    owner = builders.owner_reference(builders.Owner("x", "ns", "uid-1", {}))
+    assert owner["blockOwnerDeletion"] is True
+    return {(GROUP, f"{PLURAL}/finalizers", "update")}
+
+
 MODES = [(True, False), (True, True), (False, False), (False, True)]
 
 
@@ -167,7 +177,7 @@ MODES = [(True, False), (True, True), (False, False), (False, True)]
                          ids=["all-namespaces", "all-namespaces-ha", "namespaced",
                               "namespaced-ha"])
 def test_rules_grant_every_call_and_nothing_unused(clusterwide: bool, peering: bool) -> None:
-    calls = kopf_calls(clusterwide, peering) | reconciler_calls()
+    calls = kopf_calls(clusterwide, peering) | reconciler_calls() | admission_calls()
     grants = expected_grants(clusterwide, peering)
     assert calls - grants == set(), "calls the chart/rbac.py would forbid"
     for call in calls:

@@ -9,7 +9,9 @@
   rules (a ClusterRole's apply everywhere, a Role's in its namespace only; a list or watch
   across all namespaces needs a cluster rule) and answered 403 otherwise, as the API server's
   RBAC authorizer does. Tokens with no rules are not checked (tests, admins). `denied` records
-  each refusal.
+  each refusal. Like the OwnerReferencesPermissionEnforcement admission plugin (on by default
+  in OpenShift), an ownerReference with `blockOwnerDeletion: true` also needs `update` on the
+  owner's `finalizers` subresource.
 """
 
 from __future__ import annotations
@@ -84,14 +86,33 @@ class StrictEmulator(KubeEmulator):
             return None  # unchecked subject, or discovery (allowed to every user)
         resource = request.resource.plural + (f"/{request.subresource}"
                                               if request.subresource else "")
-        verb = verb_of(request)
-        if grants.allows(request.resource.group, resource, verb, request.namespace):
-            return None
-        self.denied.append((request.resource.group, resource, verb, request.namespace))
-        where = f' in the namespace "{request.namespace}"' if request.namespace else \
-            " at the cluster scope"
-        return (f'User "{token}" cannot {verb} resource "{resource}" in API group '
-                f'"{request.resource.group}"{where}')
+        needed = [(request.resource.group, resource, verb_of(request))]
+        if request.method.value in ("POST", "PUT", "PATCH"):
+            needed += self._owner_finalizers(request)
+        for group, plural, verb in needed:
+            if grants.allows(group, plural, verb, request.namespace):
+                continue
+            self.denied.append((group, plural, verb, request.namespace))
+            where = f' in the namespace "{request.namespace}"' if request.namespace else \
+                " at the cluster scope"
+            return (f'User "{token}" cannot {verb} resource "{plural}" in API group '
+                    f'"{group}"{where}')
+        return None
+
+    def _owner_finalizers(self, request: kmock.Request) -> list[tuple[str, str, str]]:
+        """`update` on <owner>/finalizers for each blockOwnerDeletion owner reference."""
+        meta = (request.data or {}).get("metadata") if isinstance(request.data, dict) else None
+        needed = []
+        for ref in (meta or {}).get("ownerReferences") or []:
+            if not ref.get("blockOwnerDeletion"):
+                continue
+            group = ref["apiVersion"].rpartition("/")[0]
+            plural = next((str(r.plural) for r in self.resources
+                           if self.resources[r].kind == ref["kind"]
+                           and (r.group or "") == group), None)
+            assert plural, f"unknown owner kind {ref['kind']}"
+            needed.append((group, f"{plural}/finalizers", "update"))
+        return needed
 
     async def _handle(self, request: kmock.Request) -> Any:
         if self._queued and (fault := self._next_fault(request)) is not None:

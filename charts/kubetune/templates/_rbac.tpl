@@ -8,6 +8,11 @@
 - apiGroups: [kubetune.dev]
   resources: [finetunejobs/status]
   verbs: [get, patch]
+# Children carry blockOwnerDeletion: clusters enforcing owner-reference permissions
+# (OwnerReferencesPermissionEnforcement, on in OpenShift) require this to create them.
+- apiGroups: [kubetune.dev]
+  resources: [finetunejobs/finalizers]
+  verbs: [update]
 # Each attempt's Indexed Job: created, suspended/resumed, deleted between attempts.
 - apiGroups: [batch]
   resources: [jobs]
