@@ -167,6 +167,14 @@ def build_job(job: FineTuneJob, owner: Owner, attempt: int, settings: Settings) 
     }
 
 
+def pod_security_context(settings: Settings) -> Manifest:
+    """The image's uid (NON_ROOT_UID); none where the platform assigns one (OpenShift)."""
+    context: Manifest = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if not settings.platform_assigns_uids:
+        context.update(runAsUser=NON_ROOT_UID, runAsGroup=NON_ROOT_UID, fsGroup=NON_ROOT_UID)
+    return context
+
+
 def build_pod_spec(job: FineTuneJob, owner: Owner, attempt: int,
                    settings: Settings) -> Manifest:
     pod = job.spec.pod
@@ -176,9 +184,7 @@ def build_pod_spec(job: FineTuneJob, owner: Owner, attempt: int,
         "automountServiceAccountToken": False,  # the trainer never talks to the API
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": NON_ROOT_UID,
-                            "runAsGroup": NON_ROOT_UID, "fsGroup": NON_ROOT_UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security_context(settings),
         "containers": [build_trainer_container(job, owner, attempt, settings)],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(owner.name)}},

@@ -14,6 +14,13 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def _bool(value: str, name: str) -> bool:
+    text = value.strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no", ""):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    return text in ("true", "1", "yes")
+
+
 def _log_level(name: str) -> int:
     level = logging.getLevelName(name.strip().upper())
     return level if isinstance(level, int) else logging.INFO
@@ -32,6 +39,9 @@ class Settings:
     progress_interval: float = 15.0  # seconds between scrapes of rank 0 / periodic resyncs
     scrape_timeout: float = 3.0
     termination_grace_seconds: int = 300  # time for ranks to checkpoint on SIGTERM
+    # OpenShift's restricted SCC (and similar platforms) assign each namespace a UID range:
+    # trainer pods then set no runAsUser/runAsGroup/fsGroup of their own.
+    platform_assigns_uids: bool = False
     log_level: int = logging.INFO
 
     @classmethod
@@ -53,4 +63,6 @@ class Settings:
             termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS",
                                                   cls.termination_grace_seconds)),
             log_level=_log_level(env.get("KUBETUNE_LOG_LEVEL", "INFO")),
+            platform_assigns_uids=_bool(env.get("KUBETUNE_PLATFORM_ASSIGNS_UIDS", "false"),
+                                        "KUBETUNE_PLATFORM_ASSIGNS_UIDS"),
         )

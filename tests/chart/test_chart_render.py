@@ -215,6 +215,7 @@ def test_operator_gets_every_setting_by_the_names_settings_reads(scenario: str,
     assert settings.scrape_timeout == config["operator"]["scrapeTimeout"]
     assert settings.log_level == logging.getLevelName(config["operator"]["logLevel"])
     assert (settings.peering is None) == (config["replicas"] == 1)
+    assert settings.platform_assigns_uids == config["platformAssignsUids"]
 
     container = operator_container(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}

@@ -104,7 +104,7 @@ def test_every_trainer_pod_the_operator_builds_is_restricted(example: Path) -> N
     job = example_job(example)
     for labels in ({}, {builders.LABEL_KUEUE_QUEUE: "gpu"}):
         owner = Owner(name=job_name(example), namespace="ml", uid="uid-1", labels=labels)
-        for settings in (Settings(), SETTINGS):
+        for settings in (Settings(), SETTINGS, Settings(platform_assigns_uids=True)):
             manifest = builders.build_job(job, owner, 1, settings)
             [(where, spec, pod_annotations)] = list(pod_templates(manifest))
             assert violations(spec, pod_annotations) == [], f"{example.name}: {where}"
