@@ -107,13 +107,16 @@ IMAGE_REGISTRY ?= ghcr.io/kubetune
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DOCKER ?= docker
 
-# The operator, GPU trainer and CPU trainer images, where a Docker engine answers.
+# The operator, GPU trainer (CUDA 12.6, and -cuda13.0) and CPU trainer images, where a Docker
+# engine answers: what .github/workflows/release.yaml pushes on a tag.
 images:
 	@if ! $(DOCKER) info >/dev/null 2>&1; then \
 	  echo "make images: skipped: no Docker engine (\`$(DOCKER) info\` failed)"; exit 0; fi; \
 	set -e; \
 	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .; \
 	$(DOCKER) build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .; \
+	$(DOCKER) build -f trainer_image/Dockerfile --build-arg CUDA_VERSION=13.0 \
+	  -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-cuda13.0 .; \
 	$(DOCKER) build -f trainer_image/Dockerfile.cpu -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-cpu .
 
 # --- end to end (docs/e2e.md) -------------------------------------------------------------

@@ -53,15 +53,24 @@ def last(path: Path, word: str) -> str:
     return [rest for w, rest in instructions(path) if w == word][-1]
 
 
+def expand(text: str, args: dict[str, str]) -> str:
+    """${NAME} replaced by the build arg's value (the Dockerfile default unless given)."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+
+
+def base_image(path: Path, **build_args: str) -> str:
+    args = {**args_of(path), **build_args}
+    return expand(next(rest for word, rest in instructions(path) if word == "FROM").split()[0],
+                  args)
+
+
 def test_bases_are_pinned_versions() -> None:
     for path in DOCKERFILES:
         arg_defaults = args_of(path)
         for word, rest in instructions(path):
             if word != "FROM":
                 continue
-            image = rest.split()[0]
-            image = arg_defaults.get(image.strip("${}"), image) if image.startswith("$") \
-                else image
+            image = expand(rest.split()[0], arg_defaults)
             if image in ("build",):  # a stage name
                 continue
             tag = image.partition(":")[2]
@@ -69,22 +78,56 @@ def test_bases_are_pinned_versions() -> None:
 
 
 def test_python_bases_match_the_ci_python() -> None:
-    """constraints.txt was resolved on the CI venv's Python: the images use the same minor."""
+    """constraints.txt was resolved on the CI venv's Python: the images use the same minor,
+    and the GPU build fails on a base image with another one."""
     minor = f"{sys.version_info.major}.{sys.version_info.minor}"
     for path in (OPERATOR, TRAINER_CPU):
         assert re.fullmatch(rf"python:{re.escape(minor)}\.\d+-slim-\w+",
                             args_of(path)["PYTHON_IMAGE"]), path
+    assert args_of(TRAINER)["PYTHON_VERSION"] == minor
+    check = next(rest for word, rest in instructions(TRAINER) if word == "RUN")
+    assert "sys.version_info[:2]" in check and "${PYTHON_VERSION}" in check
 
 
-def test_gpu_base_carries_the_pinned_torch() -> None:
-    base = args_of(TRAINER)["BASE_IMAGE"]
-    match = re.fullmatch(r"pytorch/pytorch:(?P<torch>[\d.]+)-cuda[\d.]+-cudnn\d+-runtime", base)
-    assert match, base
-    assert match["torch"] == PINS["torch"]
+def test_the_gpu_python_check_refuses_another_minor() -> None:
+    """The check's own code, run here with a PYTHON_VERSION this interpreter is not."""
+    check = next(rest for word, rest in instructions(TRAINER) if word == "RUN")
+    code = re.search(r'python -c "(.*?)"\s+&&', check)
+    assert code, check
+    for wanted, ok in ((f"{sys.version_info.major}.{sys.version_info.minor}", True),
+                       ("3.99", False)):
+        script = code.group(1).replace("${PYTHON_VERSION}", wanted)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert (result.returncode == 0) == ok, result.stderr
+        assert ok or f"constraints.txt is for {wanted}" in result.stderr
+
+
+# The CUDA variants of the pinned torch's release matrix the GPU image is built for
+# (.github/workflows/release.yaml pushes both); the first is the default.
+CUDA_VARIANTS = ("12.6", "13.0")
+
+
+@pytest.mark.parametrize("cuda", CUDA_VARIANTS)
+def test_gpu_base_carries_the_pinned_torch(cuda: str) -> None:
+    base = base_image(TRAINER, CUDA_VERSION=cuda)
+    assert base == f"pytorch/pytorch:{PINS['torch']}-cuda{cuda}-cudnn9-runtime"
+    assert args_of(TRAINER)["CUDA_VERSION"] == CUDA_VARIANTS[0]
+    assert base_image(TRAINER, BASE_FLAVOR="devel").endswith("-devel")
     # ... and the build refuses a base whose torch differs from the pin.
     assert any("s/^torch==//p' requirements/constraints.txt" in rest
                and "torch.__version__" in rest and "exit 1" in rest
                for word, rest in instructions(TRAINER) if word == "RUN")
+
+
+def test_gpu_image_installs_into_a_venv_over_the_base() -> None:
+    """pip never writes into the base's (conda) Python: a venv that sees its CUDA torch."""
+    runs = " ".join(rest for word, rest in instructions(TRAINER) if word == "RUN")
+    assert "python -m venv --system-site-packages /opt/venv" in runs
+    installs = re.findall(r"(\S*)pip install", runs)
+    assert installs and all(prefix == "/opt/venv/bin/" for prefix in installs), installs
+    assert "/opt/venv/bin/python /usr/local/bin/kubetune-pins check" in runs
+    env = " ".join(rest for word, rest in instructions(TRAINER) if word == "ENV")
+    assert "PATH=/opt/venv/bin:$PATH" in env
 
 
 def test_cpu_torch_comes_from_the_pin() -> None:
