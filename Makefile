@@ -124,6 +124,7 @@ images:
 e2e: venv kubectl
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/e2e -m e2e
 
-# kind + the images + the chart + MinIO, where Docker and kind exist (skips otherwise).
-kind-e2e: venv helm
+# kind + the images + the chart + MinIO, where Docker and kind exist (skips otherwise;
+# KIND_E2E_REQUIRED=1 makes a missing tool fail, as in .github/workflows/e2e-kind.yaml).
+kind-e2e: venv helm kubectl
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/kind -m kind -rs
