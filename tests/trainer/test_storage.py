@@ -8,6 +8,8 @@ import logging
 import os
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +17,32 @@ import pytest
 from kubetune_api.contract import MANIFEST_FILE
 from kubetune_trainer import storage
 from kubetune_trainer.storage import StorageError, join
+from support.gcs import GcsEmulator
 from support.s3 import FlakyProxy, MotoServer, create_bucket
 
 
-@pytest.fixture(params=["path", "file-uri", "s3"])
+@pytest.fixture(scope="module")
+def gcs_server() -> Iterator[GcsEmulator]:
+    with GcsEmulator() as server:
+        yield server
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the GCS emulator; STORAGE_EMULATOR_HOST points gcsfs at it."""
+    monkeypatch.setenv(storage.GCS_EMULATOR_ENV, gcs_server.endpoint)
+    return gcs_server.create_bucket(f"b{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["path", "file-uri", "s3", "gs"])
 def remote(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The same tests on a plain path, a file:// URI and an S3 bucket."""
+    """The same tests on a plain path, a file:// URI, an S3 bucket and a GCS bucket."""
     if request.param == "path":
         return str(tmp_path / "remote")
     if request.param == "file-uri":
         return f"file://{tmp_path}/remote"
+    if request.param == "gs":
+        return join(request.getfixturevalue("gcs_bucket"), "runs", "r1")
     return join(request.getfixturevalue("s3_bucket"), "runs", "r1")
 
 

@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
 from kubetune_api.load import SpecError
 from kubetune_api.spec import DatasetSpec, Task
+from kubetune_trainer import storage
 
 IGNORE_INDEX = -100  # label value the loss ignores
 MAX_REPORTED_ERRORS = 5
@@ -79,10 +78,11 @@ def _read_checked(uri: str, spec: DatasetSpec, digest: Any) -> list[Record]:
 
 
 def _read_bytes(uri: str) -> bytes:
+    """Through kubetune_trainer.storage, as checkpoints and artifacts are: the same endpoints
+    (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), credentials and retries."""
     try:
-        with fsspec.open(uri, "rb") as handle:
-            return bytes(handle.read())
-    except (OSError, ValueError, ImportError) as exc:
+        return storage.read_bytes(uri)
+    except (storage.StorageError, OSError, ValueError, ImportError) as exc:
         raise DataError(f"{uri}: cannot read dataset: {exc}") from None
 
 
