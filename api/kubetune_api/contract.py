@@ -46,3 +46,15 @@ METRIC_TOTAL_STEPS = "kubetune_trainer_total_steps"
 METRIC_LOSS = "kubetune_trainer_loss"
 METRIC_TOKENS_PER_SECOND = "kubetune_trainer_tokens_per_second"
 METRIC_ETA_SECONDS = "kubetune_trainer_eta_seconds"
+
+# Paths the operator mounts in every trainer pod. The root filesystem is read-only, so these
+# volumes are where the trainer may write; a FineTuneJob's own volumeMounts may not cover them.
+SCRATCH_DIR = "/tmp"  # emptyDir: TMPDIR, Triton/torch-extension caches, local checkpoints
+SHM_DIR = "/dev/shm"  # in-memory emptyDir for NCCL and data-loader workers
+HF_HOME_DIR = "/var/cache/kubetune/huggingface"  # emptyDir: HF_HOME (datasets cache, xet, ...)
+HF_HUB_CACHE_DIR = f"{HF_HOME_DIR}/hub"  # HF_HUB_CACHE: spec.model.cache's claim, if any
+SECRETS_DIR = "/var/run/secrets/kubetune"  # read-only Secret files (the Hub token)
+HF_TOKEN_DIR = f"{SECRETS_DIR}/hf-token"
+IMAGE_OUTPUT_DIR = "/opt/kubetune/out"  # emptyDir: relative output URIs of the examples
+RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR, SHM_DIR, HF_HOME_DIR, SECRETS_DIR,
+                        IMAGE_OUTPUT_DIR, DEFAULT_TERMINATION_LOG)

@@ -14,6 +14,7 @@ operator writes live here too: one schema, one place.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -140,7 +141,8 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """Inline a $ref; keys next to it (description, default) win over the definition's."""
     if "$ref" not in node:
         return node
-    target = dict(defs[node["$ref"].split("/")[-1]])
+    # A deep copy: a definition used twice must not share lists (YAML would alias them).
+    target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
     target.update({k: v for k, v in node.items() if k != "$ref"})
     return _resolve(target, defs)
 

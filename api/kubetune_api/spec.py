@@ -8,11 +8,15 @@ is generated from these models (`kubetune_api.crd`), so every description here i
 
 from __future__ import annotations
 
+import posixpath
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from kubetune_api import contract
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -45,6 +49,34 @@ class MethodType(StrEnum):
     QLORA = "qlora"
 
 
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# An extended resource: a domain-prefixed name (nvidia.com/gpu, amd.com/gpu, rdma/hca_shared).
+EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+class ModelCacheSpec(SpecModel):
+    """A PersistentVolumeClaim shared by jobs as the Hugging Face Hub cache."""
+
+    pvc: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                     description="Name of a ReadWriteMany (or, with readOnly, ReadOnlyMany) "
+                     "claim in the job's namespace, mounted as the Hub cache (HF_HUB_CACHE): the "
+                     "first job downloads the model, later jobs and restarts read it. The Hub "
+                     "client's per-file locks keep concurrent downloaders from corrupting it.")
+    read_only: bool = Field(False, description="Mount the claim read-only and run the Hub "
+                            "client offline (HF_HUB_OFFLINE=1): the cache must already hold the "
+                            "model.")
+
+
+class TokenSecretSpec(SpecModel):
+    """A key of a Secret holding a Hugging Face access token (gated or private models)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                      description="Secret in the job's namespace.")
+    key: str = Field("HF_TOKEN", min_length=1, pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key of the Secret holding the token.")
+
+
 class ModelSpec(SpecModel):
     name: str = Field(
         min_length=1,
@@ -56,6 +88,12 @@ class ModelSpec(SpecModel):
     num_labels: int | None = Field(
         None, ge=2, description="Number of classes; required for sequence-classification."
     )
+    cache: ModelCacheSpec | None = Field(None, description="Shared Hub cache on a "
+                                         "PersistentVolumeClaim (default: a per-pod emptyDir).")
+    token_secret: TokenSecretSpec | None = Field(
+        None, description="Secret key with a Hugging Face token for gated or private models; "
+        "mounted as a file only the trainer's Hub client reads (HF_TOKEN_PATH), never put in "
+        "the ConfigMap, status, events or logs.")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -213,6 +251,176 @@ class ResourcesSpec(SpecModel):
     nodes: int = Field(1, ge=1, description="Pods in the torchrun gang (one per node).")
     gpus_per_node: int = Field(1, ge=0, description="GPUs per pod = torchrun processes per "
                                "node (0 = one CPU process).")
+    gpu_resource: str = Field(
+        "nvidia.com/gpu", max_length=253, pattern=EXTENDED_RESOURCE,
+        description="Extended resource that gpusPerNode requests: nvidia.com/gpu, a MIG slice "
+        "(nvidia.com/mig-1g.10gb), amd.com/gpu, habana.ai/gaudi, ...")
+    extra_resources: dict[str, int] = Field(
+        default_factory=dict, description="More extended resources per pod, requested and "
+        "limited alike (e.g. {rdma/hca_shared_devices_a: 1} for RDMA).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesSpec:
+        for name, count in self.extra_resources.items():
+            if not re.match(EXTENDED_RESOURCE, name) or name.startswith("kubernetes.io/"):
+                raise ValueError(f"extraResources.{name}: not an extended resource name "
+                                 "(<domain>/<name>, e.g. rdma/hca_shared_devices_a)")
+            if name == self.gpu_resource:
+                raise ValueError(f"extraResources.{name}: the GPU resource is requested by "
+                                 "gpusPerNode")
+            if count < 1:
+                raise ValueError(f"extraResources.{name}: must be at least 1 (got {count})")
+        return self
+
+
+# Volume sources Pod Security "restricted" allows (no hostPath, nfs, iscsi, ...).
+VOLUME_SOURCES = {"persistentVolumeClaim": "claimName", "configMap": "name",
+                  "secret": "secretName", "emptyDir": None, "csi": "driver", "ephemeral": None,
+                  "projected": None, "downwardAPI": None}
+# Names of the volumes the operator adds to every pod.
+RESERVED_VOLUMES = frozenset({"config", "dshm", "tmp", "hf-home", "hf-cache", "hf-token",
+                              "image-output"})
+# Pod labels and annotations the operator, the Job controller or Kueue set or read.
+RESERVED_LABEL_PREFIXES = ("kubetune.dev/", "batch.kubernetes.io/", "app.kubernetes.io/",
+                           "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
+RESERVED_LABELS = frozenset({"job-name", "controller-uid"})
+RESERVED_ANNOTATION_PREFIXES = ("kubetune.dev/", "batch.kubernetes.io/",
+                                "kubectl.kubernetes.io/default-container")
+# Environment the launch contract and the Hub client depend on (docs/contract.md).
+RESERVED_ENV_PREFIXES = ("PET_", "KUBETUNE_")
+RESERVED_ENV = frozenset({"HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "HF_TOKEN_PATH",
+                          "TMPDIR"})
+QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?"
+                            r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+class PodVolume(SpecModel):
+    """A pod volume (core/v1 Volume) of a type Pod Security "restricted" allows."""
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL, description="Volume name.")
+    persistent_volume_claim: dict[str, Any] | None = Field(None, description="core/v1 "
+                                                           "PersistentVolumeClaimVolumeSource.")
+    config_map: dict[str, Any] | None = Field(None, description="core/v1 "
+                                              "ConfigMapVolumeSource.")
+    secret: dict[str, Any] | None = Field(None, description="core/v1 SecretVolumeSource.")
+    empty_dir: dict[str, Any] | None = Field(None, description="core/v1 EmptyDirVolumeSource.")
+    csi: dict[str, Any] | None = Field(None, description="core/v1 CSIVolumeSource.")
+    ephemeral: dict[str, Any] | None = Field(None, description="core/v1 "
+                                             "EphemeralVolumeSource.")
+    projected: dict[str, Any] | None = Field(None, description="core/v1 "
+                                             "ProjectedVolumeSource.")
+    downward_api: dict[str, Any] | None = Field(None, alias="downwardAPI",
+                                                description="core/v1 DownwardAPIVolumeSource.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed_type(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            others = sorted(k for k in data if k != "name" and k not in VOLUME_SOURCES)
+            if others:
+                raise ValueError(f"volume type {others[0]} is not allowed; use one of "
+                                 + ", ".join(VOLUME_SOURCES) + " (Pod Security restricted)")
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PodVolume:
+        sources = self.sources()
+        if len(sources) != 1:
+            raise ValueError(f"volume {self.name} needs exactly one source of "
+                             + ", ".join(VOLUME_SOURCES) + f" (got {len(sources)})")
+        [(kind, body)] = sources.items()
+        required = VOLUME_SOURCES[kind]
+        if required and not body.get(required):
+            raise ValueError(f"volume {self.name}: {kind}.{required} is required")
+        return self
+
+    def sources(self) -> dict[str, dict[str, Any]]:
+        dumped = self.model_dump(by_alias=True, exclude={"name"})
+        return {k: v for k, v in dumped.items() if v is not None}
+
+    def manifest(self) -> dict[str, Any]:
+        return {"name": self.name, **self.sources()}
+
+
+class PodVolumeMount(SpecModel):
+    name: str = Field(description="A volume of spec.pod.volumes.")
+    mount_path: str = Field(min_length=2, description="Absolute path in the trainer container "
+                            "(not one the operator mounts: /etc/kubetune, /tmp, /dev/shm, "
+                            "/var/cache/kubetune, /var/run/secrets/kubetune, /opt/kubetune/out).")
+    read_only: bool = Field(False, description="Mount read-only.")
+    sub_path: str | None = Field(None, description="Path within the volume to mount.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PodVolumeMount:
+        path = posixpath.normpath(self.mount_path)
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"mountPath {self.mount_path!r} must be absolute")
+        for reserved in contract.RESERVED_MOUNT_PATHS:
+            inside = path == reserved or path.startswith(reserved + "/")
+            if inside or reserved.startswith(path.rstrip("/") + "/"):
+                raise ValueError(f"mountPath {self.mount_path} overlaps {reserved}, which the "
+                                 "operator mounts itself")
+        if self.sub_path and (self.sub_path.startswith("/") or ".." in self.sub_path.split("/")):
+            raise ValueError(f"subPath {self.sub_path!r} must be relative, without '..'")
+        return self
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class KeyRef(SpecModel):
+    name: str = Field(min_length=1, description="Secret or ConfigMap name.")
+    key: str = Field(min_length=1, description="Key within it.")
+    optional: bool = Field(False, description="Leave the variable unset when missing.")
+
+
+class EnvValueSource(SpecModel):
+    secret_key_ref: KeyRef | None = Field(None, description="A key of a Secret.")
+    config_map_key_ref: KeyRef | None = Field(None, description="A key of a ConfigMap.")
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvValueSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("valueFrom needs exactly one of secretKeyRef, configMapKeyRef")
+        return self
+
+
+class EnvValueFrom(SpecModel):
+    value_from: EnvValueSource = Field(description="Where the value comes from.")
+
+
+class EnvFromRef(SpecModel):
+    name: str = Field(min_length=1, description="Secret or ConfigMap name.")
+    optional: bool = Field(False, description="Start even when it is missing.")
+
+
+class EnvFromSpec(SpecModel):
+    secret_ref: EnvFromRef | None = Field(None, description="Every key of a Secret.")
+    config_map_ref: EnvFromRef | None = Field(None, description="Every key of a ConfigMap.")
+    prefix: str | None = Field(None, description="Prefix added to every variable name.")
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvFromSpec:
+        if (self.secret_ref is None) == (self.config_map_ref is None):
+            raise ValueError("envFrom entries need exactly one of secretRef, configMapRef")
+        return self
+
+    def manifest(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def _check_metadata(kind: str, values: dict[str, str], prefixes: tuple[str, ...],
+                    exact: frozenset[str] = frozenset(), check_value: bool = True) -> None:
+    for key, value in values.items():
+        if key in exact or key.startswith(prefixes):
+            raise ValueError(f"{kind}.{key}: reserved (the operator, the Job controller or "
+                             "Kueue sets it; put Kueue labels on the FineTuneJob itself)")
+        if not QUALIFIED_NAME.match(key) or len(key) > 316:
+            raise ValueError(f"{kind}.{key}: not a valid key ([prefix/]name)")
+        if check_value and not LABEL_VALUE.match(value):
+            raise ValueError(f"{kind}.{key}: value {value!r} is not a valid label value "
+                             "(63 characters: letters, digits, '-', '_', '.')")
 
 
 class PodSpec(SpecModel):
@@ -234,8 +442,62 @@ class PodSpec(SpecModel):
     memory: str | None = Field(None, description="Memory request and limit per pod "
                                "(e.g. '64Gi').")
     shm_size: str = Field("8Gi", description="Size of the in-memory /dev/shm volume.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment "
-                                "variables for the trainer.")
+    env: dict[str, str | EnvValueFrom] = Field(
+        default_factory=dict, description="Extra environment variables for the trainer: a "
+        "string, or {valueFrom: {secretKeyRef|configMapKeyRef: {name, key}}}.")
+    env_from: list[EnvFromSpec] = Field(default_factory=list, description="Secrets and "
+                                        "ConfigMaps whose keys all become variables.")
+    volumes: list[PodVolume] = Field(default_factory=list, description="Pod volumes: "
+                                     "persistentVolumeClaim, configMap, secret, emptyDir, csi, "
+                                     "ephemeral, projected or downwardAPI.")
+    volume_mounts: list[PodVolumeMount] = Field(default_factory=list, description="Mounts of "
+                                                "those volumes in the trainer container.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod "
+                                        "annotations (Multus networks, Kueue topology, ...).")
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_values(cls, value: Any) -> Any:
+        """One clear message per variable instead of pydantic's one per union member."""
+        if not isinstance(value, dict):
+            return value
+        for name, item in value.items():
+            if isinstance(item, dict):
+                try:
+                    EnvValueFrom.model_validate(item)
+                except ValidationError as exc:
+                    problems = "; ".join(str(e["msg"]).removeprefix("Value error, ")
+                                         for e in exc.errors())
+                    raise ValueError(f"env.{name}: {problems}") from None
+            elif not isinstance(item, str):
+                raise ValueError(f"env.{name}: a string or {{valueFrom: ...}} (got "
+                                 f"{item!r}; quote numbers and booleans)")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> PodSpec:
+        for name in self.env:
+            if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
+                hint = " (use model.tokenSecret)" if name.startswith("HF_TOKEN") else ""
+                raise ValueError(f"env.{name}: reserved for the operator's launch contract"
+                                 + hint)
+        names = [v.name for v in self.volumes]
+        for name in names:
+            if name in RESERVED_VOLUMES:
+                raise ValueError(f"volumes: name {name} is reserved for the operator's own")
+            if names.count(name) > 1:
+                raise ValueError(f"volumes: name {name} is used twice")
+        paths = [m.mount_path for m in self.volume_mounts]
+        for mount in self.volume_mounts:
+            if mount.name not in names:
+                raise ValueError(f"volumeMounts: {mount.name} is not in pod.volumes")
+            if paths.count(mount.mount_path) > 1:
+                raise ValueError(f"volumeMounts: {mount.mount_path} is mounted twice")
+        _check_metadata("labels", self.labels, RESERVED_LABEL_PREFIXES, RESERVED_LABELS)
+        _check_metadata("annotations", self.annotations, RESERVED_ANNOTATION_PREFIXES,
+                        check_value=False)
+        return self
 
 
 class StorageSpec(SpecModel):
@@ -309,6 +571,11 @@ class FineTuneJobSpec(SpecModel):
         if self.training.pretrain and self.method.type != MethodType.FULL:
             raise ValueError("training.pretrain trains every weight from a random init; "
                              "it needs method.type full")
+        storage_env = {"AWS_ENDPOINT_URL": self.storage.endpoint_url,
+                       "AWS_DEFAULT_REGION": self.storage.region}
+        for name, value in storage_env.items():
+            if value and name in self.pod.env:
+                raise ValueError(f"pod.env.{name} conflicts with spec.storage, which sets it")
         return self
 
 

@@ -27,8 +27,9 @@ KUEUE_LABELS = (LABEL_KUEUE_QUEUE, LABEL_KUEUE_PRIORITY)
 ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 TRAINER_CONTAINER = "trainer"
 MANAGED_BY = "kubetune-operator"
-GPU_RESOURCE = "nvidia.com/gpu"
-SHM_PATH = "/dev/shm"
+GPU_RESOURCE = "nvidia.com/gpu"  # spec.resources.gpuResource's default
+SHM_PATH = contract.SHM_DIR
+HF_TOKEN_FILE = "token"  # the Hub token's file name under contract.HF_TOKEN_DIR
 TORCHRUN_PORT_NAME = "torchrun"
 METRICS_PORT_NAME = "metrics"
 NON_ROOT_UID = 1000
@@ -158,8 +159,12 @@ def build_job(job: FineTuneJob, owner: Owner, attempt: int, settings: Settings) 
             "backoffLimit": 0, "suspend": suspended,
             "podReplacementPolicy": "Failed",
             "template": {
-                "metadata": {"labels": {**common_labels(owner), **labels},
-                             "annotations": {"kubectl.kubernetes.io/default-container":
+                # The spec's own labels and annotations first: the contract refuses reserved
+                # keys, and the operator's win regardless.
+                "metadata": {"labels": {**job.spec.pod.labels, **common_labels(owner),
+                                        **labels},
+                             "annotations": {**job.spec.pod.annotations,
+                                             "kubectl.kubernetes.io/default-container":
                                              TRAINER_CONTAINER}},
                 "spec": build_pod_spec(job, owner, attempt, settings),
             },
@@ -186,11 +191,7 @@ def build_pod_spec(job: FineTuneJob, owner: Owner, attempt: int,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": pod_security_context(settings),
         "containers": [build_trainer_container(job, owner, attempt, settings)],
-        "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm_size}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
+        "volumes": [*operator_volumes(job, owner), *(v.manifest() for v in pod.volumes)],
     }
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
@@ -218,24 +219,80 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
         "env": trainer_env(job, owner, attempt),
         "ports": [{"name": TORCHRUN_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT},
                   {"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port}],
-        "resources": container_resources(job),
-        "volumeMounts": [
-            {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
-            {"name": "dshm", "mountPath": SHM_PATH},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "resources": container_resources(job, settings),
+        "volumeMounts": [*operator_mounts(job),
+                         *(m.manifest() for m in spec.pod.volume_mounts)],
         # Rank 0 writes {"uri", "manifestSha256"} there on success; a failing rank's last log
         # lines land in the same place, so a Failed condition can quote them.
         "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        # Writable paths are volumes (operator_mounts): the image itself stays untouched.
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                            "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
     secret = spec.storage.secret_name or settings.storage_secret
-    if secret:
-        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    # boto3/s3fs and google-auth read these keys from the environment; the storage Secret's
+    # documented format is environment-style keys (docs/storage.md, charts/kubetune/README.md).
+    env_from = [{"secretRef": {"name": secret}}] if secret else []
+    env_from += [source.manifest() for source in spec.pod.env_from]
+    if env_from:
+        container["envFrom"] = env_from
     return container
+
+
+def operator_volumes(job: FineTuneJob, owner: Owner) -> list[Manifest]:
+    """The volumes every trainer pod gets: its config, shared memory, and the writable
+    scratch and cache directories a read-only root filesystem needs."""
+    pod, model = job.spec.pod, job.spec.model
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "hf-home", "emptyDir": {}},
+        {"name": "image-output", "emptyDir": {}},
+    ]
+    if model.cache is not None:
+        volumes.append({"name": "hf-cache", "persistentVolumeClaim": {
+            "claimName": model.cache.pvc, "readOnly": model.cache.read_only}})
+    if model.token_secret is not None:
+        # Only the token's key, as a file readable by the pod's group (fsGroup), nobody else.
+        volumes.append({"name": "hf-token", "secret": {
+            "secretName": model.token_secret.name, "defaultMode": 0o440,
+            "items": [{"key": model.token_secret.key, "path": model.token_secret.key}]}})
+    return volumes
+
+
+def operator_mounts(job: FineTuneJob) -> list[Manifest]:
+    model = job.spec.model
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": SHM_PATH},
+        {"name": "tmp", "mountPath": contract.SCRATCH_DIR},
+        {"name": "hf-home", "mountPath": contract.HF_HOME_DIR},
+        {"name": "image-output", "mountPath": contract.IMAGE_OUTPUT_DIR},
+    ]
+    if model.cache is not None:
+        mounts.append({"name": "hf-cache", "mountPath": contract.HF_HUB_CACHE_DIR,
+                       "readOnly": model.cache.read_only})
+    if model.token_secret is not None:
+        mounts.append({"name": "hf-token", "mountPath": contract.HF_TOKEN_DIR,
+                       "readOnly": True})
+    return mounts
+
+
+def hf_env(job: FineTuneJob) -> list[Manifest]:
+    """Where the Hub client keeps its files and finds its token (never the token itself)."""
+    model = job.spec.model
+    env: list[Manifest] = [{"name": "HF_HOME", "value": contract.HF_HOME_DIR},
+                           {"name": "HF_HUB_CACHE", "value": contract.HF_HUB_CACHE_DIR}]
+    if model.cache is not None and model.cache.read_only:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # nothing may be written there
+    if model.token_secret is not None:
+        env.append({"name": "HF_TOKEN_PATH",
+                    "value": f"{contract.HF_TOKEN_DIR}/{model.token_secret.key}"})
+    return env
 
 
 def trainer_env(job: FineTuneJob, owner: Owner, attempt: int) -> list[Manifest]:
@@ -253,24 +310,62 @@ def trainer_env(job: FineTuneJob, owner: Owner, attempt: int) -> list[Manifest]:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
     if spec.storage.region:
         env.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
+    env += hf_env(job)
+    # The contract refuses reserved names; the check here only guards the launch variables
+    # against a spec that skipped validation.
     reserved = {e["name"] for e in env}
-    env += [{"name": k, "value": v} for k, v in sorted(spec.pod.env.items())
-            if k not in reserved]
+    for name, value in sorted(spec.pod.env.items()):
+        if name in reserved:
+            continue
+        if isinstance(value, str):
+            env.append({"name": name, "value": value})
+        else:
+            env.append({"name": name, **value.model_dump(by_alias=True, exclude_defaults=True)})
     return env
 
 
-def container_resources(job: FineTuneJob) -> Manifest:
+def container_resources(job: FineTuneJob, settings: Settings) -> Manifest:
     """Requests equal limits: a gang rank that gets less than it asked for only slows the
-    others down."""
-    pod, gpus = job.spec.pod, job.spec.resources.gpus_per_node
-    limits: dict[str, str] = {}
+    others down. Without spec.pod.cpu/memory the operator's defaults, scaled by the GPU
+    count, are requested, and the memory default is also the limit (a rank that grows past
+    it is OOM-killed alone instead of starving its node's other tenants). A default CPU limit
+    is left out on purpose: CFS throttling stalls data loaders and NCCL's progress threads."""
+    pod, resources = job.spec.pod, job.spec.resources
+    gpus = resources.gpus_per_node
+    limits: dict[str, str] = {name: str(count) for name, count
+                              in sorted(resources.extra_resources.items())}
     if gpus:
-        limits[GPU_RESOURCE] = str(gpus)
+        limits[resources.gpu_resource] = str(gpus)
     if pod.cpu:
         limits["cpu"] = pod.cpu
     if pod.memory:
         limits["memory"] = pod.memory
-    return {"limits": limits, "requests": dict(limits)} if limits else {}
+    requests = dict(limits)
+    default_cpu = _times(settings.cpu_per_gpu, gpus) if gpus else settings.cpu_without_gpu
+    default_memory = _times(settings.memory_per_gpu, gpus) if gpus \
+        else settings.memory_without_gpu
+    if not pod.cpu and default_cpu:
+        requests["cpu"] = default_cpu
+    if not pod.memory and default_memory:
+        requests["memory"] = limits["memory"] = default_memory
+    out: Manifest = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)([a-zA-Z]*)$")
+
+
+def _times(quantity: str, factor: int) -> str:
+    """'4' x 8 = '32', '32Gi' x 2 = '64Gi', '500m' x 3 = '1500m' (settings check the form)."""
+    match = _QUANTITY.match(quantity)
+    if match is None or factor == 1:
+        return quantity
+    number, unit = float(match.group(1)) * factor, match.group(2)
+    return f"{number:g}{unit}" if not number.is_integer() else f"{int(number)}{unit}"
 
 
 def build_children(job: FineTuneJob, owner: Owner, attempt: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,18 @@ def _log_level(name: str) -> int:
     return level if isinstance(level, int) else logging.INFO
 
 
+_QUANTITY = re.compile(r"^(\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?)?$")
+
+
+def _quantity(env: Mapping[str, str], name: str, default: str) -> str:
+    """A plain Kubernetes quantity ('4', '500m', '32Gi') or '' for none; anything else stops
+    the operator at start with the variable's name, not at the first Job creation."""
+    value = env.get(name, default).strip()
+    if not _QUANTITY.match(value):
+        raise ValueError(f"{name}={value!r}: expected a quantity like 4, 500m or 32Gi, or empty")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -43,6 +56,12 @@ class Settings:
     # trainer pods then set no runAsUser/runAsGroup/fsGroup of their own.
     platform_assigns_uids: bool = False
     log_level: int = logging.INFO
+    # Trainer requests where spec.pod.cpu/memory are empty ("" = none): per GPU, or per pod
+    # of a CPU-only job. The memory default is also the limit (builders.container_resources).
+    cpu_per_gpu: str = "4"
+    memory_per_gpu: str = "32Gi"
+    cpu_without_gpu: str = "1"
+    memory_without_gpu: str = "4Gi"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,4 +84,9 @@ class Settings:
             log_level=_log_level(env.get("KUBETUNE_LOG_LEVEL", "INFO")),
             platform_assigns_uids=_bool(env.get("KUBETUNE_PLATFORM_ASSIGNS_UIDS", "false"),
                                         "KUBETUNE_PLATFORM_ASSIGNS_UIDS"),
+            cpu_per_gpu=_quantity(env, "KUBETUNE_CPU_PER_GPU", cls.cpu_per_gpu),
+            memory_per_gpu=_quantity(env, "KUBETUNE_MEMORY_PER_GPU", cls.memory_per_gpu),
+            cpu_without_gpu=_quantity(env, "KUBETUNE_CPU_WITHOUT_GPU", cls.cpu_without_gpu),
+            memory_without_gpu=_quantity(env, "KUBETUNE_MEMORY_WITHOUT_GPU",
+                                         cls.memory_without_gpu),
         )

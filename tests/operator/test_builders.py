@@ -21,12 +21,14 @@ SETTINGS = Settings(trainer_image="registry.example/trainer:1", storage_secret="
                     image_pull_secrets=("operator-pull",), service_account="trainer")
 
 FULL_SPEC: dict[str, Any] = {
-    "model": {"name": "meta-llama/Llama-3.1-8B", "revision": "main", "task": "causal-lm"},
+    "model": {"name": "meta-llama/Llama-3.1-8B", "revision": "main", "task": "causal-lm",
+              "cache": {"pvc": "hf-models"}, "tokenSecret": {"name": "hf", "key": "token"}},
     "method": {"type": "qlora", "lora": {"r": 32, "alpha": 64, "targetModules": ["q_proj"]},
                "quantization": {"bits": 4}},
     "dataset": {"train": "s3://data/train.jsonl", "fields": {"messages": "messages"}},
     "training": {"maxSteps": 100, "strategy": "fsdp"},
-    "resources": {"nodes": 4, "gpusPerNode": 8},
+    "resources": {"nodes": 4, "gpusPerNode": 8, "gpuResource": "amd.com/gpu",
+                  "extraResources": {"rdma/hca_shared_devices_a": 1}},
     "output": {"uri": "s3://models/out"},
     "runPolicy": {"backoffLimit": 5},
     "pod": {
@@ -42,7 +44,16 @@ FULL_SPEC: dict[str, Any] = {
         "cpu": "32",
         "memory": "256Gi",
         "shmSize": "64Gi",
-        "env": {"NCCL_DEBUG": "INFO", "PET_NNODES": "ignored"},
+        "env": {"NCCL_DEBUG": "INFO", "WANDB_API_KEY": {"valueFrom": {"secretKeyRef": {
+            "name": "wandb", "key": "api-key"}}}},
+        "envFrom": [{"configMapRef": {"name": "nccl-tuning"}, "prefix": "NCCL_"}],
+        "volumes": [{"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets",
+                                                                   "readOnly": True}},
+                    {"name": "gcp", "secret": {"secretName": "gcp-key"}}],
+        "volumeMounts": [{"name": "datasets", "mountPath": "/data", "readOnly": True},
+                         {"name": "gcp", "mountPath": "/var/run/gcp", "readOnly": True}],
+        "labels": {"team": "nlp"},
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "rdma-net"},
     },
     "storage": {"secretName": "team-s3", "endpointUrl": "http://minio:9000",
                 "region": "eu-west-1"},
@@ -179,10 +190,13 @@ def test_trainer_container_runs_the_node_launcher_with_the_launch_contract() -> 
     assert env["NCCL_DEBUG"] == "INFO"
     assert [e["name"] for e in container["env"]].count(contract.PET_NNODES) == 1
     assert contract.TERMINATION_LOG_ENV not in env  # the default path is the contract
-    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "team-s3"}},
+        {"configMapRef": {"name": "nccl-tuning", "optional": False}, "prefix": "NCCL_"}]
     assert {"name": "metrics", "containerPort": 9500} in container["ports"]
     limits = container["resources"]["limits"]
-    assert limits == {builders.GPU_RESOURCE: "8", "cpu": "32", "memory": "256Gi"}
+    assert limits == {"amd.com/gpu": "8", "rdma/hca_shared_devices_a": "1", "cpu": "32",
+                      "memory": "256Gi"}
     assert container["resources"]["requests"] == limits
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts[contract.CONFIG_DIR]["readOnly"] is True and "/dev/shm" in mounts
@@ -198,7 +212,9 @@ def test_operator_defaults_fill_what_the_spec_leaves_out() -> None:
     assert container["image"] == SETTINGS.trainer_image
     assert container["envFrom"] == [{"secretRef": {"name": "default-s3"}}]
     assert env_of(container)[contract.PET_NPROC_PER_NODE] == "1"  # one CPU process
-    assert "resources" not in container or container["resources"] == {}
+    # CPU-only pod: the operator's per-pod defaults; memory is also the limit, CPU is not.
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"},
+                                      "limits": {"memory": "4Gi"}}
     assert "AWS_ENDPOINT_URL" not in env_of(container)
     spec = pod_spec(make_job(minimal), Owner("llama", "ml", "uid", {}))
     assert "nodeSelector" not in spec and "affinity" not in spec
@@ -206,3 +222,183 @@ def test_operator_defaults_fill_what_the_spec_leaves_out() -> None:
     container = bare["spec"]["template"]["spec"]["containers"][0]
     assert "envFrom" not in container
     assert "serviceAccountName" not in bare["spec"]["template"]["spec"]
+
+
+# --- pod customization, model cache, token, defaults (issue 11) --------------------------------
+
+def test_spec_volumes_mounts_labels_and_annotations_reach_the_pod() -> None:
+    job = builders.build_job(make_job(), OWNER, 1, SETTINGS)
+    template = job["spec"]["template"]
+    spec, container = template["spec"], template["spec"]["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["datasets"] == {"name": "datasets", "persistentVolumeClaim": {
+        "claimName": "datasets", "readOnly": True}}
+    assert volumes["gcp"] == {"name": "gcp", "secret": {"secretName": "gcp-key"}}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/data"] == {"name": "datasets", "mountPath": "/data", "readOnly": True}
+    assert mounts["/var/run/gcp"]["name"] == "gcp"
+    assert template["metadata"]["labels"]["team"] == "nlp"
+    assert template["metadata"]["labels"][builders.LABEL_JOB] == "llama"  # still the operator's
+    assert template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "rdma-net"
+    assert "team" not in job["metadata"]["labels"]  # pod labels are for pods only
+    env = env_of(container)
+    assert env["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+
+
+def test_model_cache_is_the_hub_cache_and_token_is_a_file() -> None:
+    spec = pod_spec(make_job())
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    env = env_of(container)
+    assert volumes["hf-cache"]["persistentVolumeClaim"] == {"claimName": "hf-models",
+                                                            "readOnly": False}
+    assert mounts["hf-cache"]["mountPath"] == env["HF_HUB_CACHE"] == contract.HF_HUB_CACHE_DIR
+    assert env["HF_HOME"] == contract.HF_HOME_DIR and mounts["hf-home"]["mountPath"] == \
+        contract.HF_HOME_DIR
+    assert "HF_HUB_OFFLINE" not in env
+    # The token: one key of the Secret, as a read-only file the Hub client reads.
+    assert volumes["hf-token"]["secret"] == {"secretName": "hf", "defaultMode": 0o440,
+                                             "items": [{"key": "token", "path": "token"}]}
+    assert mounts["hf-token"] == {"name": "hf-token", "mountPath": contract.HF_TOKEN_DIR,
+                                  "readOnly": True}
+    assert env["HF_TOKEN_PATH"] == f"{contract.HF_TOKEN_DIR}/token"
+    assert "HF_TOKEN" not in env and not any("secretKeyRef" in str(e.get("valueFrom"))
+                                             and e["name"].startswith("HF_")
+                                             for e in container["env"])
+
+
+def test_read_only_cache_runs_the_hub_offline_and_no_cache_means_an_empty_dir() -> None:
+    read_only = {**FULL_SPEC, "model": {"name": "gpt2", "cache": {"pvc": "models",
+                                                                   "readOnly": True}}}
+    spec = pod_spec(make_job(read_only))
+    assert {"claimName": "models", "readOnly": True} in \
+        [v.get("persistentVolumeClaim") for v in spec["volumes"]]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "hf-cache")
+    assert mount["readOnly"] is True
+    assert env_of(spec["containers"][0])["HF_HUB_OFFLINE"] == "1"
+    plain = pod_spec(make_job({**FULL_SPEC, "model": {"name": "gpt2"}}))
+    names = {v["name"] for v in plain["volumes"]}
+    assert "hf-cache" not in names and "hf-token" not in names and "hf-home" in names
+    assert env_of(plain["containers"][0])["HF_HUB_CACHE"] == contract.HF_HUB_CACHE_DIR
+
+
+def test_root_filesystem_is_read_only_and_every_written_path_is_a_volume() -> None:
+    container = trainer(make_job())
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    for path in (contract.SCRATCH_DIR, contract.SHM_DIR, contract.HF_HOME_DIR,
+                 contract.IMAGE_OUTPUT_DIR):
+        assert path in mounted, path
+
+
+@pytest.mark.parametrize(("gpus", "settings", "expected"), [
+    (8, Settings(), {"requests": {"amd.com/gpu": "8", "cpu": "32", "memory": "256Gi"},
+                     "limits": {"amd.com/gpu": "8", "memory": "256Gi"}}),
+    (2, Settings(cpu_per_gpu="500m", memory_per_gpu="1.5Gi"),
+     {"requests": {"amd.com/gpu": "2", "cpu": "1000m", "memory": "3Gi"},
+      "limits": {"amd.com/gpu": "2", "memory": "3Gi"}}),
+    (1, Settings(cpu_per_gpu="", memory_per_gpu=""),
+     {"requests": {"amd.com/gpu": "1"}, "limits": {"amd.com/gpu": "1"}}),
+    (0, Settings(cpu_without_gpu="3", memory_without_gpu="6Gi"),
+     {"requests": {"cpu": "3", "memory": "6Gi"}, "limits": {"memory": "6Gi"}}),
+])
+def test_default_requests_scale_with_the_gpu_count(gpus: int, settings: Settings,
+                                                   expected: dict[str, Any]) -> None:
+    spec = {**FULL_SPEC, "resources": {"gpusPerNode": gpus, "gpuResource": "amd.com/gpu"},
+            "pod": {}}
+    container = builders.build_job(make_job(spec), OWNER, 1, settings)["spec"]["template"][
+        "spec"]["containers"][0]
+    assert container["resources"] == expected
+
+
+def test_explicit_cpu_and_memory_win_over_the_defaults() -> None:
+    spec = {**FULL_SPEC, "resources": {"gpusPerNode": 2}, "pod": {"memory": "10Gi"}}
+    resources = trainer(make_job(spec))["resources"]
+    assert resources["limits"] == {"nvidia.com/gpu": "2", "memory": "10Gi"}
+    assert resources["requests"] == {"nvidia.com/gpu": "2", "memory": "10Gi", "cpu": "8"}
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"KUBETUNE_CPU_PER_GPU": "four"}, "KUBETUNE_CPU_PER_GPU='four'"),
+    ({"KUBETUNE_MEMORY_WITHOUT_GPU": "8 GB"}, "KUBETUNE_MEMORY_WITHOUT_GPU"),
+])
+def test_bad_default_quantities_stop_the_operator_with_the_variable(env: dict[str, str],
+                                                                    message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)
+    assert Settings.from_env({"KUBETUNE_MEMORY_PER_GPU": ""}).memory_per_gpu == ""
+
+
+def spec_error(pod: dict[str, Any] | None = None, **sections: dict[str, Any]) -> str:
+    spec = {**FULL_SPEC, "pod": pod or {}}
+    for key, value in sections.items():
+        spec[key] = {**FULL_SPEC.get(key, {}), **value}
+    with pytest.raises(Exception) as caught:
+        make_job(spec)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(("pod", "field", "words"), [
+    ({"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}, "spec.pod.volumes.0",
+     "hostPath is not allowed"),
+    ({"volumes": [{"name": "tmp", "emptyDir": {}}]}, "spec.pod", "tmp is reserved"),
+    ({"volumes": [{"name": "a", "emptyDir": {}, "secret": {"secretName": "s"}}]},
+     "spec.pod.volumes.0", "exactly one source"),
+    ({"volumes": [{"name": "a", "persistentVolumeClaim": {}}]}, "spec.pod.volumes.0",
+     "claimName is required"),
+    ({"volumes": [{"name": "a", "emptyDir": {}}],
+      "volumeMounts": [{"name": "b", "mountPath": "/x"}]}, "spec.pod", "b is not in pod.volumes"),
+    ({"volumes": [{"name": "a", "emptyDir": {}}],
+      "volumeMounts": [{"name": "a", "mountPath": "/etc/kubetune/x"}]},
+     "spec.pod.volumeMounts.0", "overlaps /etc/kubetune"),
+    ({"volumes": [{"name": "a", "emptyDir": {}}],
+      "volumeMounts": [{"name": "a", "mountPath": "/var"}]},
+     "spec.pod.volumeMounts.0", "overlaps /var/cache/kubetune"),
+    ({"volumes": [{"name": "a", "emptyDir": {}}],
+      "volumeMounts": [{"name": "a", "mountPath": "/tmp"}]}, "spec.pod.volumeMounts.0",
+     "overlaps /tmp"),
+    ({"env": {"PET_NNODES": "9"}}, "spec.pod", "env.PET_NNODES: reserved"),
+    ({"env": {"HF_TOKEN": "hf_x"}}, "spec.pod", "use model.tokenSecret"),
+    ({"env": {"HF_HUB_CACHE": "/x"}}, "spec.pod", "env.HF_HUB_CACHE: reserved"),
+    ({"env": {"AWS_ENDPOINT_URL": "http://other"}}, "spec", "conflicts with spec.storage"),
+    ({"env": {"X": {"valueFrom": {}}}}, "spec.pod.env", "X: valueFrom needs exactly one of"),
+    ({"env": {"X": 1}}, "spec.pod.env", "X: a string or {valueFrom"),
+    ({"envFrom": [{"prefix": "X_"}]}, "spec.pod.envFrom.0", "exactly one of secretRef"),
+    ({"labels": {builders.LABEL_JOB: "other"}}, "spec.pod", "reserved"),
+    ({"labels": {builders.LABEL_KUEUE_QUEUE: "q"}}, "spec.pod", "Kueue labels on the"),
+    ({"labels": {"job-name": "x"}}, "spec.pod", "labels.job-name: reserved"),
+    ({"labels": {"team": "a b"}}, "spec.pod", "not a valid label value"),
+    ({"annotations": {"kubectl.kubernetes.io/default-container": "x"}}, "spec.pod",
+     "reserved"),
+])
+def test_reserved_or_unsafe_pod_fields_are_invalid_specs(pod: dict[str, Any], field: str,
+                                                         words: str) -> None:
+    message = spec_error(pod)
+    assert f"{field}:" in message and words in message, message
+
+
+@pytest.mark.parametrize(("resources", "words"), [
+    ({"gpuResource": "gpu"}, "spec.resources.gpuResource"),
+    ({"extraResources": {"memory": 1}}, "extraResources.memory: not an extended resource"),
+    ({"extraResources": {"amd.com/gpu": 1}}, "requested by gpusPerNode"),
+    ({"extraResources": {"rdma/hca": 0}}, "at least 1"),
+])
+def test_bad_resources_are_invalid_specs(resources: dict[str, Any], words: str) -> None:
+    message = spec_error(resources=resources)
+    assert words in message, message
+
+
+def test_customized_pods_still_validate_against_kubernetes() -> None:
+    spec = {**FULL_SPEC, "pod": {**FULL_SPEC["pod"], "volumes": [
+        {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Ti"}}}}}},
+        {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {
+            "fieldPath": "metadata.labels"}}]}},
+        {"name": "fuse", "csi": {"driver": "gcsfuse.csi.storage.gke.io",
+                                 "volumeAttributes": {"bucketName": "b"}}}],
+        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"},
+                         {"name": "info", "mountPath": "/etc/podinfo", "readOnly": True},
+                         {"name": "fuse", "mountPath": "/gcs", "subPath": "data"}]}}
+    for manifest in builders.build_children(make_job(spec), OWNER, 1, SETTINGS):
+        kubernetes_validate.validate(manifest, "1.35", strict=True)
