@@ -23,6 +23,7 @@ from kubetune_api import contract
 from kubetune_api.crd import Phase
 from kubetune_api.load import SpecError, parse_job, validate_job
 from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
+from kubetune_operator import policy
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
     Owner,
@@ -119,22 +120,35 @@ class Reconciler:
         except SpecError as exc:
             await self._reject(body, status, str(exc))
             raise InvalidSpec(str(exc)) from None
-        owner = Owner.from_body(body)
+        owner = self._admitted_owner(body)
+        if not status.attempt and status.phase is None:  # before the first child exists
+            problems = policy.violations(job.spec, owner.labels, self.settings.policy)
+            if problems:
+                await self._reject(body, status, "; ".join(problems),
+                                   reason=policy.REASON_POLICY_VIOLATION)
+                raise InvalidSpec("; ".join(problems))
         plan = st.plan(name, job.spec, generation, status,
                        self.children(namespace, base_name(name)), self.clock(),
                        queue_managed=is_queue_managed(owner))
         await self._execute(plan, job, owner, body, status)
 
+    def _admitted_owner(self, body: dict[str, Any]) -> Owner:
+        """The owner with the admin's default Kueue queue applied (policy.py)."""
+        owner = Owner.from_body(body)
+        labels = policy.with_default_queue(owner.labels, self.settings.policy)
+        return Owner(owner.name, owner.namespace, owner.uid, labels)
+
     async def _reject(self, body: dict[str, Any], status: st.FineTuneJobStatus,
-                      message: str) -> None:
-        """Failed/InvalidSpec once; later reconciles find it failed and stop there."""
+                      message: str, reason: str = st.REASON_INVALID_SPEC) -> None:
+        """Failed/<reason> once; later reconciles find it failed and stop there."""
         if status.phase == Phase.FAILED:
             return
         meta = body["metadata"]
-        new = st.invalid_spec_status(status, message, meta.get("generation"), self.clock())
+        new = st.invalid_spec_status(status, message, meta.get("generation"), self.clock(),
+                                     reason=reason)
         await self._write_status(meta["namespace"], meta["name"], status, new)
-        kopf.event(_as_body(body), type="Warning", reason=st.REASON_INVALID_SPEC, message=message)
-        self.metrics.failed.labels(st.REASON_INVALID_SPEC).inc()
+        kopf.event(_as_body(body), type="Warning", reason=reason, message=message)
+        self.metrics.failed.labels(reason).inc()
 
     async def _execute(self, plan: st.Plan, job: FineTuneJob, owner: Owner,
                        body: dict[str, Any], old: st.FineTuneJobStatus) -> None:

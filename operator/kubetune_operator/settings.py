@@ -6,7 +6,9 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from kubetune_operator.policy import POLICY_ENV, Policy, parse_policy
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 
@@ -62,6 +64,7 @@ class Settings:
     memory_per_gpu: str = "32Gi"
     cpu_without_gpu: str = "1"
     memory_without_gpu: str = "4Gi"
+    policy: Policy = field(default_factory=Policy)  # admin rules (policy.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,4 +92,5 @@ class Settings:
             cpu_without_gpu=_quantity(env, "KUBETUNE_CPU_WITHOUT_GPU", cls.cpu_without_gpu),
             memory_without_gpu=_quantity(env, "KUBETUNE_MEMORY_WITHOUT_GPU",
                                          cls.memory_without_gpu),
+            policy=parse_policy(env.get(POLICY_ENV, "")),
         )

@@ -479,11 +479,12 @@ def plan(name: str, spec: FineTuneJobSpec, generation: int | None, status: FineT
 
 
 def invalid_spec_status(status: FineTuneJobStatus, message: str, generation: int | None,
-                        now: datetime.datetime) -> FineTuneJobStatus:
+                        now: datetime.datetime,
+                        reason: str = REASON_INVALID_SPEC) -> FineTuneJobStatus:
     new = status.model_copy(deep=True)
     stamp = _iso(now)
     new.phase, new.observed_generation, new.completion_time = Phase.FAILED, generation, stamp
-    new.conditions = set_condition(new.conditions, COND_FAILED, True, REASON_INVALID_SPEC,
+    new.conditions = set_condition(new.conditions, COND_FAILED, True, reason,
                                    message, stamp, generation)
     return new
 

@@ -1,0 +1,146 @@
+"""Admin policy for shared clusters: rules a cluster admin sets in the operator's settings
+(Helm values `policy`, environment KUBETUNE_POLICY as JSON) that no FineTuneJob can override.
+
+Checked once, before the first child of a job exists: a violating job ends Failed with reason
+PolicyViolation, naming the field and the rule. Jobs already running when the policy changes
+keep running (the policy applies to what is admitted, not to what was). Pure: no I/O.
+
+For every list rule, null (the default) means "no restriction" and a list means "only these"
+(an empty list: none at all).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from kubetune_api.spec import FineTuneJobSpec
+
+REASON_POLICY_VIOLATION = "PolicyViolation"
+POLICY_ENV = "KUBETUNE_POLICY"
+# builders.LABEL_KUEUE_QUEUE (settings import this module, and builders import settings).
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+
+class PolicyModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              frozen=True)
+
+
+class TolerationRule(PolicyModel):
+    """A toleration a job may carry: every field given here must match; missing ones match
+    anything (e.g. {key: nvidia.com/gpu, effect: NoSchedule})."""
+
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+
+    def matches(self, toleration: Mapping[str, Any]) -> bool:
+        wanted = self.model_dump(exclude_none=True)
+        return all(toleration.get(name) == value for name, value in wanted.items())
+
+
+class Policy(PolicyModel):
+    allowed_image_prefixes: tuple[str, ...] | None = Field(
+        None, description="spec.pod.image must start with one of these (the operator's own "
+        "trainer image is always allowed).")
+    allowed_priority_classes: tuple[str, ...] | None = Field(
+        None, description="Allowed spec.pod.priorityClassName values (unset is allowed).")
+    allowed_schedulers: tuple[str, ...] | None = Field(
+        None, description="Allowed spec.pod.schedulerName values (unset is allowed).")
+    allowed_tolerations: tuple[TolerationRule, ...] | None = Field(
+        None, description="Every spec.pod.tolerations entry must match one rule.")
+    require_queue: bool = Field(False, description="Every job must carry the Kueue label "
+                                f"{LABEL_KUEUE_QUEUE} (after defaultQueue applied).")
+    default_queue: str | None = Field(None, description="Kueue queue for jobs without the "
+                                      "label.")
+    allowed_queues: tuple[str, ...] | None = Field(None, description="Allowed Kueue queues.")
+    max_gpus_per_job: int | None = Field(None, ge=0, description="Cap on resources.nodes x "
+                                         "resources.gpusPerNode.")
+
+    @property
+    def is_empty(self) -> bool:
+        return self == Policy()
+
+
+class PolicyError(ValueError):
+    """The admin's policy itself is malformed: the operator refuses to start."""
+
+
+def parse_policy(text: str) -> Policy:
+    if not text.strip():
+        return Policy()
+    try:
+        return Policy.model_validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise PolicyError(f"{POLICY_ENV}: not JSON: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise PolicyError(f"{POLICY_ENV}: {problems}") from None
+
+
+def with_default_queue(labels: Mapping[str, str], policy: Policy) -> dict[str, str]:
+    """A FineTuneJob's labels as its children see them: the admin's default Kueue queue when
+    it has none, so a job that leaves the label out still goes through quota."""
+    if policy.default_queue and LABEL_KUEUE_QUEUE not in labels:
+        return {**labels, LABEL_KUEUE_QUEUE: policy.default_queue}
+    return dict(labels)
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(values) if values else "none"
+
+
+def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy) -> list[str]:
+    """Every rule the job breaks, as '<field>: <what> (<rule>: <allowed>)'."""
+    pod, problems = spec.pod, []
+    prefixes = policy.allowed_image_prefixes
+    if prefixes is not None and pod.image and not pod.image.startswith(prefixes):
+        problems.append(f"spec.pod.image: {pod.image} is not allowed "
+                        f"(allowedImagePrefixes: {_one_of(prefixes)})")
+    classes = policy.allowed_priority_classes
+    if classes is not None and pod.priority_class_name \
+            and pod.priority_class_name not in classes:
+        problems.append(f"spec.pod.priorityClassName: {pod.priority_class_name} is not allowed "
+                        f"(allowedPriorityClasses: {_one_of(classes)})")
+    schedulers = policy.allowed_schedulers
+    if schedulers is not None and pod.scheduler_name and pod.scheduler_name not in schedulers:
+        problems.append(f"spec.pod.schedulerName: {pod.scheduler_name} is not allowed "
+                        f"(allowedSchedulers: {_one_of(schedulers)})")
+    if policy.allowed_tolerations is not None:
+        for index, toleration in enumerate(pod.tolerations):
+            if not any(rule.matches(toleration) for rule in policy.allowed_tolerations):
+                problems.append(f"spec.pod.tolerations[{index}]: {json.dumps(toleration)} "
+                                "matches no allowed toleration (allowedTolerations: "
+                                f"{_describe_tolerations(policy.allowed_tolerations)})")
+    problems += _queue_violations(labels, policy)
+    gpus = spec.resources.nodes * spec.resources.gpus_per_node
+    if policy.max_gpus_per_job is not None and gpus > policy.max_gpus_per_job:
+        problems.append(f"spec.resources: {spec.resources.nodes} nodes x "
+                        f"{spec.resources.gpus_per_node} GPUs = {gpus} GPUs "
+                        f"(maxGpusPerJob: {policy.max_gpus_per_job})")
+    return problems
+
+
+def _queue_violations(labels: Mapping[str, str], policy: Policy) -> list[str]:
+    queue = with_default_queue(labels, policy).get(LABEL_KUEUE_QUEUE)
+    field = f"metadata.labels[{LABEL_KUEUE_QUEUE}]"
+    if queue is None:
+        return [f"{field}: missing (requireQueue: a Kueue queue is required)"] \
+            if policy.require_queue else []
+    if policy.allowed_queues is not None and queue not in policy.allowed_queues:
+        return [f"{field}: {queue} is not allowed "
+                f"(allowedQueues: {_one_of(policy.allowed_queues)})"]
+    return []
+
+
+def _describe_tolerations(rules: tuple[TolerationRule, ...]) -> str:
+    if not rules:
+        return "none"
+    return ", ".join(json.dumps(rule.model_dump(exclude_none=True)) for rule in rules)

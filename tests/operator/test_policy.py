@@ -1,0 +1,119 @@
+"""Admin policy (policy.py): pure rule checks, and how the settings read it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune_api.load import validate_job
+from kubetune_api.spec import FineTuneJobSpec
+from kubetune_operator import builders, policy
+from kubetune_operator.policy import Policy, PolicyError, parse_policy, violations
+from kubetune_operator.settings import Settings
+
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def spec(pod: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 1) -> FineTuneJobSpec:
+    return validate_job({"metadata": {"name": "j", "namespace": "ml"}, "spec": {
+        "model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+        "dataset": {"train": "data.jsonl"}, "output": {"uri": "out"},
+        "resources": {"nodes": nodes, "gpusPerNode": gpus}, "pod": pod or {}}}).spec
+
+
+def test_no_policy_allows_everything() -> None:
+    job = spec({"image": "evil.example/miner:1", "priorityClassName": "system-node-critical",
+                "schedulerName": "mine", "tolerations": [GPU_TAINT]}, nodes=64, gpus=8)
+    assert violations(job, {}, Policy()) == []
+    assert Policy().is_empty and Settings().policy.is_empty
+
+
+def test_the_queue_label_constant_is_the_builders_one() -> None:
+    assert policy.LABEL_KUEUE_QUEUE == builders.LABEL_KUEUE_QUEUE
+
+
+@pytest.mark.parametrize(("rules", "pod", "expected"), [
+    ({"allowedImagePrefixes": ["registry.corp/ml/"]}, {"image": "docker.io/x/trainer:1"},
+     "spec.pod.image: docker.io/x/trainer:1 is not allowed (allowedImagePrefixes: "
+     "registry.corp/ml/)"),
+    ({"allowedImagePrefixes": []}, {"image": "registry.corp/ml/t:1"},
+     "spec.pod.image: registry.corp/ml/t:1 is not allowed (allowedImagePrefixes: none)"),
+    ({"allowedPriorityClasses": ["batch-low"]}, {"priorityClassName": "system-cluster-critical"},
+     "spec.pod.priorityClassName: system-cluster-critical is not allowed "
+     "(allowedPriorityClasses: batch-low)"),
+    ({"allowedSchedulers": ["volcano"]}, {"schedulerName": "my-scheduler"},
+     "spec.pod.schedulerName: my-scheduler is not allowed (allowedSchedulers: volcano)"),
+    ({"allowedTolerations": []}, {"tolerations": [GPU_TAINT]},
+     "spec.pod.tolerations[0]: " + json.dumps(GPU_TAINT)
+     + " matches no allowed toleration (allowedTolerations: none)"),
+    ({"allowedTolerations": [{"key": "pool", "value": "shared"}]},
+     {"tolerations": [{"key": "pool", "operator": "Equal", "value": "shared"}, GPU_TAINT]},
+     "spec.pod.tolerations[1]: " + json.dumps(GPU_TAINT) + " matches no allowed toleration "
+     '(allowedTolerations: {"key": "pool", "value": "shared"})'),
+])
+def test_each_rule_names_the_field_and_the_rule(rules: dict[str, Any], pod: dict[str, Any],
+                                                 expected: str) -> None:
+    assert violations(spec(pod), {}, parse_policy(json.dumps(rules))) == [expected]
+
+
+def test_allowed_values_pass_and_unset_fields_are_always_allowed() -> None:
+    rules = parse_policy(json.dumps({
+        "allowedImagePrefixes": ["registry.corp/ml/"], "allowedPriorityClasses": ["batch"],
+        "allowedSchedulers": [], "allowedTolerations": [{"key": "nvidia.com/gpu"}],
+        "maxGpusPerJob": 16}))
+    ok = spec({"image": "registry.corp/ml/trainer:2", "priorityClassName": "batch",
+               "tolerations": [GPU_TAINT]}, nodes=2, gpus=8)
+    assert violations(ok, {}, rules) == []
+    assert violations(spec(), {}, rules) == []  # operator image, default scheduler, no class
+
+
+def test_gpu_cap_counts_nodes_times_gpus() -> None:
+    rules = Policy(max_gpus_per_job=16)
+    assert violations(spec(nodes=2, gpus=8), {}, rules) == []
+    assert violations(spec(nodes=3, gpus=8), {}, rules) == [
+        "spec.resources: 3 nodes x 8 GPUs = 24 GPUs (maxGpusPerJob: 16)"]
+    assert violations(spec(nodes=1, gpus=1), {}, Policy(max_gpus_per_job=0)) != []
+
+
+def test_queue_required_defaulted_and_restricted() -> None:
+    label = policy.LABEL_KUEUE_QUEUE
+    required = Policy(require_queue=True)
+    assert violations(spec(), {}, required) == [
+        f"metadata.labels[{label}]: missing (requireQueue: a Kueue queue is required)"]
+    assert violations(spec(), {label: "team-a"}, required) == []
+    defaulted = Policy(require_queue=True, default_queue="shared")
+    assert violations(spec(), {}, defaulted) == []
+    assert policy.with_default_queue({"team": "a"}, defaulted) == {"team": "a", label: "shared"}
+    assert policy.with_default_queue({label: "mine"}, defaulted) == {label: "mine"}
+    assert policy.with_default_queue({}, Policy()) == {}
+    restricted = Policy(allowed_queues=("team-a",), default_queue="team-a")
+    assert violations(spec(), {label: "team-b"}, restricted) == [
+        f"metadata.labels[{label}]: team-b is not allowed (allowedQueues: team-a)"]
+
+
+def test_every_violation_is_reported_at_once() -> None:
+    rules = Policy(allowed_schedulers=(), max_gpus_per_job=1, require_queue=True)
+    problems = violations(spec({"schedulerName": "x"}, gpus=2), {}, rules)
+    assert [p.split(":")[0] for p in problems] == [
+        "spec.pod.schedulerName", f"metadata.labels[{policy.LABEL_KUEUE_QUEUE}]",
+        "spec.resources"]
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("{not json", "KUBETUNE_POLICY: not JSON"),
+    ('{"allowedImages": ["x"]}', "KUBETUNE_POLICY: allowedImages: Extra inputs"),
+    ('{"maxGpusPerJob": -1}', "maxGpusPerJob: Input should be greater than or equal to 0"),
+    ('{"allowedTolerations": [{"keys": "x"}]}', "allowedTolerations.0.keys"),
+])
+def test_a_malformed_policy_stops_the_operator_with_the_field(text: str, words: str) -> None:
+    with pytest.raises(PolicyError, match=words.replace("[", r"\[")):
+        Settings.from_env({"KUBETUNE_POLICY": text})
+
+
+def test_settings_read_the_policy_json() -> None:
+    settings = Settings.from_env({"KUBETUNE_POLICY": json.dumps(
+        {"allowedSchedulers": ["volcano"], "defaultQueue": "q", "allowedTolerations": None})})
+    assert settings.policy == Policy(allowed_schedulers=("volcano",), default_queue="q")
+    assert Settings.from_env({"KUBETUNE_POLICY": ""}).policy == Policy()
