@@ -148,11 +148,8 @@ class KubeApi:
                                      "propagationPolicy": propagation})
         return result is not None
 
-    async def fetch_text(self, url: str, timeout: float) -> str:
-        """A plain GET outside the API server (rank 0's /metrics), without the token."""
+    def plain_session(self) -> aiohttp.ClientSession:
+        """A session for requests outside the API server (rank 0's /metrics): no token."""
         if self._plain is None:
             self._plain = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16))
-        async with self._plain.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
-                as response:
-            response.raise_for_status()
-            return await response.text()
+        return self._plain

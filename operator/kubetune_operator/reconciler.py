@@ -36,6 +36,7 @@ from kubetune_operator.builders import (
 )
 from kubetune_operator.kube import CONFIG_MAPS, JOBS, SERVICES, KubeApi, Resource
 from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.scrape import scrape_progress
 from kubetune_operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -260,9 +261,9 @@ class Reconciler:
         if url is None:
             return
         try:
-            text = await self.api.fetch_text(url, self.settings.scrape_timeout)
-            progress = st.parse_progress(text, self.clock())
-        except Exception as exc:  # a slow or restarting rank must not fail the timer
+            progress = await scrape_progress(self.api.plain_session(), url,
+                                             self.settings.scrape_timeout, self.clock())
+        except Exception as exc:  # a slow, hostile or restarting rank must not fail the timer
             logger.debug("%s/%s: no progress from %s: %s", namespace, name, url, exc)
             return
         if progress is None or _same_progress(progress, status.progress):
