@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,8 +369,60 @@ def _times(quantity: str, factor: int) -> str:
     return f"{number:g}{unit}" if not number.is_integer() else f"{int(number)}{unit}"
 
 
+# --- NetworkPolicy ------------------------------------------------------------------------------
+
+DNS_PORT = 53
+WEB_PORTS = (443, 80)  # object stores and the Hugging Face Hub
+
+
+def network_policy_name(job_name: str) -> str:
+    return base_name(job_name)
+
+
+def build_network_policy(job: FineTuneJob, owner: Owner, settings: Settings) -> Manifest:
+    """What a gang needs on the network, nothing more: its ranks reach each other on every
+    port (rendezvous, NCCL/gloo pick ports at run time); the operator and Prometheus reach the
+    metrics ports; the ranks reach DNS, the object store and the Hub. Anything else (a proxy,
+    an experiment tracker) is the admin's settings.extra_egress."""
+    ranks = [{"podSelector": {"matchLabels": {LABEL_JOB: base_name(owner.name)}}}]
+    ingress: list[Manifest] = [{"from": ranks}]
+    if settings.metrics_from:
+        first = job.spec.metrics.port
+        last = first + max(1, job.spec.resources.gpus_per_node) - 1  # one port per local rank
+        port: Manifest = {"protocol": "TCP", "port": first}
+        if last > first:
+            port["endPort"] = last
+        ingress.append({"from": list(settings.metrics_from), "ports": [port]})
+    web = sorted({*WEB_PORTS, *_endpoint_port(job.spec.storage.endpoint_url)})
+    egress: list[Manifest] = [
+        {"to": ranks},
+        {"ports": [{"protocol": proto, "port": DNS_PORT} for proto in ("UDP", "TCP")]},
+        {"ports": [{"protocol": "TCP", "port": p} for p in web]},
+        *settings.extra_egress,
+    ]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _metadata(network_policy_name(owner.name), owner),
+            "spec": {"podSelector": {"matchLabels": {LABEL_JOB: base_name(owner.name)}},
+                     "policyTypes": ["Ingress", "Egress"],
+                     "ingress": ingress, "egress": egress}}
+
+
+def _endpoint_port(url: str | None) -> list[int]:
+    """The port of spec.storage.endpointUrl (a MinIO on :9000), when it names one."""
+    if not url:
+        return []
+    try:
+        port = urllib.parse.urlsplit(url).port
+    except ValueError:
+        return []
+    return [port] if port else []
+
+
 def build_children(job: FineTuneJob, owner: Owner, attempt: int,
                    settings: Settings) -> list[Manifest]:
-    """In creation order: the pods of the Job mount the ConfigMap and resolve the Service."""
-    return [build_config_map(job, owner), build_service(job, owner),
-            build_job(job, owner, attempt, settings)]
+    """In creation order: the pods of the Job mount the ConfigMap, resolve the Service and
+    start behind their NetworkPolicy."""
+    children = [build_config_map(job, owner), build_service(job, owner)]
+    if settings.network_policy:
+        children.append(build_network_policy(job, owner, settings))
+    return [*children, build_job(job, owner, attempt, settings)]

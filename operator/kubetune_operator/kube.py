@@ -51,6 +51,7 @@ PODS = Resource("", "v1", "pods")
 CONFIG_MAPS = Resource("", "v1", "configmaps")
 SERVICES = Resource("", "v1", "services")
 JOBS = Resource("batch", "v1", "jobs")
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies")
 
 
 class ApiError(Exception):

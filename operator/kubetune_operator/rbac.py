@@ -22,6 +22,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*WATCH, "create", "patch",
                                                               "delete"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
     # Pods are only read (their Job owns them; deleting the Job deletes them).
     {"apiGroups": [""], "resources": ["pods"], "verbs": WATCH},
     # Events for every transition (kopf posts them).

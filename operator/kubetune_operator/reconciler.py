@@ -34,7 +34,14 @@ from kubetune_operator.builders import (
     is_queue_managed,
     master_address,
 )
-from kubetune_operator.kube import CONFIG_MAPS, JOBS, SERVICES, KubeApi, Resource
+from kubetune_operator.kube import (
+    CONFIG_MAPS,
+    JOBS,
+    NETWORK_POLICIES,
+    SERVICES,
+    KubeApi,
+    Resource,
+)
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.scrape import scrape_progress
 from kubetune_operator.settings import Settings
@@ -42,7 +49,8 @@ from kubetune_operator.settings import Settings
 logger = logging.getLogger(__name__)
 
 FINETUNEJOBS = Resource(GROUP, VERSION, PLURAL)
-CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES, "Job": JOBS}
+CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES,
+                   "NetworkPolicy": NETWORK_POLICIES, "Job": JOBS}
 
 Key = tuple[str, str]  # (namespace, name)
 CREATION_GRACE_SECONDS = 30.0  # how long a just-created Job may be missing from the index

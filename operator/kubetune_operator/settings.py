@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubetune_operator.policy import POLICY_ENV, Policy, parse_policy
 
@@ -41,6 +43,25 @@ def _quantity(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, str(default)).strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"{name}={value!r}: expected true or false")
+    return value == "true"
+
+
+def _json_objects(env: Mapping[str, str], name: str) -> tuple[dict[str, Any], ...]:
+    """A JSON list of objects (Kubernetes structures the chart renders with toJson)."""
+    text = env.get(name, "").strip()
+    try:
+        value = json.loads(text) if text else []
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}: not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{name}: expected a JSON list of objects")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -65,6 +86,12 @@ class Settings:
     cpu_without_gpu: str = "1"
     memory_without_gpu: str = "4Gi"
     policy: Policy = field(default_factory=Policy)  # admin rules (policy.py)
+    # A NetworkPolicy per job (builders.build_network_policy): who may scrape the ranks'
+    # metrics (NetworkPolicyPeers: the operator, Prometheus) and extra egress rules
+    # (NetworkPolicyEgressRules: a proxy, an experiment tracker, ...).
+    network_policy: bool = True
+    metrics_from: tuple[dict[str, Any], ...] = ()
+    extra_egress: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -93,4 +120,7 @@ class Settings:
             memory_without_gpu=_quantity(env, "KUBETUNE_MEMORY_WITHOUT_GPU",
                                          cls.memory_without_gpu),
             policy=parse_policy(env.get(POLICY_ENV, "")),
+            network_policy=_flag(env, "KUBETUNE_NETWORK_POLICY", cls.network_policy),
+            metrics_from=_json_objects(env, "KUBETUNE_METRICS_FROM"),
+            extra_egress=_json_objects(env, "KUBETUNE_EXTRA_EGRESS"),
         )

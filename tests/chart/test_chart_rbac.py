@@ -39,6 +39,8 @@ def granted(objects: tuple[Manifest, ...], kind: str) -> dict[str, set[Triple]]:
     """Rules of every Role/ClusterRole, keyed by namespace ("" for cluster roles)."""
     out: dict[str, set[Triple]] = {}
     for role in find(objects, kind):
+        if is_aggregated(role):
+            continue  # for the cluster's users, not the operator (test_aggregated_roles)
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"wildcard in {kind} {rule}"
@@ -46,6 +48,11 @@ def granted(objects: tuple[Manifest, ...], kind: str) -> dict[str, set[Triple]]:
         ns = role["metadata"].get("namespace", "")
         out.setdefault(ns, set()).update(triples(role["rules"]))
     return out
+
+
+def is_aggregated(role: Manifest) -> bool:
+    labels = role["metadata"].get("labels") or {}
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in labels)
 
 
 def check_binding(binding: Manifest, role: Manifest, service_account: str) -> None:
@@ -76,6 +83,8 @@ def test_rendered_rbac_is_rbac_py_for_the_mode(scenario: str, values: Path | Non
             assert rules == expected - in_cluster_role, ns
     for kind, binding_kind in (("ClusterRole", "ClusterRoleBinding"), ("Role", "RoleBinding")):
         for role in find(objects, kind):
+            if is_aggregated(role):
+                continue  # bound by Kubernetes' own admin/edit/view roles
             matching = [b for b in find(objects, binding_kind)
                         if b["metadata"]["name"] == role["metadata"]["name"]
                         and b["metadata"].get("namespace") == role["metadata"].get("namespace")]
@@ -193,3 +202,22 @@ def test_reconciler_audit_sees_the_operators_writes() -> None:
     calls = reconciler_calls()
     assert ("batch", "jobs", "create") in calls and ("", "configmaps", "create") in calls
     assert ("kubetune.dev", "finetunejobs/status", "patch") in calls
+
+
+def test_aggregated_roles_give_namespace_users_finetunejobs() -> None:
+    roles = {r["metadata"]["name"]: r for r in find(render(), "ClusterRole") if is_aggregated(r)}
+    edit, view = roles["kubetune-edit"], roles["kubetune-view"]
+    assert {k: v for k, v in edit["metadata"]["labels"].items() if "aggregate" in k} == {
+        "rbac.authorization.k8s.io/aggregate-to-admin": "true",
+        "rbac.authorization.k8s.io/aggregate-to-edit": "true"}
+    assert {k for k in view["metadata"]["labels"] if "aggregate" in k} == {
+        "rbac.authorization.k8s.io/aggregate-to-view"}
+    writes = triples(edit["rules"])
+    assert ("kubetune.dev", "finetunejobs", "create") in writes
+    assert ("kubetune.dev", "finetunejobs", "delete") in writes
+    # Status is the operator's: users read it, never write it.
+    assert {v for g, r, v in writes if r == "finetunejobs/status"} == {"get", "list", "watch"}
+    assert {v for _, _, v in triples(view["rules"])} == {"get", "list", "watch"}
+    assert {r for _, r, _ in triples(view["rules"])} == {"finetunejobs", "finetunejobs/status"}
+    off = render(sets=("rbac.aggregateToDefaultRoles=false",))
+    assert not [r for r in find(off, "ClusterRole") if is_aggregated(r)]

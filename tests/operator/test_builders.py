@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def test_names_are_deterministic_dns_labels() -> None:
 
 def test_all_children_are_owned_and_labelled() -> None:
     children = builders.build_children(make_job(), OWNER, 1, SETTINGS)
-    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "Job"]
+    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
     for child in children:
         assert child["metadata"]["ownerReferences"] == [{
             "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "llama",
@@ -402,3 +403,59 @@ def test_customized_pods_still_validate_against_kubernetes() -> None:
                          {"name": "fuse", "mountPath": "/gcs", "subPath": "data"}]}}
     for manifest in builders.build_children(make_job(spec), OWNER, 1, SETTINGS):
         kubernetes_validate.validate(manifest, "1.35", strict=True)
+
+
+OPERATOR_PEER = {"namespaceSelector": {"matchLabels": {
+    "kubernetes.io/metadata.name": "kubetune"}}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/component": "operator"}}}
+EXTRA_EGRESS = {"to": [{"ipBlock": {"cidr": "10.0.0.10/32"}}],
+                "ports": [{"protocol": "TCP", "port": 3128}]}
+
+
+def test_network_policy_lets_ranks_talk_and_only_scrapers_reach_metrics() -> None:
+    settings = Settings(metrics_from=(OPERATOR_PEER,), extra_egress=(EXTRA_EGRESS,))
+    policy = builders.build_network_policy(make_job(), OWNER, settings)
+    spec = policy["spec"]
+    ranks = [{"podSelector": {"matchLabels": {builders.LABEL_JOB: "llama"}}}]
+    assert spec["podSelector"] == ranks[0]["podSelector"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["ingress"] == [
+        {"from": ranks},  # every port: rendezvous, NCCL
+        {"from": [OPERATOR_PEER], "ports": [{"protocol": "TCP", "port": 9500,
+                                             "endPort": 9507}]}]  # 8 local ranks
+    assert spec["egress"] == [
+        {"to": ranks},
+        {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {"ports": [{"protocol": "TCP", "port": 80}, {"protocol": "TCP", "port": 443},
+                   {"protocol": "TCP", "port": 9000}]},  # spec.storage.endpointUrl's port
+        EXTRA_EGRESS]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    kubernetes_validate.validate(policy, "1.35", strict=True)
+
+
+def test_network_policy_without_scrapers_or_gpus_and_switched_off() -> None:
+    cpu_only = {**FULL_SPEC, "resources": {"gpusPerNode": 0}, "storage": {}}
+    spec = builders.build_network_policy(make_job(cpu_only), OWNER, Settings())["spec"]
+    assert spec["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
+        builders.LABEL_JOB: "llama"}}}]}]  # nobody else may reach the ranks
+    assert spec["egress"][2] == {"ports": [{"protocol": "TCP", "port": 80},
+                                           {"protocol": "TCP", "port": 443}]}
+    one_port = builders.build_network_policy(
+        make_job(cpu_only), OWNER, Settings(metrics_from=(OPERATOR_PEER,)))["spec"]
+    assert one_port["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 9500}]
+    kinds = [c["kind"] for c in builders.build_children(
+        make_job(), OWNER, 1, Settings(network_policy=False))]
+    assert "NetworkPolicy" not in kinds
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"KUBETUNE_NETWORK_POLICY": "yes"}, "KUBETUNE_NETWORK_POLICY='yes'"),
+    ({"KUBETUNE_METRICS_FROM": "{"}, "KUBETUNE_METRICS_FROM: not JSON"),
+    ({"KUBETUNE_EXTRA_EGRESS": '{"to": []}'}, "KUBETUNE_EXTRA_EGRESS: expected a JSON list"),
+])
+def test_bad_network_settings_stop_the_operator(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        Settings.from_env(env)
+    settings = Settings.from_env({"KUBETUNE_NETWORK_POLICY": "false",
+                                  "KUBETUNE_METRICS_FROM": f"[{json.dumps(OPERATOR_PEER)}]"})
+    assert settings.network_policy is False and settings.metrics_from == (OPERATOR_PEER,)

@@ -91,3 +91,16 @@ app.kubernetes.io/component: operator
 {{- define "kubetune.peeringName" -}}
 {{- include "kubetune.fullname" . }}
 {{- end }}
+
+{{/* The admin policy as the operator reads it (KUBETUNE_POLICY): empty strings dropped. */}}
+{{- define "kubetune.policyJson" -}}
+{{- $policy := deepCopy .Values.policy }}
+{{- if not $policy.defaultQueue }}{{- $_ := unset $policy "defaultQueue" }}{{- end }}
+{{- toJson $policy }}
+{{- end }}
+
+{{/* NetworkPolicyPeers that may scrape trainer ranks: the operator pods, then the admin's. */}}
+{{- define "kubetune.trainerMetricsFrom" -}}
+{{- $operator := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (fromYaml (include "kubetune.selectorLabels" .))) }}
+{{- toJson (prepend .Values.trainer.networkPolicy.metricsFrom $operator) }}
+{{- end }}

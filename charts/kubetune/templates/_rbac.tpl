@@ -21,6 +21,10 @@
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create]
+# Each job's NetworkPolicy: created once (owned by the FineTuneJob).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create]
 # Trainer pods are only read (their Job owns them).
 - apiGroups: [""]
   resources: [pods]
