@@ -32,6 +32,7 @@ from kubetune_operator.builders import (
     TRAINER_CONTAINER,
     attempt_job_name,
 )
+from kubetune_operator.redact import redact
 
 Manifest = dict[str, Any]
 
@@ -111,7 +112,7 @@ def _terminated(pod: Manifest) -> Manifest | None:
 
 
 def _tail(text: str | None) -> str:
-    text = (text or "").strip()
+    text = redact((text or "").strip())  # log lines may print credentials (redact.py)
     return text if len(text) <= MESSAGE_TAIL else "…" + text[-MESSAGE_TAIL:]
 
 
