@@ -1,0 +1,293 @@
+"""Shared-cluster behaviour of the real operator process against the emulated API server:
+admin policy, the Hub token never leaking, and rank 0 endpoints that misbehave.
+
+Tests play Kueue (unsuspending a queued Job), the Job controller and kubelet
+(support/operator_process.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import socketserver
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune_api import contract
+from support.kube_emulator import EmulatorThread
+from support.operator_process import (
+    FTJ,
+    JOBS,
+    PODS,
+    OperatorProcess,
+    set_pod_state,
+    start_job_pods,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "default"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+POLICY = {"allowedImagePrefixes": ["registry.corp/ml/"], "allowedTolerations": [],
+          "allowedSchedulers": [], "defaultQueue": "shared", "maxGpusPerJob": 8}
+# Shaped like a real Hub token, so a leak could not hide behind an unusual format.
+CANARY = "hf_" + "KubetuneCanary0123456789abcdefXYZ"
+CHILDREN = ("v1/configmaps", "v1/services", "networking.k8s.io/v1/networkpolicies", JOBS)
+
+
+def finetunejob(name: str, labels: dict[str, str] | None = None,
+                **spec_overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "tiny-lora.yaml").read_text())
+    body["metadata"] = {"name": name, "namespace": NS, "labels": labels or {}}
+    for key, value in spec_overrides.items():
+        body["spec"][key] = {**body["spec"].get(key, {}), **value}
+    return body
+
+
+class Cluster:
+    def __init__(self, api: EmulatorThread, operator: OperatorProcess) -> None:
+        self.api, self.operator = api, operator
+
+    def wait(self, probe: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+        try:
+            return wait_for(probe, timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- operator log ---\n"
+                                 f"{self.operator.logs()[-4000:]}") from None
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.api.get(FTJ, NS, name) or {}).get("status", {})
+
+    def wait_phase(self, name: str, phase: str) -> dict[str, Any]:
+        return self.wait(lambda: self.status(name).get("phase") == phase and self.status(name),
+                         f"{name} phase {phase} (now {self.status(name).get('phase')})")
+
+    def job(self, name: str) -> dict[str, Any]:
+        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}")
+
+    def owned(self, resource: str, base: str) -> list[dict[str, Any]]:
+        return self.api.find(resource, NS, labels=f"kubetune.dev/finetunejob={base}")
+
+    def admit_and_run(self, name: str) -> list[dict[str, Any]]:
+        """Kueue admits the queued gang; the Job controller starts its pods."""
+        job = self.job(f"{name}-a1")
+        self.api.patch(JOBS, NS, f"{name}-a1", {"spec": {"suspend": False}})
+        pods = start_job_pods(self.api, job)
+        self.wait_phase(name, "Running")
+        return pods
+
+    def events_of(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.api.find("v1/events", NS)
+                if e["involvedObject"]["name"] == name]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        operator = OperatorProcess(api, tmp_path_factory.mktemp("operator"),
+                                   KUBETUNE_POLICY=json.dumps(POLICY),
+                                   KUBETUNE_SCRAPE_TIMEOUT="1")
+        with operator:
+            yield Cluster(api, operator)
+
+
+# --- admin policy ---------------------------------------------------------------------------
+
+def test_a_violating_job_fails_before_any_child_exists(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob(
+        "rogue", resources={"nodes": 2, "gpusPerNode": 8},
+        pod={"image": "docker.io/someone/miner:latest", "schedulerName": "my-scheduler",
+             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}))
+    status = cluster.wait_phase("rogue", "Failed")
+    [failed] = [c for c in status["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "PolicyViolation"
+    for words in ("spec.pod.image: docker.io/someone/miner:latest is not allowed "
+                  "(allowedImagePrefixes: registry.corp/ml/)",
+                  "spec.pod.schedulerName: my-scheduler is not allowed (allowedSchedulers: none)",
+                  "spec.pod.tolerations[0]", "(allowedTolerations: none)",
+                  "2 nodes x 8 GPUs = 16 GPUs (maxGpusPerJob: 8)"):
+        assert words in failed["message"], failed["message"]
+    cluster.wait(lambda: any(e["reason"] == "PolicyViolation" for e in cluster.events_of("rogue")),
+                 "PolicyViolation event")
+    version = cluster.api.get(FTJ, NS, "rogue")["metadata"]["resourceVersion"]
+    time.sleep(2.5)  # more than two timer intervals: nothing retries it, nothing is created
+    assert cluster.api.get(FTJ, NS, "rogue")["metadata"]["resourceVersion"] == version
+    for resource in CHILDREN:
+        assert cluster.owned(resource, "rogue") == [], resource
+
+
+def test_a_job_without_a_queue_gets_the_default_one(cluster: Cluster) -> None:
+    cluster.api.create(FTJ, finetunejob("unqueued", pod={"image": "registry.corp/ml/t:1"}))
+    job = cluster.job("unqueued-a1")
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "shared"
+    assert job["spec"]["suspend"] is True  # Kueue admits it, not the operator
+    cluster.wait(lambda: any(c.get("reason") == "Queued"
+                             for c in cluster.status("unqueued").get("conditions", [])),
+                 "Queued condition")
+    own = finetunejob("own-queue", labels={QUEUE_LABEL: "team-a"})
+    cluster.api.create(FTJ, own)
+    assert cluster.job("own-queue-a1")["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+
+
+# --- the Hub token -------------------------------------------------------------------------
+
+def test_the_hub_token_reaches_only_the_trainer(cluster: Cluster) -> None:
+    cluster.api.create("v1/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf", "namespace": NS},
+        "data": {"HF_TOKEN": base64.b64encode(CANARY.encode()).decode()}})
+    cluster.api.create(FTJ, finetunejob("gated", model={"tokenSecret": {"name": "hf"}}))
+    [pod] = cluster.admit_and_run("gated")
+    # A rank dies printing its environment: the log tail reaches status and events.
+    set_pod_state(cluster.api, NS, pod["metadata"]["name"], "Failed", exit_code=1,
+                  message=f"Traceback ...\nenviron={{'HF_TOKEN': '{CANARY}'}}\n"
+                          f"huggingface_hub: 401 for token {CANARY}\nRuntimeError: boom")
+    cluster.wait(lambda: cluster.status("gated").get("restarts", 0) >= 1, "a restart")
+    cluster.wait(lambda: any("boom" in e.get("message", "") for e in cluster.events_of("gated")),
+                 "the failure's event")
+    # The pods reference the key by name, as a file for the Hub client.
+    template = cluster.job("gated-a2")["spec"]["template"]["spec"]
+    volume = next(v for v in template["volumes"] if v["name"] == "hf-token")
+    assert volume["secret"]["secretName"] == "hf"
+    env = {e["name"]: e for e in template["containers"][0]["env"]}
+    assert env["HF_TOKEN_PATH"]["value"] == f"{contract.HF_TOKEN_DIR}/HF_TOKEN"
+    # Nowhere else: every object of the cluster but the Secret itself, and the operator log.
+    leaks = [f"{kind} {obj['metadata'].get('name')}"
+             for kind, objects in all_objects(cluster.api).items() for obj in objects
+             if kind != "v1/secrets" and CANARY in json.dumps(obj)]
+    failed_pods = [p["metadata"]["name"] for p in cluster.api.find(PODS, NS)
+                   if CANARY in json.dumps(p)]
+    # The pod's own termination message holds the log tail (kubelet's copy); the operator
+    # must not spread it further.
+    assert [leak for leak in leaks if not leak.startswith(PODS)] == [], leaks
+    assert set(failed_pods) <= {pod["metadata"]["name"]}
+    assert CANARY not in cluster.operator.logs()
+    failure = next(e["message"] for e in cluster.events_of("gated") if "boom" in e["message"])
+    assert "***" in failure, failure  # what was masked, visibly
+
+
+def all_objects(api: EmulatorThread) -> dict[str, list[dict[str, Any]]]:
+    kinds = ("v1/configmaps", "v1/services", "v1/events", PODS, JOBS, FTJ,
+             "networking.k8s.io/v1/networkpolicies", "v1/secrets")
+    return {kind: api.find(kind, NS) for kind in kinds}
+
+
+# --- rank 0 endpoints that misbehave --------------------------------------------------------
+
+class Hostile(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour, self.sent, self.scrapes = behaviour, 0, 0
+        super().__init__(("127.0.0.1", 0), HostileHandler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+class HostileHandler(socketserver.StreamRequestHandler):
+    server: Hostile
+
+    def handle(self) -> None:
+        try:
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            self.server.scrapes += 1
+            getattr(self, self.server.behaviour)()
+        except OSError:
+            pass  # the operator hung up: that is the point
+
+    def flood(self) -> None:
+        """100 MB of well-formed trainer samples, no length announced."""
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        chunk = f'{contract.METRIC_STEP}{{rank="0"}} 1\n'.encode() * 4096
+        while self.server.sent < 100 * 2**20:
+            self.wfile.write(chunk)
+            self.server.sent += len(chunk)
+
+    def stall(self) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        self.wfile.flush()
+        self.request.settimeout(30)
+        self.request.recv(1)  # until the operator gives up and closes
+
+    def garbage(self) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n"
+                         + bytes(range(256)) * 781 + b"\xff" * 64)
+
+
+@pytest.fixture
+def hostile_ranks(cluster: Cluster) -> Iterator[list[Hostile]]:
+    servers = [Hostile(b) for b in ("flood", "stall", "garbage")]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def scrapes_of(server: Hostile) -> Callable[[], bool]:
+    """True once the server has answered at least one scrape (the operator connected)."""
+    def probe() -> bool:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=1):
+            pass
+        return True
+    return probe
+
+
+def test_hostile_rank0_endpoints_leave_the_operator_responsive(
+        cluster: Cluster, hostile_ranks: list[Hostile]) -> None:
+    assert cluster.operator.process is not None
+    pid, before = cluster.operator.process.pid, 0.0
+    for server in hostile_ranks:
+        name = f"hostile-{server.behaviour}"
+        cluster.api.create(FTJ, finetunejob(name, labels={QUEUE_LABEL: "shared"},
+                                            metrics={"port": server.port}))
+        cluster.admit_and_run(name)
+        before = before or rss_mb(pid)  # up and reconciling, not scraped yet
+    flood = hostile_ranks[0]
+    cluster.wait(lambda: flood.scrapes > 0, "the operator scraping the flood", timeout=30)
+    # While the operator keeps scraping them (every second), other jobs reconcile at once:
+    # bystanders created over several scrape rounds.
+    latencies: list[float] = []
+    first_scrape, stall = flood.scrapes, hostile_ranks[1]
+    while len(latencies) < 8 or flood.scrapes < first_scrape + 3 or stall.scrapes < 2:
+        name = f"bystander-{len(latencies)}"
+        started = time.monotonic()
+        cluster.api.create(FTJ, finetunejob(name))
+        cluster.wait(lambda n=name: cluster.api.get(JOBS, NS, f"{n}-a1"), f"{name}'s Job",
+                     timeout=30)
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.25)
+        assert len(latencies) < 200, "the operator stopped scraping"
+    print(f"create->Job latency with hostile ranks: {[round(s, 3) for s in latencies]} s; "
+          f"flood sent {flood.sent / 2**20:.1f} MiB; operator RSS {before:.0f} -> "
+          f"{rss_mb(pid):.0f} MB")
+    assert statistics.median(latencies) < 1.0, latencies
+    assert max(latencies) < 3.0, latencies  # one slow poll on a loaded 2-core machine at most
+    # The flood was cut off near the limit each time, never read to its 100 MB.
+    assert flood.sent < 100 * 2**20
+    assert flood.scrapes >= 3 and stall.scrapes >= 2  # scraped again and again
+    assert rss_mb(pid) - before < 60
+    for server in hostile_ranks:  # no progress invented from garbage
+        assert "progress" not in cluster.status(f"hostile-{server.behaviour}")
+    assert cluster.operator.process.poll() is None
