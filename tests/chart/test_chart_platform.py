@@ -126,3 +126,38 @@ def test_operator_metrics_can_be_limited_to_prometheus() -> None:
 def example() -> Any:
     from chartlib import ROOT, example_job
     return example_job(ROOT / "examples" / "tiny-lora.yaml")
+
+
+def test_every_volume_type_the_contract_allows_keeps_the_pod_restricted() -> None:
+    """The contract's volume allow-list is Pod Security "restricted"'s: a pod using every
+    allowed type, pod labels/annotations, envFrom and a token file still passes."""
+    import yaml
+    from chartlib import ROOT
+    from pss import violations
+
+    from kubetune_api.load import validate_job
+    from kubetune_api.spec import VOLUME_SOURCES
+
+    body = yaml.safe_load((ROOT / "examples" / "llama2-7b-qlora.yaml").read_text())
+    sources: dict[str, dict[str, Any]] = {
+        "persistentVolumeClaim": {"claimName": "c"}, "configMap": {"name": "m"},
+        "secret": {"secretName": "s"}, "emptyDir": {}, "csi": {"driver": "d.example"},
+        "ephemeral": {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"],
+                                                       "resources": {"requests": {
+                                                           "storage": "1Gi"}}}}},
+        "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]},
+        "downwardAPI": {"items": [{"path": "l", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
+    assert set(sources) == set(VOLUME_SOURCES)
+    body["spec"]["pod"] = {
+        "volumes": [{"name": kind.lower(), kind: source} for kind, source in sources.items()],
+        "volumeMounts": [{"name": kind.lower(), "mountPath": f"/mnt/{kind.lower()}"}
+                         for kind in sources],
+        "envFrom": [{"secretRef": {"name": "extra"}}], "labels": {"team": "a"},
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "rdma"}}
+    body["spec"]["model"]["tokenSecret"] = {"name": "hf"}
+    body["spec"]["model"]["cache"] = {"pvc": "hf-models"}
+    body["metadata"]["namespace"] = "ml"
+    job = validate_job(body)
+    manifest = builders.build_job(job, Owner(job.name, "ml", "u", {}), 1, Settings())
+    template = manifest["spec"]["template"]
+    assert violations(template["spec"], template["metadata"].get("annotations")) == []
