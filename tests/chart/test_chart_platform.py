@@ -6,8 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chartlib import find, one, operator_env, render, require_helm, run_helm, template_args
+import yaml
+from chartlib import (
+    ROOT,
+    example_job,
+    find,
+    one,
+    operator_env,
+    render,
+    require_helm,
+    run_helm,
+    template_args,
+)
+from pss import violations
 
+from kubetune_api.load import validate_job
+from kubetune_api.spec import VOLUME_SOURCES
 from kubetune_operator import builders
 from kubetune_operator.builders import Owner
 from kubetune_operator.policy import Policy, TolerationRule
@@ -124,20 +138,12 @@ def test_operator_metrics_can_be_limited_to_prometheus() -> None:
 
 
 def example() -> Any:
-    from chartlib import ROOT, example_job
     return example_job(ROOT / "examples" / "tiny-lora.yaml")
 
 
 def test_every_volume_type_the_contract_allows_keeps_the_pod_restricted() -> None:
     """The contract's volume allow-list is Pod Security "restricted"'s: a pod using every
     allowed type, pod labels/annotations, envFrom and a token file still passes."""
-    import yaml
-    from chartlib import ROOT
-    from pss import violations
-
-    from kubetune_api.load import validate_job
-    from kubetune_api.spec import VOLUME_SOURCES
-
     body = yaml.safe_load((ROOT / "examples" / "llama2-7b-qlora.yaml").read_text())
     sources: dict[str, dict[str, Any]] = {
         "persistentVolumeClaim": {"claimName": "c"}, "configMap": {"name": "m"},
