@@ -56,5 +56,6 @@ HF_HUB_CACHE_DIR = f"{HF_HOME_DIR}/hub"  # HF_HUB_CACHE: spec.model.cache's clai
 SECRETS_DIR = "/var/run/secrets/kubetune"  # read-only Secret files (the Hub token)
 HF_TOKEN_DIR = f"{SECRETS_DIR}/hf-token"
 IMAGE_OUTPUT_DIR = "/opt/kubetune/out"  # emptyDir: relative output URIs of the examples
+IMAGE_HOME_DIR = "/home/kubetune"  # emptyDir: the trainer images' HOME (~/.cache, ~/.triton)
 RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR, SHM_DIR, HF_HOME_DIR, SECRETS_DIR,
-                        IMAGE_OUTPUT_DIR, DEFAULT_TERMINATION_LOG)
+                        IMAGE_OUTPUT_DIR, IMAGE_HOME_DIR, DEFAULT_TERMINATION_LOG)

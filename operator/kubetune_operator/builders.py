@@ -227,9 +227,10 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
         # lines land in the same place, so a Failed condition can quote them.
         "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        # Writable paths are volumes (operator_mounts): the image itself stays untouched.
+        # Writable paths are volumes (operator_mounts): the image itself stays untouched. An
+        # admin whose custom images write elsewhere turns it off (settings).
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-                            "readOnlyRootFilesystem": True,
+                            "readOnlyRootFilesystem": settings.read_only_root_filesystem,
                             "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
@@ -253,6 +254,7 @@ def operator_volumes(job: FineTuneJob, owner: Owner) -> list[Manifest]:
         {"name": "tmp", "emptyDir": {}},
         {"name": "hf-home", "emptyDir": {}},
         {"name": "image-output", "emptyDir": {}},
+        {"name": "home", "emptyDir": {}},
     ]
     if model.cache is not None:
         volumes.append({"name": "hf-cache", "persistentVolumeClaim": {
@@ -273,6 +275,7 @@ def operator_mounts(job: FineTuneJob) -> list[Manifest]:
         {"name": "tmp", "mountPath": contract.SCRATCH_DIR},
         {"name": "hf-home", "mountPath": contract.HF_HOME_DIR},
         {"name": "image-output", "mountPath": contract.IMAGE_OUTPUT_DIR},
+        {"name": "home", "mountPath": contract.IMAGE_HOME_DIR},
     ]
     if model.cache is not None:
         mounts.append({"name": "hf-cache", "mountPath": contract.HF_HUB_CACHE_DIR,

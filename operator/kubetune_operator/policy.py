@@ -128,6 +128,17 @@ def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy)
     return problems
 
 
+MAX_MESSAGE = 1000  # characters of a PolicyViolation condition and event
+
+
+def summary(problems: list[str]) -> str:
+    """The violations as one condition message, capped (a job may list many tolerations)."""
+    text = "; ".join(problems)
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return text[:MAX_MESSAGE].rsplit("; ", 1)[0] + f"; … ({len(problems)} violations in all)"
+
+
 def _queue_violations(labels: Mapping[str, str], policy: Policy) -> list[str]:
     queue = with_default_queue(labels, policy).get(LABEL_KUEUE_QUEUE)
     field = f"metadata.labels[{LABEL_KUEUE_QUEUE}]"

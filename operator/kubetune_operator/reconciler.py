@@ -133,9 +133,9 @@ class Reconciler:
         if not status.attempt and status.phase is None:  # before the first child exists
             problems = policy.violations(job.spec, owner.labels, self.settings.policy)
             if problems:
-                await self._reject(body, status, "; ".join(problems),
-                                   reason=policy.REASON_POLICY_VIOLATION)
-                raise InvalidSpec("; ".join(problems))
+                message = policy.summary(problems)
+                await self._reject(body, status, message, reason=policy.REASON_POLICY_VIOLATION)
+                raise InvalidSpec(message)
         plan = st.plan(name, job.spec, generation, status,
                        self.children(namespace, base_name(name)), self.clock(),
                        queue_managed=is_queue_managed(owner))

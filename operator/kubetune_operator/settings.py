@@ -90,6 +90,7 @@ class Settings:
     # metrics (NetworkPolicyPeers: the operator, Prometheus) and extra egress rules
     # (NetworkPolicyEgressRules: a proxy, an experiment tracker, ...).
     network_policy: bool = True
+    read_only_root_filesystem: bool = True  # trainer containers
     metrics_from: tuple[dict[str, Any], ...] = ()
     extra_egress: tuple[dict[str, Any], ...] = ()
 
@@ -121,6 +122,8 @@ class Settings:
                                          cls.memory_without_gpu),
             policy=parse_policy(env.get(POLICY_ENV, "")),
             network_policy=_flag(env, "KUBETUNE_NETWORK_POLICY", cls.network_policy),
+            read_only_root_filesystem=_flag(env, "KUBETUNE_READ_ONLY_ROOT_FILESYSTEM",
+                                            cls.read_only_root_filesystem),
             metrics_from=_json_objects(env, "KUBETUNE_METRICS_FROM"),
             extra_egress=_json_objects(env, "KUBETUNE_EXTRA_EGRESS"),
         )

@@ -289,8 +289,22 @@ def test_root_filesystem_is_read_only_and_every_written_path_is_a_volume() -> No
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounted = {m["mountPath"] for m in container["volumeMounts"]}
     for path in (contract.SCRATCH_DIR, contract.SHM_DIR, contract.HF_HOME_DIR,
-                 contract.IMAGE_OUTPUT_DIR):
+                 contract.IMAGE_OUTPUT_DIR, contract.IMAGE_HOME_DIR):
         assert path in mounted, path
+    writable = builders.build_job(make_job(), OWNER, 1, Settings(
+        read_only_root_filesystem=False))["spec"]["template"]["spec"]["containers"][0]
+    assert writable["securityContext"]["readOnlyRootFilesystem"] is False
+    assert Settings.from_env({"KUBETUNE_READ_ONLY_ROOT_FILESYSTEM": "false"}) \
+        .read_only_root_filesystem is False
+
+
+def test_the_images_writable_directories_are_the_mounted_ones() -> None:
+    """The trainer Dockerfiles chown exactly HOME and out/ to the pod's uid: with a read-only
+    root filesystem those must be volumes, and HOME must be the one the images set."""
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
+        text = (ROOT / "trainer_image" / dockerfile).read_text()
+        assert f"HOME={contract.IMAGE_HOME_DIR}" in text, dockerfile
+        assert contract.IMAGE_OUTPUT_DIR in text, dockerfile
 
 
 @pytest.mark.parametrize(("gpus", "settings", "expected"), [

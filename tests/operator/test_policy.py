@@ -117,3 +117,14 @@ def test_settings_read_the_policy_json() -> None:
         {"allowedSchedulers": ["volcano"], "defaultQueue": "q", "allowedTolerations": None})})
     assert settings.policy == Policy(allowed_schedulers=("volcano",), default_queue="q")
     assert Settings.from_env({"KUBETUNE_POLICY": ""}).policy == Policy()
+
+
+def test_a_long_list_of_violations_is_capped() -> None:
+    many = [{"key": f"pool-{i}", "operator": "Exists"} for i in range(60)]
+    problems = violations(spec({"tolerations": many}), {}, Policy(allowed_tolerations=()))
+    assert len(problems) == 60
+    message = policy.summary(problems)
+    assert len(message) <= policy.MAX_MESSAGE + 40
+    assert message.startswith("spec.pod.tolerations[0]") and message.endswith(
+        "(60 violations in all)")
+    assert policy.summary(problems[:1]) == problems[0]
