@@ -119,11 +119,23 @@ def test_a_violating_job_fails_before_any_child_exists(cluster: Cluster) -> None
         assert words in failed["message"], failed["message"]
     cluster.wait(lambda: any(e["reason"] == "PolicyViolation" for e in cluster.events_of("rogue")),
                  "PolicyViolation event")
-    version = cluster.api.get(FTJ, NS, "rogue")["metadata"]["resourceVersion"]
-    time.sleep(2.5)  # more than two timer intervals: nothing retries it, nothing is created
+    # kopf records the permanent failure in its annotations once; after that nothing may
+    # touch the job again (no retries), over more than two timer intervals.
+    version = settled_version(cluster, "rogue")
+    time.sleep(2.5)
     assert cluster.api.get(FTJ, NS, "rogue")["metadata"]["resourceVersion"] == version
     for resource in CHILDREN:
         assert cluster.owned(resource, "rogue") == [], resource
+
+
+def settled_version(cluster: Cluster, name: str, quiet: float = 1.0) -> str:
+    """The resourceVersion once it has not changed for `quiet` seconds."""
+    def probe() -> str | None:
+        before = cluster.api.get(FTJ, NS, name)["metadata"]["resourceVersion"]
+        time.sleep(quiet)
+        after = cluster.api.get(FTJ, NS, name)["metadata"]["resourceVersion"]
+        return str(after) if after == before else None
+    return str(cluster.wait(probe, f"{name} settled"))
 
 
 def test_a_job_without_a_queue_gets_the_default_one(cluster: Cluster) -> None:
