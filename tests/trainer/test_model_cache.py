@@ -190,3 +190,28 @@ def test_the_token_file_authenticates_and_nothing_else_does(tmp_path: Path,
     code, _, err = finish(download(pod_env(tmp_path / "b", hub, token=False), "config.json"))
     assert code != 0 and ("401" in err or "Gated" in err or "gated" in err), err[-2000:]
     assert TOKEN not in err
+
+
+def test_a_training_run_with_the_token_file_writes_the_token_nowhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The trainer as a pod runs it (HF_TOKEN_PATH set, tokenSecret in its config): the token
+    appears in no output file (artifact, manifest), no log line and no printed text."""
+    from kubetune_trainer import recipe
+    from support.jobs import example_job
+
+    secret = tmp_path / "secret" / "HF_TOKEN"
+    secret.parent.mkdir()
+    secret.write_text(TOKEN)
+    monkeypatch.setenv("HF_TOKEN_PATH", str(secret))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    job = example_job("tiny-lora", tmp_path / "out", model={"tokenSecret": {"name": "hf"}},
+                      training={"maxSteps": 3})
+    assert job.spec.model.token_secret is not None
+    caplog.set_level("DEBUG")
+    assert recipe.run(job) is not None
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written and not [p for p in written if TOKEN.encode() in p.read_bytes()]
+    printed = capfd.readouterr()
+    assert TOKEN not in printed.out + printed.err + caplog.text
