@@ -27,6 +27,7 @@ _import_kopf_without_kubernetes_client()
 import kopf  # noqa: E402
 
 from kubetune_operator import handlers  # noqa: E402
+from kubetune_operator.builders import LABEL_JOB  # noqa: E402
 from kubetune_operator.kube import KubeApi  # noqa: E402
 from kubetune_operator.metrics import OperatorMetrics  # noqa: E402
 from kubetune_operator.reconciler import Reconciler  # noqa: E402
@@ -35,6 +36,7 @@ from kubetune_operator.settings import Settings  # noqa: E402
 logger = logging.getLogger("kubetune_operator")
 
 PREFIX = "kubetune.dev"
+LIST_PAGE_SIZE = 500  # objects per page of kopf's initial lists
 
 
 class Credentials:
@@ -69,6 +71,12 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING  # our own events say what happened
     settings.watching.server_timeout = 300  # reconnect watches regularly, as kubectl does
     settings.watching.client_timeout = 330
+    # Only the operator's own pods and Jobs reach it: the API server filters by label (kopf's
+    # `labels=` filters would run after every pod of the cluster was sent and parsed), and
+    # initial lists come in pages instead of one response holding every object.
+    for resource in (handlers.PODS, handlers.JOBS):
+        settings.watching.label_selectors[resource] = LABEL_JOB
+    settings.watching.chunk_size = LIST_PAGE_SIZE
 
 
 def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Reconciler, KubeApi]:

@@ -303,3 +303,25 @@ def test_hostile_rank0_endpoints_leave_the_operator_responsive(
     for server in hostile_ranks:  # no progress invented from garbage
         assert "progress" not in cluster.status(f"hostile-{server.behaviour}")
     assert cluster.operator.process.poll() is None
+
+
+# --- what reaches the operator ----------------------------------------------------------------
+
+def test_pods_and_jobs_are_filtered_by_the_api_server_and_listed_in_pages(
+        cluster: Cluster) -> None:
+    """Unrelated pods of the cluster never reach the operator: its pod and Job lists and
+    watches ask the API server for the operator's label only, and lists come in pages."""
+    asked: dict[str, set[tuple[str | None, str | None]]] = {}
+    for request in list(cluster.api.emulator._requests):
+        resource = request.resource
+        if resource is None or request.method.value != "GET" or request.name:
+            continue
+        params = request.params
+        asked.setdefault(resource.plural, set()).add(
+            (params.get("labelSelector"), params.get("limit") if params.get("watch") != "true"
+             else "watch"))
+    for plural in ("pods", "jobs"):
+        selectors = {selector for selector, _ in asked[plural]}
+        assert selectors == {"kubetune.dev/finetunejob"}, (plural, asked[plural])
+        assert ("kubetune.dev/finetunejob", "500") in asked[plural]  # the paged initial list
+        assert ("kubetune.dev/finetunejob", "watch") in asked[plural]
