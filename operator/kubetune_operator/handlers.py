@@ -20,6 +20,7 @@ import kopf
 
 from kubetune_api.crd import Phase
 from kubetune_api.spec import GROUP, PLURAL, VERSION
+from kubetune_operator import slim
 from kubetune_operator.builders import LABEL_JOB, base_name
 from kubetune_operator.kube import ApiError
 from kubetune_operator.reconciler import InvalidSpec, Reconciler
@@ -62,11 +63,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
 
     @kopf.index(*PODS, labels=TRAINER_LABELS, id="trainer_pods", registry=registry)
     def trainer_pods(**kw: Any) -> dict[Any, Any]:
-        return {(kw["namespace"], kw["labels"][LABEL_JOB]): dict(kw["body"])}
+        return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.pod(kw["body"])}
 
     @kopf.index(*JOBS, labels=TRAINER_LABELS, id="trainer_jobs", registry=registry)
     def trainer_jobs(**kw: Any) -> dict[Any, Any]:
-        return {(kw["namespace"], kw["labels"][LABEL_JOB]): dict(kw["body"])}
+        return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.job(kw["body"])}
 
     @kopf.on.startup(id="wire-indexes", registry=registry)
     async def start(**kw: Any) -> None:
