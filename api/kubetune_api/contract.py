@@ -56,6 +56,7 @@ HF_HUB_CACHE_DIR = f"{HF_HOME_DIR}/hub"  # HF_HUB_CACHE: spec.model.cache's clai
 SECRETS_DIR = "/var/run/secrets/kubetune"  # read-only Secret files (the Hub token)
 HF_TOKEN_DIR = f"{SECRETS_DIR}/hf-token"
 IMAGE_OUTPUT_DIR = "/opt/kubetune/out"  # emptyDir: relative output URIs of the examples
-IMAGE_HOME_DIR = "/home/kubetune"  # emptyDir: the trainer images' HOME (~/.cache, ~/.triton)
+IMAGE_HOME_DIR = "/home/kubetune"  # the trainer images' HOME (in the image: ~/.local stays)
+HOME_CACHE_DIR = f"{IMAGE_HOME_DIR}/.cache"  # emptyDir: what libraries write under HOME
 RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR, SHM_DIR, HF_HOME_DIR, SECRETS_DIR,
-                        IMAGE_OUTPUT_DIR, IMAGE_HOME_DIR, DEFAULT_TERMINATION_LOG)
+                        IMAGE_OUTPUT_DIR, HOME_CACHE_DIR, DEFAULT_TERMINATION_LOG)

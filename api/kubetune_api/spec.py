@@ -279,7 +279,7 @@ VOLUME_SOURCES = {"persistentVolumeClaim": "claimName", "configMap": "name",
                   "projected": None, "downwardAPI": None}
 # Names of the volumes the operator adds to every pod.
 RESERVED_VOLUMES = frozenset({"config", "dshm", "tmp", "hf-home", "hf-cache", "hf-token",
-                              "image-output", "home"})
+                              "image-output", "home-cache"})
 # Pod labels and annotations the operator, the Job controller or Kueue set or read.
 RESERVED_LABEL_PREFIXES = ("kubetune.dev/", "batch.kubernetes.io/", "app.kubernetes.io/",
                            "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
@@ -348,7 +348,7 @@ class PodVolumeMount(SpecModel):
     mount_path: str = Field(min_length=2, description="Absolute path in the trainer container "
                             "(not one the operator mounts: /etc/kubetune, /tmp, /dev/shm, "
                             "/var/cache/kubetune, /var/run/secrets/kubetune, /opt/kubetune/out, "
-                            "/home/kubetune).")
+                            "/home/kubetune/.cache).")
     read_only: bool = Field(False, description="Mount read-only.")
     sub_path: str | None = Field(None, description="Path within the volume to mount.")
 

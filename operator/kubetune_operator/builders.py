@@ -254,7 +254,9 @@ def operator_volumes(job: FineTuneJob, owner: Owner) -> list[Manifest]:
         {"name": "tmp", "emptyDir": {}},
         {"name": "hf-home", "emptyDir": {}},
         {"name": "image-output", "emptyDir": {}},
-        {"name": "home", "emptyDir": {}},
+        # ~/.cache only: packages a derived image installed with `pip --user` (~/.local)
+        # stay visible.
+        {"name": "home-cache", "emptyDir": {}},
     ]
     if model.cache is not None:
         volumes.append({"name": "hf-cache", "persistentVolumeClaim": {
@@ -275,7 +277,7 @@ def operator_mounts(job: FineTuneJob) -> list[Manifest]:
         {"name": "tmp", "mountPath": contract.SCRATCH_DIR},
         {"name": "hf-home", "mountPath": contract.HF_HOME_DIR},
         {"name": "image-output", "mountPath": contract.IMAGE_OUTPUT_DIR},
-        {"name": "home", "mountPath": contract.IMAGE_HOME_DIR},
+        {"name": "home-cache", "mountPath": contract.HOME_CACHE_DIR},
     ]
     if model.cache is not None:
         mounts.append({"name": "hf-cache", "mountPath": contract.HF_HUB_CACHE_DIR,

@@ -289,8 +289,10 @@ def test_root_filesystem_is_read_only_and_every_written_path_is_a_volume() -> No
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounted = {m["mountPath"] for m in container["volumeMounts"]}
     for path in (contract.SCRATCH_DIR, contract.SHM_DIR, contract.HF_HOME_DIR,
-                 contract.IMAGE_OUTPUT_DIR, contract.IMAGE_HOME_DIR):
+                 contract.IMAGE_OUTPUT_DIR, contract.HOME_CACHE_DIR):
         assert path in mounted, path
+    # HOME itself stays the image's: a derived image's `pip install --user` (~/.local) is kept.
+    assert contract.IMAGE_HOME_DIR not in mounted
     writable = builders.build_job(make_job(), OWNER, 1, Settings(
         read_only_root_filesystem=False))["spec"]["template"]["spec"]["containers"][0]
     assert writable["securityContext"]["readOnlyRootFilesystem"] is False
