@@ -97,11 +97,14 @@ def _one_of(values: tuple[str, ...]) -> str:
     return ", ".join(values) if values else "none"
 
 
-def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy) -> list[str]:
-    """Every rule the job breaks, as '<field>: <what> (<rule>: <allowed>)'."""
+def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy,
+               operator_image: str | None = None) -> list[str]:
+    """Every rule the job breaks, as '<field>: <what> (<rule>: <allowed>)'. The operator's
+    own trainer image is allowed whether the job leaves spec.pod.image empty or names it."""
     pod, problems = spec.pod, []
     prefixes = policy.allowed_image_prefixes
-    if prefixes is not None and pod.image and not pod.image.startswith(prefixes):
+    if prefixes is not None and pod.image and pod.image != operator_image \
+            and not pod.image.startswith(prefixes):
         problems.append(f"spec.pod.image: {pod.image} is not allowed "
                         f"(allowedImagePrefixes: {_one_of(prefixes)})")
     classes = policy.allowed_priority_classes

@@ -131,7 +131,8 @@ class Reconciler:
             raise InvalidSpec(str(exc)) from None
         owner = self._admitted_owner(body)
         if not status.attempt and status.phase is None:  # before the first child exists
-            problems = policy.violations(job.spec, owner.labels, self.settings.policy)
+            problems = policy.violations(job.spec, owner.labels, self.settings.policy,
+                                         self.settings.trainer_image)
             if problems:
                 message = policy.summary(problems)
                 await self._reject(body, status, message, reason=policy.REASON_POLICY_VIOLATION)

@@ -69,6 +69,13 @@ def test_allowed_values_pass_and_unset_fields_are_always_allowed() -> None:
     assert violations(spec(), {}, rules) == []  # operator image, default scheduler, no class
 
 
+def test_the_operators_own_image_is_allowed_when_named() -> None:
+    rules = Policy(allowed_image_prefixes=("registry.corp/ml/",))
+    own = spec({"image": "ghcr.io/kubetune/trainer:0.1.0"})
+    assert violations(own, {}, rules, operator_image="ghcr.io/kubetune/trainer:0.1.0") == []
+    assert len(violations(own, {}, rules, operator_image="ghcr.io/kubetune/trainer:0.2.0")) == 1
+
+
 def test_gpu_cap_counts_nodes_times_gpus() -> None:
     rules = Policy(max_gpus_per_job=16)
     assert violations(spec(nodes=2, gpus=8), {}, rules) == []
