@@ -44,10 +44,9 @@ def _quantity(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    value = env.get(name, str(default)).strip().lower()
-    if value not in ("true", "false"):
-        raise ValueError(f"{name}={value!r}: expected true or false")
-    return value == "true"
+    """A boolean variable; unset keeps the default (an empty value means false, as _bool)."""
+    value = env.get(name)
+    return default if value is None else _bool(value, name)
 
 
 def _json_objects(env: Mapping[str, str], name: str) -> tuple[dict[str, Any], ...]:

@@ -465,7 +465,7 @@ def test_network_policy_without_scrapers_or_gpus_and_switched_off() -> None:
 
 
 @pytest.mark.parametrize(("env", "words"), [
-    ({"KUBETUNE_NETWORK_POLICY": "yes"}, "KUBETUNE_NETWORK_POLICY='yes'"),
+    ({"KUBETUNE_NETWORK_POLICY": "maybe"}, "KUBETUNE_NETWORK_POLICY: expected true or false"),
     ({"KUBETUNE_METRICS_FROM": "{"}, "KUBETUNE_METRICS_FROM: not JSON"),
     ({"KUBETUNE_EXTRA_EGRESS": '{"to": []}'}, "KUBETUNE_EXTRA_EGRESS: expected a JSON list"),
 ])
