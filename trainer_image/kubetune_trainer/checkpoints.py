@@ -83,6 +83,20 @@ def fetch(root: str, step: int, local_root: Path) -> Path:
     return local
 
 
+def _best_local(args: Any, state: Any) -> Path | None:
+    """loadBestAtEnd: the Trainer reloads its best checkpoint from local disk at the end."""
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        return Path(state.best_model_checkpoint)
+    return None
+
+
+def drop_local_copies(local_root: Path, keep: Path | None) -> None:
+    """The remote copies are the ones that count; locally only the best one stays (if any)."""
+    for folder in local_root.glob(f"{PREFIX}*"):
+        if keep is None or folder.resolve() != keep.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class CheckpointCallback(TrainerCallback):
     """Uploads each checkpoint the Trainer saves, then marks it complete and prunes."""
 
@@ -113,7 +127,7 @@ class CheckpointCallback(TrainerCallback):
             storage.write_text(storage.join(remote, CHECKPOINT_MARKER_FILE), json.dumps(marker))
             prune(self.root, self.keep_last)
         if is_local_leader():
-            shutil.rmtree(local, ignore_errors=True)  # the remote copy is the one that counts
+            drop_local_copies(Path(args.output_dir), keep=_best_local(args, state))
         if self.metrics:
             self.metrics.observe_checkpoint(step, save_seconds=save_seconds,
                                             upload_seconds=time.monotonic() - started,
