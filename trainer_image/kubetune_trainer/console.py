@@ -114,8 +114,10 @@ class ProgressCallback(TrainerCallback):
         self.stream = stream or sys.stderr
         self.bar: Any = None
         self.last: dict[str, float] = {}
+        self.training = False  # the final evaluation is in the summary, not a progress line
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training = True
         if self.mode == "bar" and state.is_world_process_zero:
             from tqdm.auto import tqdm
 
@@ -135,7 +137,8 @@ class ProgressCallback(TrainerCallback):
             if key in logs:
                 self.last[key] = float(logs[key])
         evals = {k.removeprefix("eval_"): v for k, v in logs.items()
-                 if k.startswith("eval_") and k.removeprefix("eval_") in EVAL_KEYS}
+                 if self.training and k.removeprefix("eval_") in EVAL_KEYS
+                 and k.startswith("eval_")}
         if self.bar is not None:
             if evals:
                 self.bar.write(f"eval at step {state.global_step}: {_pairs(evals)}",
@@ -149,6 +152,7 @@ class ProgressCallback(TrainerCallback):
                   flush=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training = False
         if self.bar is not None:
             self.bar.set_postfix_str(self._postfix())
             self.bar.close()

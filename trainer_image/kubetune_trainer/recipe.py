@@ -39,7 +39,7 @@ from transformers import logging as hf_logging
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 
-from kubetune_api.spec import TINY_SCHEME, FineTuneJob, MethodType, Task
+from kubetune_api.spec import TINY_SCHEME, FineTuneJob, MethodType, Strategy, Task
 from kubetune_trainer import artifacts, checkpoints, evaluation, factories, storage, strategies
 from kubetune_trainer.checkpoints import CheckpointCallback
 from kubetune_trainer.console import Console, ProgressCallback
@@ -57,6 +57,7 @@ from kubetune_trainer.modeling import (
 )
 from kubetune_trainer.preemption import Preempted, PreemptionCallback
 from kubetune_trainer.ranks import global_rank, is_local_leader, is_rank0, local_rank, world_size
+from kubetune_trainer.samples import write_samples
 from kubetune_trainer.tiny import build_tiny_model
 
 TRAINER_PICKLE = "training_args.bin"
@@ -67,6 +68,8 @@ log = logging.getLogger("kubetune")
 # Raised inside transformers/peft on every run; nothing a user of kubetune can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
                         category=FutureWarning)
+# peft's note at every save when dataset.addSpecialTokens resized the embeddings: intended.
+warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
 
 
 @dataclass
@@ -359,6 +362,7 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         ddp_find_unused_parameters=False,
         seed=t.seed,
         data_seed=t.seed,
+        run_name=job.name,  # the run's name in MLflow / W&B
         logging_steps=t.log_every_steps,
         logging_first_step=True,
         eval_strategy="steps" if evaluate_periodically else "no",
@@ -412,17 +416,39 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     if not is_rank0():
         return None
     (staging / TRAINER_PICKLE).unlink(missing_ok=True)  # a pickle has no place in an artifact
+    logs = ready.workdir / TENSORBOARD_DIR
+    if "tensorboard" in spec.training.report_to and logs.is_dir():
+        shutil.copytree(logs, staging / TENSORBOARD_DIR, dirs_exist_ok=True)
     if spec.method.type != MethodType.FULL:
         artifacts.verify_adapter(staging)
         if spec.model.name.startswith(TINY_SCHEME):
             artifacts.copy_base_model(Path(ready.source), staging)
         if spec.output.merge_adapter:
             merge_adapter(ready, staging)
+    if spec.output.samples:
+        write_samples(sampling_model(ready, trainer, staging), ready.tokenizer, spec, staging)
     manifest = artifacts.build_manifest(ready.job, staging, **facts)
     digest = storage.publish(staging, ready.output_uri, manifest)
     ready.metrics.add_uploaded_bytes(sum(f["bytes"] for f in manifest["files"].values()))
     ready.console.report(ready.output_uri, manifest, digest)
     return RunResult(ready.output_uri, manifest, digest)
+
+
+def sampling_model(ready: Setup, trainer: Trainer, staging: Path) -> PreTrainedModel:
+    """The trained model, whole on rank 0: the one in memory, or under FSDP/ZeRO-3 (where rank 0
+    holds only a shard) a fresh load of what was just saved."""
+    if ready.job.spec.training.strategy not in (Strategy.FSDP, Strategy.DEEPSPEED_ZERO3):
+        return trainer.model  # type: ignore[return-value]
+    spec = ready.job.spec.model_copy(deep=True)
+    spec.training.pretrain = False
+    if spec.method.type == MethodType.FULL:
+        return load_model(spec, str(staging), ready.tokenizer, ready.precision,
+                          ready.data.label_names, device_map=local_device())
+    from peft import PeftModel
+
+    base = load_model(spec, ready.source, ready.tokenizer, ready.precision,
+                      ready.data.label_names, device_map=local_device())
+    return PeftModel.from_pretrained(base, str(staging))  # type: ignore[return-value]
 
 
 def merge_adapter(ready: Setup, staging: Path) -> None:
