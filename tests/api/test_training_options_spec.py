@@ -109,8 +109,8 @@ def test_bad_options_are_named(extra: str, message: str) -> None:
 
 
 def test_attention_and_samples_rules() -> None:
-    assert "spec.model.attention" in str(pytest.raises(SpecError, parse_job, BASE.replace(
-        '"tiny://llama"}', '"tiny://llama", attention: flash3}')).value)
+    with pytest.raises(SpecError, match=r"spec\.model\.attention"):
+        parse_job(BASE.replace('"tiny://llama"}', '"tiny://llama", attention: flash3}'))
     classify = BASE.replace('{name: "tiny://llama"}',
                             '{name: "tiny://bert", task: sequence-classification, numLabels: 2}'
                             ).replace("{train: data.jsonl}",

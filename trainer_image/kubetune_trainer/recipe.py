@@ -59,6 +59,7 @@ from kubetune_trainer.preemption import Preempted, PreemptionCallback
 from kubetune_trainer.ranks import global_rank, is_local_leader, is_rank0, local_rank, world_size
 from kubetune_trainer.samples import write_samples
 from kubetune_trainer.tiny import build_tiny_model
+from kubetune_trainer.tracking import tracking_run
 
 TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
@@ -129,13 +130,14 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
         trainer = build_trainer(ready, preemption)
         resumed = resume(ready)
         started = time.monotonic()
-        trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
-        if resumed and is_local_leader():
-            shutil.rmtree(resumed, ignore_errors=True)  # loaded; the remote copy is the one kept
-        if preemption.stopped_at is not None:
-            raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
-                            f"checkpoint saved")
-        evaluated = evaluate(ready, trainer)
+        with tracking_run(job):
+            trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+            if resumed and is_local_leader():
+                shutil.rmtree(resumed, ignore_errors=True)  # loaded; the remote copy is kept
+            if preemption.stopped_at is not None:
+                raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
+                                f"checkpoint saved")
+            evaluated = evaluate(ready, trainer)
         facts = summarize(ready, trainer, evaluated, time.monotonic() - started)
         facts["resumedFromStep"] = _step_of(resumed)
         result = save(ready, trainer, facts)
