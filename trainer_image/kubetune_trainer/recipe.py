@@ -381,8 +381,12 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
     )
 
 
-def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float],
+def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float] | float | None,
               seconds: float) -> dict[str, Any]:
+    """The manifest's facts. `evaluated`: the final evaluation's metrics (`evaluate`), a bare
+    eval loss, or None without evaluation."""
+    if not isinstance(evaluated, dict):
+        evaluated = {} if evaluated is None else {"eval_loss": float(evaluated)}
     curve = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
     losses = [loss for _, loss in curve]
     trainable, total = parameter_counts(ready.model)
