@@ -74,3 +74,10 @@ def test_liger_kernels_patch_the_model(tmp_path: Path) -> None:
     trainer.train()
     assert ready.args.use_liger_kernel
     assert any("Liger" in type(m).__name__ for m in trainer.model.modules())
+
+
+def test_compile_trains_on_gpu(tmp_path: Path) -> None:
+    job = example_job("tiny-pretrain", tmp_path / "out",
+                      training={"maxSteps": 4, "compile": True})
+    result = recipe.run(job)
+    assert result is not None and result.manifest["metrics"]["steps"] == 4

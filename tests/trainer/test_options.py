@@ -337,3 +337,24 @@ def test_tensorboard_mlflow_perplexity_and_samples(
     expected = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:],
                                 skip_special_tokens=True)
     assert samples[0]["completion"] == expected
+
+
+def test_load_best_at_end_saves_at_evaluations_and_on_every_node(tmp_path: Path) -> None:
+    args = args_for(tmp_path, evalEverySteps=3, loadBestAtEnd=True)
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
+    assert (args.save_strategy, args.save_steps) == ("steps", 3) and not args.greater_is_better
+    assert not args.save_on_each_node  # one node
+    job = example_job("tiny-lora", tmp_path / "out", resources={"nodes": 2},
+                      training={"evalEverySteps": 3, "loadBestAtEnd": True},
+                      checkpoint={"everySteps": 6})
+    args = recipe.training_arguments(job, Precision("fp32"), tmp_path, has_eval=True,
+                                     cuda=False)
+    assert args.save_steps == 6 and args.save_on_each_node
+    with pytest.raises(SpecError, match="earlyStopping and loadBestAtEnd need eval data"):
+        recipe.training_arguments(job, Precision("fp32"), tmp_path, has_eval=False, cuda=False)
+    classify = example_job("tiny-full-classification", tmp_path / "c", training={
+        "evalEverySteps": 3, "earlyStopping": {"patience": 2}, "bestMetric": "f1"})
+    args = recipe.training_arguments(classify, Precision("fp32"), tmp_path, has_eval=True,
+                                     cuda=False)
+    assert args.metric_for_best_model == "eval_f1" and args.greater_is_better
+    assert not args.load_best_model_at_end and args.save_strategy == "no"

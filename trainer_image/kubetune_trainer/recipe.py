@@ -371,6 +371,10 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         eval_steps=t.eval_every_steps if evaluate_periodically else None,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
+        # The Trainer reloads the best checkpoint from local disk on every node; by default only
+        # node 0 would hold its weights.
+        save_on_each_node=bool(best.get("load_best_model_at_end"))
+        and job.spec.resources.nodes > 1,
         remove_unused_columns=False,
         # Batches of similar length waste less compute on padding; packed blocks are uniform.
         train_sampling_strategy="random" if job.spec.dataset.packing else "group_by_length",
