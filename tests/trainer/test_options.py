@@ -88,6 +88,14 @@ def test_speed_and_tracking_switches_reach_the_trainer(tmp_path: Path) -> None:
         "optim"] == "adamw_torch"
 
 
+def test_compile_pads_every_batch_to_one_shape(tmp_path: Path) -> None:
+    spec = example_job("tiny-lora", tmp_path, training={"compile": True}).spec
+    assert recipe.padding_multiple(spec, cuda=False) == spec.dataset.max_seq_length == 64
+    plain = example_job("tiny-lora", tmp_path).spec
+    assert recipe.padding_multiple(plain, cuda=False) is None
+    assert recipe.padding_multiple(plain, cuda=True) == 8
+
+
 def test_min_learning_rate_ratio_floors_the_cosine_decay(tmp_path: Path) -> None:
     def final_lr(**training: Any) -> float:
         args = args_for(tmp_path, lrScheduler="cosine", learningRate=1e-2, **training)
