@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -366,3 +367,35 @@ def test_load_best_at_end_saves_at_evaluations_and_on_every_node(tmp_path: Path)
                                      cuda=False)
     assert args.metric_for_best_model == "eval_f1" and args.greater_is_better
     assert not args.load_best_model_at_end and args.save_strategy == "no"
+
+
+@pytest.mark.slow
+def test_best_checkpoint_survives_pruning_and_a_restart(tmp_path: Path) -> None:
+    """keepLast 1 must not prune the best checkpoint, and a resumed attempt (a new pod: other
+    local disk) still publishes it."""
+    output = tmp_path / "out"
+    training = {"evalEverySteps": 2, "loadBestAtEnd": True, "learningRate": 2.0,
+                "logEverySteps": 2}
+    first = example_job("tiny-lora", output, training={**training, "maxSteps": 6},
+                        checkpoint={"keepLast": 1})
+    ready = recipe.setup(first, str(output), tmp_path / "pod-1")
+    trainer = recipe.build_trainer(ready)
+    trainer.train()  # stops at 6 without publishing, as a preempted attempt would
+    evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    best_step = trainer.state.best_global_step
+    assert best_step is not None and best_step < 6, evals
+    remote = output / "checkpoints"
+    assert sorted(p.name for p in remote.iterdir()) == [f"checkpoint-{best_step}",
+                                                        "checkpoint-6"]
+    best = load_file(str(remote / f"checkpoint-{best_step}" / "adapter_model.safetensors"))
+
+    shutil.rmtree(tmp_path / "pod-1")  # the next attempt runs in another pod
+    second = example_job("tiny-lora", output, training={**training, "maxSteps": 8},
+                         checkpoint={"keepLast": 1})
+    result = recipe.run(second, workdir=tmp_path / "pod-2")
+    assert result is not None and result.manifest["resumedFromStep"] == 6
+    # The learning rate makes the later steps diverge (NaN), so the first attempt's best stays
+    # the best; without fetching it on resume the last (diverged) weights would be published.
+    assert result.manifest["metrics"]["evalLoss"] == pytest.approx(evals[best_step], rel=1e-5)
+    published = load_file(str(output / "adapter_model.safetensors"))
+    assert all(torch.equal(published[k], best[k]) for k in best)

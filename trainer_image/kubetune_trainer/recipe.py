@@ -338,7 +338,10 @@ def resume(ready: Setup) -> Path | None:
         return None
     if is_rank0():
         ready.console.info(f"resuming from {root} step {step}")
-    return checkpoints.fetch(root, step, ready.workdir / LOCAL_CHECKPOINTS)
+    local = checkpoints.fetch(root, step, ready.workdir / LOCAL_CHECKPOINTS)
+    if ready.args.load_best_model_at_end:
+        checkpoints.fetch_best(root, local, ready.workdir / LOCAL_CHECKPOINTS)
+    return local
 
 
 def _step_of(checkpoint: Path | None) -> int | None:
