@@ -324,6 +324,7 @@ def test_tensorboard_mlflow_perplexity_and_samples(
     client = MlflowClient(store.as_uri())
     runs = client.search_runs(experiment_ids=["0"])
     assert len(runs) == 1 and runs[0].info.run_name == job.name
+    assert runs[0].info.status == "FINISHED"
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 4, 6]
     assert "eval_loss" in runs[0].data.metrics

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kubetune_api.spec import FineTuneJob
+from kubetune_trainer.preemption import Preempted
 from kubetune_trainer.ranks import is_rank0
 
 
@@ -28,5 +29,8 @@ def tracking_run(job: FineTuneJob) -> Iterator[None]:
     try:
         yield
         status = "FINISHED"
+    except Preempted:
+        status = "KILLED"  # stopped on purpose; the next attempt opens a new run
+        raise
     finally:
         mlflow.end_run(status=status)
