@@ -232,7 +232,8 @@ def test_classifier_reports_accuracy_and_macro_f1_of_its_eval_set(tmp_path: Path
     evaluated = recipe.evaluate(ready, trainer)
     # recompute by hand from the model's own predictions on the eval features
     model = ready.model.eval()
-    batch = trainer.data_collator(ready.eval_features)
+    features = ready.eval_features  # a list or a datasets.Dataset: index rows either way
+    batch = trainer.data_collator([features[i] for i in range(len(features))])
     with torch.no_grad():
         predicted = model(input_ids=batch["input_ids"],
                           attention_mask=batch["attention_mask"]).logits.argmax(-1).numpy()
