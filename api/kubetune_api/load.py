@@ -15,16 +15,19 @@ class SpecError(ValueError):
     """A FineTuneJob that cannot run; the message names the file, line and field."""
 
 
-def load_job(path: str | Path) -> FineTuneJob:
+def load_job(path: str | Path, output_uri: str | None = None) -> FineTuneJob:
+    """`output_uri` (a command line's --output) replaces spec.output.uri, and so also
+    satisfies a file that has no spec.output at all."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_job(text, source=str(path))
+    return parse_job(text, source=str(path), output_uri=output_uri)
 
 
-def parse_job(text: str, source: str = "<string>") -> FineTuneJob:
+def parse_job(text: str, source: str = "<string>", output_uri: str | None = None
+              ) -> FineTuneJob:
     try:
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
         docs = list(yaml.safe_load_all(text))
@@ -37,7 +40,17 @@ def parse_job(text: str, source: str = "<string>") -> FineTuneJob:
     if len(jobs) != 1:
         raise SpecError(f"{source}: expected exactly one {KIND} document, found {len(jobs)}")
     data, node = jobs[0]
+    if output_uri is not None:
+        _set_output_uri(data, output_uri)
     return validate_job(data, source=source, node=node)
+
+
+def _set_output_uri(data: dict[str, Any], uri: str) -> None:
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        return  # validation names the missing spec
+    output = spec.get("output")
+    spec["output"] = {**output, "uri": uri} if isinstance(output, dict) else {"uri": uri}
 
 
 def validate_job(data: dict[str, Any], source: str = "<object>",

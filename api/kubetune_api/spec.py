@@ -94,6 +94,11 @@ class ModelSpec(SpecModel):
         None, description="Secret key with a Hugging Face token for gated or private models; "
         "mounted as a file only the trainer's Hub client reads (HF_TOKEN_PATH), never put in "
         "the ConfigMap, status, events or logs.")
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="Attention implementation: auto = FlashAttention-2 where it is "
+        "installed and the GPU and model support it, else PyTorch SDPA where the model supports "
+        "it, else eager; flash_attention_2 needs a CUDA GPU and the flash-attn package."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -117,6 +122,14 @@ class LoraSpec(SpecModel):
         "all-linear",
         description='Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear" for every '
         "linear layer except the output head.",
+    )
+    use_dora: bool = Field(False, description="DoRA: split each adapted weight into magnitude "
+                           "and direction and train both (peft use_dora).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of "
+                             "alpha / r, which keeps high ranks stable (peft use_rslora).")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter "
+        "(e.g. [embed_tokens, lm_head] when dataset.addSpecialTokens adds tokens)."
     )
 
 
@@ -205,6 +218,11 @@ class DatasetSpec(SpecModel):
     max_seq_length: int = Field(1024, ge=8, description="Tokens per sequence (longer is cut).")
     packing: bool = Field(False, description="Concatenate causal-LM examples into full "
                           "maxSeqLength blocks (no padding).")
+    add_special_tokens: list[str] = Field(
+        default_factory=list, description="New special tokens added to the tokenizer (e.g. "
+        "[<|tool|>]); the model's embeddings are resized to match. With lora/qlora, list the "
+        "embedding and output modules in method.lora.modulesToSave so the new rows train."
+    )
 
 
 class Strategy(StrEnum):
@@ -212,6 +230,13 @@ class Strategy(StrEnum):
     FSDP = "fsdp"
     DEEPSPEED_ZERO2 = "deepspeed-zero2"
     DEEPSPEED_ZERO3 = "deepspeed-zero3"
+
+
+class EarlyStoppingSpec(SpecModel):
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before "
+                          "training stops.")
+    threshold: float = Field(0.0, ge=0, description="Smallest change of the metric that "
+                             "counts as an improvement.")
 
 
 class TrainingSpec(SpecModel):
@@ -245,6 +270,46 @@ class TrainingSpec(SpecModel):
     log_every_steps: int = Field(10, ge=1, description="Log loss every N steps.")
     eval_every_steps: int | None = Field(None, ge=1, description="Evaluate every N steps "
                                          "(default: at the end only).")
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit",
+                       "paged_adamw_32bit", "adafactor", "lion"] = Field(
+        "adamw", description="adamw (PyTorch), adamw_fused (PyTorch's fused kernel), "
+        "adamw_8bit (bitsandbytes 8-bit states), paged_adamw_8bit / paged_adamw_32bit "
+        "(bitsandbytes, states paged to host memory; CUDA only), adafactor, lion "
+        "(bitsandbytes Lion).")
+    min_learning_rate_ratio: float | None = Field(
+        None, ge=0, lt=1, description="With lrScheduler cosine: decay to this fraction of the "
+        "peak learning rate instead of to zero.")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: add uniform noise of this scale to the input "
+        "embeddings while training (typical 5).")
+    liger_kernels: bool = Field(False, description="Patch the model with Liger's Triton "
+                                "kernels (CUDA and the liger-kernel package).")
+    compile: bool = Field(False, description="torch.compile the model before training.")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="Stop when bestMetric has not improved for patience evaluations "
+        "(needs evalEverySteps and eval data).")
+    load_best_at_end: bool = Field(False, description="After training, load the checkpoint "
+                                   "with the best bestMetric and publish that (needs "
+                                   "evalEverySteps and eval data).")
+    best_metric: Literal["loss", "accuracy", "f1", "perplexity"] = Field(
+        "loss", description="Eval metric for earlyStopping and loadBestAtEnd: loss and "
+        "perplexity (lower is better), accuracy and f1 (sequence-classification; higher is "
+        "better).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers. tensorboard event files are "
+        "published under logs/ in the output; mlflow and wandb read their endpoint and key "
+        "from the environment (MLFLOW_TRACKING_URI, WANDB_API_KEY, ...).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        if self.min_learning_rate_ratio is not None and self.lr_scheduler != "cosine":
+            raise ValueError("minLearningRateRatio only applies to lrScheduler cosine")
+        if (self.early_stopping or self.load_best_at_end) and self.eval_every_steps is None:
+            raise ValueError("earlyStopping and loadBestAtEnd compare periodic evaluations; "
+                             "set evalEverySteps")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError("reportTo lists a tracker twice")
+        return self
 
 
 class ResourcesSpec(SpecModel):
@@ -518,11 +583,20 @@ class MetricsSpec(SpecModel):
                       "/metrics (rank r listens on port + local rank).")
 
 
+class SamplesSpec(SpecModel):
+    prompts: list[str] = Field(min_length=1, description="Prompts to complete with the "
+                               "trained model (greedy decoding).")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per prompt.")
+
+
 class OutputSpec(SpecModel):
     uri: str = Field(min_length=1, description="Where the adapter or model is written: path, "
                      "file://, s3:// or gs://.")
     merge_adapter: bool = Field(False, description="Also write the base model with the adapter "
                                 "merged in (under merged/).")
+    samples: SamplesSpec | None = Field(
+        None, description="Generate from the trained model (adapter applied) after training "
+        "and publish samples.jsonl with the artifact (causal-lm and seq2seq-lm).")
 
 
 class CheckpointSpec(SpecModel):
@@ -577,7 +651,25 @@ class FineTuneJobSpec(SpecModel):
         for name, value in storage_env.items():
             if value and name in self.pod.env:
                 raise ValueError(f"pod.env.{name} conflicts with spec.storage, which sets it")
+        self._check_options(Task(task))
         return self
+
+    def _check_options(self, task: Task) -> None:
+        best = self.training.best_metric
+        if best in ("accuracy", "f1") and task != Task.SEQUENCE_CLASSIFICATION:
+            raise ValueError(f"training.bestMetric {best} needs task sequence-classification")
+        if best == "perplexity" and task == Task.SEQUENCE_CLASSIFICATION:
+            raise ValueError("training.bestMetric perplexity needs a language-modelling task")
+        if self.output.samples and task not in (Task.CAUSAL_LM, Task.SEQ2SEQ_LM):
+            raise ValueError("output.samples generates text; it needs task causal-lm or "
+                             "seq2seq-lm")
+        every, evals = self.checkpoint.every_steps, self.training.eval_every_steps
+        if self.training.load_best_at_end and every and evals and every % evals:
+            raise ValueError(f"training.loadBestAtEnd picks among checkpoints saved at "
+                             f"evaluations: checkpoint.everySteps ({every}) must be a multiple "
+                             f"of training.evalEverySteps ({evals})")
+        if self.training.neftune_noise_alpha and task == Task.SEQUENCE_CLASSIFICATION:
+            raise ValueError("training.neftuneNoiseAlpha applies to generative tasks")
 
 
 TASK_LAYOUTS: dict[Task, tuple[str, ...]] = {

@@ -25,6 +25,7 @@ from kubetune_trainer.ranks import is_local_leader, is_rank0
 
 PREFIX = "checkpoint-"  # the HF Trainer's folder name
 DOWNLOADED = ".kubetune-downloaded"  # node-local: the resume download is whole
+TRAINER_STATE = "trainer_state.json"
 
 
 def root_uri(spec: FineTuneJobSpec, output_uri: str) -> str:
@@ -47,10 +48,11 @@ def complete_steps(root: str) -> list[int]:
             if storage.exists(storage.join(_folder(root, s), CHECKPOINT_MARKER_FILE))]
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop older and partial leftovers."""
+def prune(root: str, keep_last: int, also_keep: int | None = None) -> None:
+    """Keep the newest `keep_last` complete checkpoints (and `also_keep`, the best one under
+    loadBestAtEnd, which a resumed attempt must still find); drop older and partial leftovers."""
     complete = complete_steps(root)
-    keep = set(complete[-keep_last:])
+    keep = set(complete[-keep_last:]) | {also_keep}
     newest = complete[-1] if complete else -1
     for step in _steps(root):
         if step not in keep and step <= newest:
@@ -83,6 +85,43 @@ def fetch(root: str, step: int, local_root: Path) -> Path:
     return local
 
 
+def _best_step(args: Any, state: Any) -> int | None:
+    return state.best_global_step if args.load_best_model_at_end else None
+
+
+def fetch_best(root: str, resumed: Path, local_root: Path) -> None:
+    """loadBestAtEnd after a restart: download the best checkpoint too and point the resumed
+    Trainer state at its local copy (the recorded path was the previous pod's disk)."""
+    state_file = resumed / TRAINER_STATE
+    state = json.loads(state_file.read_text())
+    best = state.get("best_global_step")
+    if not best:
+        return
+    local = resumed
+    if f"{PREFIX}{best}" != resumed.name:
+        if best not in complete_steps(root):
+            return  # the Trainer then publishes the last weights and says so
+        local = fetch(root, best, local_root)
+    state["best_model_checkpoint"] = str(local)
+    if is_local_leader():
+        state_file.write_text(json.dumps(state, indent=2))
+    _barrier()
+
+
+def _best_local(args: Any, state: Any) -> Path | None:
+    """loadBestAtEnd: the Trainer reloads its best checkpoint from local disk at the end."""
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        return Path(state.best_model_checkpoint)
+    return None
+
+
+def drop_local_copies(local_root: Path, keep: Path | None) -> None:
+    """The remote copies are the ones that count; locally only the best one stays (if any)."""
+    for folder in local_root.glob(f"{PREFIX}*"):
+        if keep is None or folder.resolve() != keep.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class CheckpointCallback(TrainerCallback):
     """Uploads each checkpoint the Trainer saves, then marks it complete and prunes."""
 
@@ -111,9 +150,9 @@ class CheckpointCallback(TrainerCallback):
         if is_rank0():
             marker = {"step": step, "epoch": state.epoch, "time": time.time()}
             storage.write_text(storage.join(remote, CHECKPOINT_MARKER_FILE), json.dumps(marker))
-            prune(self.root, self.keep_last)
+            prune(self.root, self.keep_last, _best_step(args, state))
         if is_local_leader():
-            shutil.rmtree(local, ignore_errors=True)  # the remote copy is the one that counts
+            drop_local_copies(Path(args.output_dir), keep=_best_local(args, state))
         if self.metrics:
             self.metrics.observe_checkpoint(step, save_seconds=save_seconds,
                                             upload_seconds=time.monotonic() - started,

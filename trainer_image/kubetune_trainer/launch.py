@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,9 @@ from pathlib import Path
 
 from kubetune_api import contract
 from kubetune_api.load import SpecError, load_job
+
+PROGRESS_ENV = "KUBETUNE_PROGRESS"  # kubetune_trainer.console reads them (no torch imported here)
+SUMMARY_ENV = "KUBETUNE_SUMMARY"
 
 GRACE_SECONDS = 30  # as torchrun gives its workers after SIGTERM
 
@@ -35,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 def train_rank(config: str, *, output: str | None = None, workdir: str | None = None) -> int:
     """Run this process's rank of the job; map failures to the documented exit codes."""
     try:
-        job = load_job(config)
+        job = load_job(config, output_uri=output)
         use_cpu_accelerator_without_cuda()
+        quiet_library_noise()
         from kubetune_trainer.preemption import Preempted
         from kubetune_trainer.recipe import run  # torch & co. only after the spec is valid
 
@@ -62,6 +67,12 @@ def use_cpu_accelerator_without_cuda() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def quiet_library_noise() -> None:
+    """bitsandbytes' CPU backend warns on import that an optional Hub-downloaded kernel is
+    missing; kubetune never downloads kernels at run time, so the line only confuses."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def write_termination_message(summary: dict[str, str]) -> None:
     """Kubernetes copies this file into the container status, where the operator reads it."""
     path = Path(os.environ.get(contract.TERMINATION_LOG_ENV, contract.DEFAULT_TERMINATION_LOG))
@@ -70,9 +81,16 @@ def write_termination_message(summary: dict[str, str]) -> None:
 
 
 def run_local(file: str, *, output: str | None = None, nodes: int | None = None,
-              nproc_per_node: int = 1, workdir: str | None = None) -> int:
-    """`kubetune run`: validate first (fast, no torch), then train."""
-    job = load_job(file)
+              nproc_per_node: int = 1, workdir: str | None = None, quiet: bool = False,
+              json_summary: bool = False) -> int:
+    """`kubetune run`: validate first (fast, no torch), then train.
+
+    `quiet`: no progress and no text summary; `json_summary`: the summary as one JSON object
+    on stdout. Every rank (in-process or torchrun child) reads them from the environment.
+    """
+    job = load_job(file, output_uri=output)
+    os.environ[PROGRESS_ENV] = "none" if quiet else os.environ.get(PROGRESS_ENV, "auto")
+    os.environ[SUMMARY_ENV] = "json" if json_summary else "none" if quiet else "text"
     nodes = nodes or job.spec.resources.nodes
     if nodes == 1 and nproc_per_node == 1:
         return train_rank(file, output=output, workdir=workdir)

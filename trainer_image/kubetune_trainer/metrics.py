@@ -64,6 +64,8 @@ class TrainerMetrics:
         self._window: deque[tuple[float, int, int]] = deque(maxlen=max(1, window) + 1)
         self._total_steps = 0
         self.phase = ""
+        self.tokens_per_second = 0.0  # as last measured (also shown by the progress bar)
+        self.eta_seconds: float | None = None
         r = {"rank": str(rank)}
         reg = self.registry
 
@@ -76,6 +78,14 @@ class TrainerMetrics:
         self._loss = gauge(METRIC_LOSS, "Training loss, as last logged.").labels(**r)
         self._eval_loss = gauge("kubetune_trainer_eval_loss", "Loss of the last evaluation.") \
             .labels(**r)
+        self._eval_metrics = {
+            "accuracy": gauge("kubetune_trainer_eval_accuracy",
+                              "Accuracy of the last evaluation (sequence-classification)."),
+            "f1": gauge("kubetune_trainer_eval_f1",
+                        "Macro-F1 of the last evaluation (sequence-classification)."),
+            "perplexity": gauge("kubetune_trainer_eval_perplexity",
+                                "exp(eval loss) of the last evaluation (language modelling)."),
+        }
         self._lr = gauge("kubetune_trainer_learning_rate", "Learning rate, as last logged.") \
             .labels(**r)
         self._grad_norm = gauge("kubetune_trainer_grad_norm", "Gradient norm, as last logged.") \
@@ -156,7 +166,12 @@ class TrainerMetrics:
             self._window.append((self._clock(), 0, 0))  # the first step's rate counts from here
         if phase == "done":
             self._eta.set(0)
+            self.eta_seconds = 0.0
         self.phase = phase
+
+    def rates(self) -> tuple[float, float | None]:
+        """(tokens/s, ETA seconds) over the recent steps; ETA is None before the first step."""
+        return self.tokens_per_second, self.eta_seconds
 
     def set_total_steps(self, n: int) -> None:
         self._total_steps = n
@@ -174,11 +189,13 @@ class TrainerMetrics:
             elapsed = now - self._window[0][0]
             recent = list(self._window)[1:]
             if elapsed > 0:
-                self._tokens_per_s.set(sum(t for _, t, _ in recent) / elapsed)
+                self.tokens_per_second = sum(t for _, t, _ in recent) / elapsed
+                self._tokens_per_s.set(self.tokens_per_second)
                 self._samples_per_s.set(sum(s for _, _, s in recent) / elapsed)
                 steps_per_s = len(recent) / elapsed
                 if self._total_steps:
-                    self._eta.set(max(self._total_steps - step, 0) / steps_per_s)
+                    self.eta_seconds = max(self._total_steps - step, 0) / steps_per_s
+                    self._eta.set(self.eta_seconds)
         self._update_gpu_memory()
 
     def on_log(
@@ -192,6 +209,16 @@ class TrainerMetrics:
                              (self._grad_norm, grad_norm), (self._eval_loss, eval_loss)):
             if value is not None:
                 gauge.set(float(value))
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        """An evaluation's results, keyed as the Trainer reports them (eval_loss, eval_f1, ...);
+        series only appear for the metrics the task has."""
+        if metrics.get("eval_loss") is not None:
+            self._eval_loss.set(float(metrics["eval_loss"]))
+        for name, series in self._eval_metrics.items():
+            value = metrics.get(f"eval_{name}")
+            if value is not None:
+                series.labels(rank=str(self.rank)).set(float(value))
 
     def observe_checkpoint(
         self, step: int, save_seconds: float, upload_seconds: float, uploaded_bytes: int
@@ -287,9 +314,7 @@ def _metrics_callback_class() -> type:
                 self.metrics.set_phase("evaluating")
 
         def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            metrics = kwargs.get("metrics") or {}
-            if "eval_loss" in metrics:
-                self.metrics.on_log(eval_loss=metrics["eval_loss"])
+            self.metrics.on_eval(kwargs.get("metrics") or {})
             if self._training:
                 self.metrics.set_phase("training")
 

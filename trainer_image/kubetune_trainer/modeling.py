@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import is_flash_attn_2_available
 
 from kubetune_api.load import SpecError
 from kubetune_api.spec import FineTuneJobSpec, MethodType, Strategy, Task
@@ -66,8 +67,13 @@ def compute_dtype(spec: FineTuneJobSpec, precision: Precision) -> torch.dtype:
     return DTYPES[q.compute_dtype]
 
 
-def load_tokenizer(source: str, revision: str | None, task: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str, revision: str | None, task: str,
+                   add_special_tokens: list[str] | None = None) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    if add_special_tokens:
+        # Never split, never normalized; load_model grows the embeddings to match.
+        tokenizer.add_special_tokens({"extra_special_tokens": list(add_special_tokens)},
+                                     replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         # Safe only because labels mask padding by position, not by token id: EOS stays learned.
         tokenizer.pad_token = tokenizer.eos_token
@@ -82,27 +88,60 @@ def load_tokenizer(source: str, revision: str | None, task: str) -> PreTrainedTo
 
 def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenizerBase,
                precision: Precision, label_names: list[str] | None,
-               device_map: Any = None, quant_storage: torch.dtype | None = None
-               ) -> PreTrainedModel:
+               device_map: Any = None, quant_storage: torch.dtype | None = None,
+               cuda: bool = False) -> PreTrainedModel:
     """The base model for the task: pretrained weights, or a random init from its config."""
     auto_class = AUTO_CLASSES[spec.model.task]
     kwargs: dict[str, Any] = {"revision": spec.model.revision}
+    attention = attention_implementation(spec.model.attention, cuda, precision)
     if spec.model.task == Task.SEQUENCE_CLASSIFICATION:
         names = list(label_names or [str(i) for i in range(spec.model.num_labels or 0)])
         names += [str(i) for i in range(len(names), spec.model.num_labels or 0)]
         kwargs.update(num_labels=spec.model.num_labels, id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)})
-    if spec.training.pretrain:
-        model = auto_class.from_config(AutoConfig.from_pretrained(source, **kwargs))
-    else:
+
+    def load(attn: str | None) -> PreTrainedModel:
+        if spec.training.pretrain:
+            return auto_class.from_config(AutoConfig.from_pretrained(source, **kwargs),
+                                          attn_implementation=attn)
         quant = quantization_config(spec.method, compute_dtype(spec, precision), quant_storage)
-        model = auto_class.from_pretrained(
+        return auto_class.from_pretrained(
             source, dtype=_load_dtype(spec, precision), quantization_config=quant,
-            device_map=device_map, **kwargs)
+            device_map=device_map, attn_implementation=attn, **kwargs)
+
+    try:
+        model = load(attention)
+    except (ValueError, ImportError) as exc:
+        if spec.model.attention == "auto" and attention is not None:
+            model = load(None)  # FlashAttention-2 not supported by this model: SDPA or eager
+        elif attention is not None:
+            raise SpecError(f"spec.model.attention: {attention} is not available for "
+                            f"{spec.model.name!r}: {exc}") from None
+        else:
+            raise
+    if spec.dataset.add_special_tokens:
+        model.resize_token_embeddings(len(tokenizer))
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None and config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def attention_implementation(requested: str, cuda: bool, precision: Precision) -> str | None:
+    """attn_implementation for from_pretrained; None lets transformers choose SDPA where the
+    model supports it and eager where it does not."""
+    if requested == "flash_attention_2":
+        if not cuda:
+            raise SpecError("spec.model.attention: flash_attention_2 needs a CUDA GPU; use auto "
+                            "or sdpa on CPU")
+        if not is_flash_attn_2_available():
+            raise SpecError("spec.model.attention: flash_attention_2 needs the flash-attn "
+                            "package in the trainer image")
+        return requested
+    if requested == "auto":
+        half = precision.name in ("bf16", "fp16")  # FlashAttention-2 has no fp32 kernels
+        return "flash_attention_2" if cuda and half and is_flash_attn_2_available() else None
+    return requested
 
 
 def _load_dtype(spec: FineTuneJobSpec, precision: Precision) -> torch.dtype:
@@ -131,6 +170,7 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
     adapter = peft_config(spec.method, spec.model.task)
     if adapter is None:
         return model
+    _check_new_tokens_train(model, spec)
     model = get_peft_model(model, adapter)  # type: ignore[assignment]
     # peft upcasts adapter layers only; a new head (modules_to_save) loaded in fp16 would make
     # the fp16 grad scaler fail and train in bf16 otherwise. Trainable weights stay fp32.
@@ -138,6 +178,19 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model
+
+
+def _check_new_tokens_train(model: PreTrainedModel, spec: FineTuneJobSpec) -> None:
+    """New tokens under an adapter: their embedding rows are random and frozen unless the
+    embedding module is trained in full (modulesToSave)."""
+    if not spec.dataset.add_special_tokens or spec.method.lora is None:
+        return
+    embeddings = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is embeddings).rsplit(".", 1)[-1]
+    if name not in spec.method.lora.modules_to_save:
+        raise SpecError(f"spec.dataset.addSpecialTokens: the new tokens' embeddings would stay "
+                        f"random under {spec.method.type}; add {name!r} (and the output head, "
+                        f"e.g. 'lm_head') to spec.method.lora.modulesToSave")
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -24,14 +26,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+)
+from transformers import ProgressCallback as TrainerProgressCallback
 from transformers import logging as hf_logging
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 
-from kubetune_api.spec import TINY_SCHEME, FineTuneJob, MethodType
-from kubetune_trainer import artifacts, checkpoints, storage, strategies
+from kubetune_api.spec import (
+    TINY_SCHEME,
+    FineTuneJob,
+    FineTuneJobSpec,
+    MethodType,
+    Strategy,
+    Task,
+)
+from kubetune_trainer import artifacts, checkpoints, evaluation, factories, storage, strategies
 from kubetune_trainer.checkpoints import CheckpointCallback
+from kubetune_trainer.console import Console, ProgressCallback
 from kubetune_trainer.data import DataError, LoadedData, load_records, training_texts
 from kubetune_trainer.features import collator_for, count_input_tokens, pack, tokenize
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
@@ -46,15 +64,20 @@ from kubetune_trainer.modeling import (
 )
 from kubetune_trainer.preemption import Preempted, PreemptionCallback
 from kubetune_trainer.ranks import global_rank, is_local_leader, is_rank0, local_rank, world_size
+from kubetune_trainer.samples import write_samples
 from kubetune_trainer.tiny import build_tiny_model
+from kubetune_trainer.tracking import tracking_run
 
 TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
+TENSORBOARD_DIR = "logs"  # local event files; published under <output>/logs/
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
 log = logging.getLogger("kubetune")
 # Raised inside transformers/peft on every run; nothing a user of kubetune can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
                         category=FutureWarning)
+# peft's note at every save when dataset.addSpecialTokens resized the embeddings: intended.
+warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
 
 
 @dataclass
@@ -81,6 +104,7 @@ class Setup:
     eval_features: list[dict[str, Any]]
     metrics: TrainerMetrics
     tokens: TokenCounter = field(default_factory=lambda: TokenCounter())
+    console: Console = field(default_factory=Console.from_env)
 
 
 class TokenCounter:
@@ -102,6 +126,9 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
     Raises Preempted after saving a checkpoint when SIGTERM arrives during training.
     """
     hf_logging.disable_progress_bar()  # keep the training bar, drop shard-writing bars
+    if Console.from_env().quiet:
+        hf_logging.set_verbosity_error()
+        warnings.simplefilter("ignore")
     scratch = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kubetune-"))
     metrics = start_metrics(job)
     preemption = PreemptionCallback()
@@ -110,14 +137,15 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
         trainer = build_trainer(ready, preemption)
         resumed = resume(ready)
         started = time.monotonic()
-        trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
-        if resumed and is_local_leader():
-            shutil.rmtree(resumed, ignore_errors=True)  # loaded; the remote copy is the one kept
-        if preemption.stopped_at is not None:
-            raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
-                            f"checkpoint saved")
-        eval_loss = evaluate(ready, trainer)
-        facts = summarize(ready, trainer, eval_loss, time.monotonic() - started)
+        with tracking_run(job):
+            trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+            if resumed and is_local_leader():
+                shutil.rmtree(resumed, ignore_errors=True)  # loaded; the remote copy is kept
+            if preemption.stopped_at is not None:
+                raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
+                                f"checkpoint saved")
+            evaluated = evaluate(ready, trainer)
+        facts = summarize(ready, trainer, evaluated, time.monotonic() - started)
         facts["resumedFromStep"] = _step_of(resumed)
         result = save(ready, trainer, facts)
         metrics.set_phase("done")
@@ -162,7 +190,8 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     data = load_records(spec.dataset, spec.model.task, spec.training.seed)
     precision = resolve_precision(spec.training.precision, torch.cuda.is_available())
     source = model_source(job, data, workdir)
-    tokenizer = load_tokenizer(source, spec.model.revision, spec.model.task)
+    tokenizer = load_tokenizer(source, spec.model.revision, spec.model.task,
+                               spec.dataset.add_special_tokens)
 
     def features(records: list[Any]) -> list[dict[str, Any]]:
         tokenized = tokenize(records, spec.dataset, spec.model.task, tokenizer,
@@ -179,7 +208,8 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     compute = compute_dtype(spec, precision)
     model = load_model(spec, source, tokenizer, precision, data.label_names,
                        device_map=strategies.device_map(spec, local_device()),
-                       quant_storage=strategies.quant_storage(spec, compute))
+                       quant_storage=strategies.quant_storage(spec, compute),
+                       cuda=torch.cuda.is_available())
     return Setup(job, output_uri, workdir, precision, data, source, tokenizer, args,
                  make_trainable(model, spec), train_features, eval_features,
                  metrics or job_metrics(job))
@@ -206,7 +236,7 @@ def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) ->
     # Each rank masks differently (one shared seed would mask every rank's batch alike).
     collate = collator_for(spec.model.task, ready.tokenizer, ready.model,
                            spec.training.seed + global_rank(),
-                           pad_to_multiple_of=8 if cuda else None)
+                           pad_to_multiple_of=padding_multiple(spec, cuda))
 
     def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         collated = collate(batch)
@@ -216,16 +246,43 @@ def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) ->
 
     callbacks: list[Any] = [
         metrics_callback(ready.metrics, ready.tokens.take),
+        ProgressCallback(ready.console.progress_mode(sys.stderr), ready.metrics.rates),
         CheckpointCallback(checkpoints.root_uri(spec, ready.output_uri),
                            spec.checkpoint.keep_last, ready.metrics),
     ]
+    if spec.training.early_stopping:
+        callbacks.append(EarlyStoppingCallback(
+            early_stopping_patience=spec.training.early_stopping.patience,
+            early_stopping_threshold=spec.training.early_stopping.threshold))
     if preemption:
         callbacks.append(preemption)
-    return FrozenHeapTrainer(model=ready.model, args=ready.args,
-                             train_dataset=ready.train_features,
-                             eval_dataset=ready.eval_features or None,
-                             data_collator=counting_collator, processing_class=ready.tokenizer,
-                             callbacks=callbacks)
+    classify = spec.model.task == Task.SEQUENCE_CLASSIFICATION
+    trainer = FrozenHeapTrainer(
+        model=ready.model, args=ready.args, train_dataset=ready.train_features,
+        eval_dataset=ready.eval_features or None, data_collator=counting_collator,
+        processing_class=ready.tokenizer, callbacks=callbacks,
+        compute_metrics=evaluation.classification_metrics if classify else None,
+        preprocess_logits_for_metrics=evaluation.predicted_classes if classify else None)
+    trainer.perplexity = spec.model.task != Task.SEQUENCE_CLASSIFICATION
+    # Ours replaces the Trainer's bar (or, with tqdm off, its printing of raw log dicts).
+    trainer.remove_callback(TrainerProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback":  # event files join the artifact
+            callback.logging_dir = str(ready.workdir / TENSORBOARD_DIR)
+    return trainer
+
+
+def padding_multiple(spec: FineTuneJobSpec, cuda: bool) -> int | None:
+    """Batches padded to a multiple of this (None: to their longest sequence).
+
+    Under training.compile every new batch shape recompiles (12 tiny LoRA steps took 497 s on
+    CPU with per-batch lengths): pad every batch to maxSeqLength, one shape. On CUDA,
+    multiples of 8 suit the tensor cores.
+    """
+    if spec.training.compile:
+        return spec.dataset.max_seq_length
+    return 8 if cuda else None
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):
@@ -257,12 +314,20 @@ class FrozenHeapTrainer(Trainer):
             return EpochSeededLengthSampler(sampler.batch_size, sampler.lengths, seed)
         return sampler
 
+    perplexity = False  # language modelling: report exp(eval loss) with every evaluation
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
         gc.freeze()
         try:
             return super().train(*args, **kwargs)
         finally:
             gc.unfreeze()
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.perplexity and output.metrics is not None:  # before it is logged and compared
+            evaluation.add_perplexity(output.metrics, kwargs.get("metric_key_prefix", "eval"))
+        return output
 
 
 def resume(ready: Setup) -> Path | None:
@@ -272,19 +337,24 @@ def resume(ready: Setup) -> Path | None:
     if step is None:
         return None
     if is_rank0():
-        print(f"kubetune: resuming from {root} step {step}", flush=True)
-    return checkpoints.fetch(root, step, ready.workdir / LOCAL_CHECKPOINTS)
+        ready.console.info(f"resuming from {root} step {step}")
+    local = checkpoints.fetch(root, step, ready.workdir / LOCAL_CHECKPOINTS)
+    if ready.args.load_best_model_at_end:
+        checkpoints.fetch_best(root, local, ready.workdir / LOCAL_CHECKPOINTS)
+    return local
 
 
 def _step_of(checkpoint: Path | None) -> int | None:
     return int(checkpoint.name.removeprefix(checkpoints.PREFIX)) if checkpoint else None
 
 
-def evaluate(ready: Setup, trainer: Trainer) -> float | None:
+def evaluate(ready: Setup, trainer: Trainer) -> dict[str, float]:
+    """The final evaluation's metrics (eval_loss, eval_perplexity / eval_accuracy, eval_f1)."""
     if not ready.eval_features:
-        return None
+        return {}
     ready.metrics.set_phase("evaluating")
-    return float(trainer.evaluate()["eval_loss"])
+    return {k: float(v) for k, v in trainer.evaluate().items()
+            if k.removeprefix("eval_") in evaluation.REPORTED and math.isfinite(v)}
 
 
 def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
@@ -292,6 +362,12 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
     """The spec's training section in the Trainer's terms."""
     t = job.spec.training
     evaluate_periodically = bool(has_eval and t.eval_every_steps)
+    best = factories.best_model_arguments(t, has_eval=has_eval)
+    save_steps = job.spec.checkpoint.every_steps
+    if best.get("load_best_model_at_end"):
+        # The Trainer picks the best among saved checkpoints: save at evaluations (or at a
+        # multiple of them, which the spec checks).
+        save_steps = save_steps or t.eval_every_steps
     return TrainingArguments(
         output_dir=str(workdir / LOCAL_CHECKPOINTS),
         num_train_epochs=t.epochs,
@@ -300,7 +376,6 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -311,23 +386,33 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         ddp_find_unused_parameters=False,
         seed=t.seed,
         data_seed=t.seed,
+        run_name=job.name,  # the run's name in MLflow / W&B
         logging_steps=t.log_every_steps,
         logging_first_step=True,
         eval_strategy="steps" if evaluate_periodically else "no",
         eval_steps=t.eval_every_steps if evaluate_periodically else None,
-        save_strategy="steps" if job.spec.checkpoint.every_steps else "no",
-        save_steps=job.spec.checkpoint.every_steps or 500,
-        report_to=[],
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        # The Trainer reloads the best checkpoint from local disk on every node; by default only
+        # node 0 would hold its weights.
+        save_on_each_node=bool(best.get("load_best_model_at_end"))
+        and job.spec.resources.nodes > 1,
         remove_unused_columns=False,
         # Batches of similar length waste less compute on padding; packed blocks are uniform.
         train_sampling_strategy="random" if job.spec.dataset.packing else "group_by_length",
-        disable_tqdm=not is_rank0(),
+        disable_tqdm=True,  # console.ProgressCallback shows progress on rank 0
+        **factories.option_arguments(t, cuda=cuda),
+        **best,
         **strategies.strategy_arguments(job.spec, precision, cuda),
     )
 
 
-def summarize(ready: Setup, trainer: Trainer, eval_loss: float | None,
+def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float] | float | None,
               seconds: float) -> dict[str, Any]:
+    """The manifest's facts. `evaluated`: the final evaluation's metrics (`evaluate`), a bare
+    eval loss, or None without evaluation."""
+    if not isinstance(evaluated, dict):
+        evaluated = {} if evaluated is None else {"eval_loss": float(evaluated)}
     curve = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
     losses = [loss for _, loss in curve]
     trainable, total = parameter_counts(ready.model)
@@ -339,7 +424,10 @@ def summarize(ready: Setup, trainer: Trainer, eval_loss: float | None,
         "metrics": {"steps": trainer.state.global_step,
                     "firstTrainLoss": losses[0] if losses else None,
                     "trainLoss": losses[-1] if losses else None,
-                    "evalLoss": eval_loss,
+                    "evalLoss": evaluated.get("eval_loss"),
+                    "evalPerplexity": evaluated.get("eval_perplexity"),
+                    "evalAccuracy": evaluated.get("eval_accuracy"),
+                    "evalF1": evaluated.get("eval_f1"),
                     "lossCurve": curve,
                     "trainSeconds": round(seconds, 3),
                     "tokensPerSecond": round(ready.tokens.total * world / max(seconds, 1e-9),
@@ -360,17 +448,39 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     if not is_rank0():
         return None
     (staging / TRAINER_PICKLE).unlink(missing_ok=True)  # a pickle has no place in an artifact
+    logs = ready.workdir / TENSORBOARD_DIR
+    if "tensorboard" in spec.training.report_to and logs.is_dir():
+        shutil.copytree(logs, staging / TENSORBOARD_DIR, dirs_exist_ok=True)
     if spec.method.type != MethodType.FULL:
         artifacts.verify_adapter(staging)
         if spec.model.name.startswith(TINY_SCHEME):
             artifacts.copy_base_model(Path(ready.source), staging)
         if spec.output.merge_adapter:
             merge_adapter(ready, staging)
+    if spec.output.samples:
+        write_samples(sampling_model(ready, trainer, staging), ready.tokenizer, spec, staging)
     manifest = artifacts.build_manifest(ready.job, staging, **facts)
     digest = storage.publish(staging, ready.output_uri, manifest)
     ready.metrics.add_uploaded_bytes(sum(f["bytes"] for f in manifest["files"].values()))
-    print_summary(ready.output_uri, manifest)
+    ready.console.report(ready.output_uri, manifest, digest)
     return RunResult(ready.output_uri, manifest, digest)
+
+
+def sampling_model(ready: Setup, trainer: Trainer, staging: Path) -> PreTrainedModel:
+    """The trained model, whole on rank 0: the one in memory, or under FSDP/ZeRO-3 (where rank 0
+    holds only a shard) a fresh load of what was just saved."""
+    if ready.job.spec.training.strategy not in (Strategy.FSDP, Strategy.DEEPSPEED_ZERO3):
+        return trainer.model  # type: ignore[return-value]
+    spec = ready.job.spec.model_copy(deep=True)
+    spec.training.pretrain = False
+    if spec.method.type == MethodType.FULL:
+        return load_model(spec, str(staging), ready.tokenizer, ready.precision,
+                          ready.data.label_names, device_map=local_device())
+    from peft import PeftModel
+
+    base = load_model(spec, ready.source, ready.tokenizer, ready.precision,
+                      ready.data.label_names, device_map=local_device())
+    return PeftModel.from_pretrained(base, str(staging))  # type: ignore[return-value]
 
 
 def merge_adapter(ready: Setup, staging: Path) -> None:
@@ -386,20 +496,6 @@ def merge_adapter(ready: Setup, staging: Path) -> None:
     merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
     merged.save_pretrained(staging / artifacts.MERGED_DIR)
     ready.tokenizer.save_pretrained(staging / artifacts.MERGED_DIR)
-
-
-def print_summary(uri: str, manifest: dict[str, Any]) -> None:
-    m, p = manifest["metrics"], manifest["parameters"]
-    eval_part = f", eval loss {m['evalLoss']:.4f}" if m["evalLoss"] is not None else ""
-    print(
-        f"\nkubetune: {manifest['method']} {manifest['task']} on {manifest['baseModel']['name']}"
-        f" done in {m['steps']} steps ({m['trainSeconds']:.1f} s, "
-        f"{m['tokensPerSecond']:.0f} tokens/s, world size {manifest['worldSize']})\n"
-        f"  train loss {m['firstTrainLoss']:.4f} -> {m['trainLoss']:.4f}{eval_part}\n"
-        f"  trainable parameters {p['trainable']:,} of {p['total']:,}\n"
-        f"  artifact: {uri}",
-        flush=True,
-    )
 
 
 def local_device() -> str | int:
