@@ -1,7 +1,7 @@
 """The kubetune trainer against a plain HF/PEFT script on CPU: same model, data and steps.
 
     .venv/bin/python bench/trainer_cpu.py [--steps 60] [--repeats 3] [--example tiny-lora]
-                                          [--seq-len N] [--threads 1]
+                                          [--seq-len N] [--threads 1] [--objective sft|dpo]
 
 Both runners train one tiny model directory (built once with kubetune_trainer.tiny from the
 example's data) for the same number of optimizer steps, batch size and learning rate. Only
@@ -9,6 +9,9 @@ example's data) for the same number of optimizer steps, batch size and learning 
 reference/kubetune and the median over the repeats is reported. The non-pad token fraction is
 measured over one epoch of each runner's own training dataloader (its sampler, its collator).
 The last line is `ratio=<kubetune steps/s / reference steps/s>`. See docs/benchmarks.md.
+
+`--objective dpo` (example tiny-dpo by default) compares kubetune's DPO against a plain TRL
+`DPOTrainer` script on the same tiny model and chosen/rejected pairs.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class Workload:
     seed: int
     lora: dict[str, Any]  # r, lora_alpha, lora_dropout, target_modules
     workdir: Path
+    objective: str = "sft"
+    beta: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,33 @@ def reference_trainer(w: Workload, steps: int) -> Any:
                    processing_class=tokenizer)
 
 
+def reference_dpo_trainer(w: Workload, steps: int) -> Any:
+    """A DPO script as TRL's DPOTrainer docs write it: the pairs file loaded with `datasets`,
+    the model and tokenizer from the directory, `peft_config` handed to the trainer (so the
+    reference is the base with the adapter disabled), `DPOConfig` with the same beta, length,
+    batch, learning rate and seed, and checkpointing off like the example."""
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    set_seed(w.seed)
+    tokenizer = AutoTokenizer.from_pretrained(w.model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(w.model_dir)
+    pairs = load_dataset("json", data_files=w.train_file, split="train")
+    args = DPOConfig(
+        output_dir=str(w.workdir / "reference"), use_cpu=True, max_steps=steps,
+        per_device_train_batch_size=w.batch_size, learning_rate=w.learning_rate, seed=w.seed,
+        beta=w.beta, max_length=w.seq_len, logging_steps=NO_LOGGING, save_strategy="no",
+        report_to=[],
+        # TRL defaults to activation checkpointing on; the example's spec has it off, so the
+        # two runners do the same compute.
+        activation_checkpointing=False)
+    return DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
+                      peft_config=LoraConfig(task_type="CAUSAL_LM", **w.lora))
+
+
 # --- kubetune ---------------------------------------------------------------------------------
 
 def kubetune_job(example: str, workdir: Path, **overrides: dict[str, Any]) -> Any:
@@ -139,7 +171,8 @@ def kubetune_trainer(w: Workload, steps: int, *, packing: bool = False) -> Any:
 
 def prepare(example: str, seq_len: int | None, workdir: Path) -> Workload:
     """Build the example's tiny model once (same data texts and seed as kubetune's tiny://)."""
-    from kubetune_api.spec import TINY_SCHEME, MethodType, Task
+    from kubetune_api.spec import TINY_SCHEME, MethodType, Objective, Task
+    from kubetune_trainer import preference
     from kubetune_trainer.data import load_records, training_texts
     from kubetune_trainer.tiny import build_tiny_model
 
@@ -153,9 +186,12 @@ def prepare(example: str, seq_len: int | None, workdir: Path) -> Workload:
                          f"with jsonl data and no gradient accumulation")
     seq_len = seq_len or spec.dataset.max_seq_length
     data = load_records(spec.dataset, spec.model.task, spec.training.seed)
-    model_dir = build_tiny_model(spec.model.name.removeprefix(TINY_SCHEME),
-                                 training_texts(data, spec.dataset), workdir / "model",
-                                 max_positions=seq_len, seed=spec.training.seed)
+    objective = spec.training.objective
+    texts = (training_texts(data, spec.dataset) if objective == Objective.SFT
+             else preference.texts(data, spec.dataset.fields))
+    model_dir = build_tiny_model(spec.model.name.removeprefix(TINY_SCHEME), texts,
+                                 workdir / "model", max_positions=seq_len,
+                                 seed=spec.training.seed)
     fields = spec.dataset.fields
     return Workload(
         example=example, model_dir=str(model_dir), train_file=spec.dataset.train,
@@ -164,7 +200,8 @@ def prepare(example: str, seq_len: int | None, workdir: Path) -> Workload:
         learning_rate=spec.training.learning_rate, seed=spec.training.seed,
         lora={"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
               "target_modules": lora.target_modules},
-        workdir=workdir,
+        workdir=workdir, objective=objective,
+        beta=spec.training.preference.beta if spec.training.preference else 0.1,
     )
 
 
@@ -239,7 +276,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per runner")
-    parser.add_argument("--example", default="tiny-lora", help="examples/<name>.yaml")
+    parser.add_argument("--example", help="examples/<name>.yaml (default: tiny-lora, or "
+                        "tiny-dpo with --objective dpo)")
+    parser.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                        help="dpo: kubetune's DPO against a plain TRL DPOTrainer script")
     parser.add_argument("--seq-len", type=int, help="maxSeqLength (default: the example's)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared box a 2-thread run stalls "
@@ -249,18 +289,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    example = args.example or ("tiny-dpo" if args.objective == "dpo" else "tiny-lora")
     os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars, for both runners alike
     import torch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
-        w = prepare(args.example, args.seq_len, Path(tmp))
+        w = prepare(example, args.seq_len, Path(tmp))
+        if w.objective != args.objective:
+            raise SystemExit(f"{example}: its training.objective is {w.objective}, "
+                             f"not {args.objective}")
+        reference = reference_dpo_trainer if w.objective == "dpo" else reference_trainer
         runners: dict[str, Callable[[int], Any]] = {
-            "reference": lambda steps: reference_trainer(w, steps),
+            "reference": lambda steps: reference(w, steps),
             "kubetune": lambda steps: kubetune_trainer(w, steps),
         }
         stats = {name: batch_stats(build(args.steps)) for name, build in runners.items()}
-        stats["kubetune packed"] = batch_stats(kubetune_trainer(w, args.steps, packing=True))
+        if w.objective == "sft":  # pairs are never packed
+            stats["kubetune packed"] = batch_stats(kubetune_trainer(w, args.steps, packing=True))
         runs = measure(runners, args.steps, args.repeats)
         print_report(w, args.steps, runs, stats)
 

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             job = load_job(args.file, output_uri=args.output)
             print(f"{args.file}: valid {job.kind} {job.name!r} "
-                  f"({job.spec.method.type}, {job.spec.model.task}, {job.spec.model.name})")
+                  f"({job.spec.method.type}, {job.spec.model.task}, "
+                  f"{job.spec.training.objective}, {job.spec.model.name})")
             return 0
         if args.command == "operator":
             from kubetune_operator.main import run_operator

@@ -207,6 +207,12 @@ _FIELDS_PAIR = "has(self.prompt) && has(self.completion) && !has(self.text) " \
 _FIELDS_CHAT = "has(self.messages) && !has(self.text) && !has(self.label) " \
                "&& !has(self.prompt) && !has(self.completion)"
 
+_NO_PAIRS = "!has(self.chosen) && !has(self.rejected)"
+_FIELDS_PREFERENCE = "has(self.chosen) && has(self.rejected) && !has(self.text) " \
+                     "&& !has(self.label) && !has(self.messages) && !has(self.completion)"
+_OBJECTIVE_SFT = "!has(self.training) || !has(self.training.objective) || " \
+                 "self.training.objective == 'sft'"
+
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "model": [
         _rule("self.task != 'sequence-classification' || has(self.numLabels)",
@@ -231,8 +237,10 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
               ".targetModules"),
     ],
     "dataset.fields": [
-        _rule(f"({_FIELDS_TEXT}) || ({_FIELDS_PAIR}) || ({_FIELDS_CHAT})",
-              "fields must be one of: text; text+label; prompt+completion; messages"),
+        _rule(f"({_NO_PAIRS} && (({_FIELDS_TEXT}) || ({_FIELDS_PAIR}) || ({_FIELDS_CHAT})))"
+              f" || ({_FIELDS_PREFERENCE})",
+              "fields must be one of: text; text+label; prompt+completion; messages; "
+              "prompt+chosen+rejected; chosen+rejected"),
     ],
     "": [
         _rule("self.model.task != 'sequence-classification' || "
@@ -246,6 +254,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
               "task seq2seq-lm needs dataset.fields prompt and completion"),
         _rule("!has(self.dataset.packing) || !self.dataset.packing || "
               "self.model.task == 'causal-lm'", "dataset.packing only applies to task causal-lm"),
+        _rule(f"({_OBJECTIVE_SFT}) || (self.model.task == 'causal-lm' && "
+              "has(self.dataset.fields.chosen) && (!has(self.dataset.packing) || "
+              "!self.dataset.packing))",
+              "training.objective dpo/orpo needs model.task causal-lm, dataset.fields "
+              "chosen+rejected (with or without prompt) and no packing"),
+        _rule(f"!has(self.dataset.fields.chosen) || !({_OBJECTIVE_SFT})",
+              "dataset.fields chosen/rejected need training.objective dpo or orpo"),
     ],
 }
 

@@ -167,7 +167,7 @@ class MethodSpec(SpecModel):
 
 class FieldsSpec(SpecModel):
     """Which record fields hold the training signal. Allowed combinations: text; text+label;
-    prompt+completion; messages."""
+    prompt+completion; messages; prompt+chosen+rejected and chosen+rejected (dpo, orpo)."""
 
     text: str | None = Field(None, description="Field with plain text.")
     prompt: str | None = Field(None, description="Field with the prompt (no loss on it).")
@@ -177,6 +177,15 @@ class FieldsSpec(SpecModel):
         "tokenizer's chat template, loss on assistant turns only."
     )
     label: str | None = Field(None, description="Field with the class label (int or string).")
+    chosen: str | None = Field(
+        None, description="Preference objectives (dpo, orpo): field with the preferred "
+        "response: a string (with prompt) or a messages list whose leading turns, shared with "
+        "rejected, are the prompt."
+    )
+    rejected: str | None = Field(
+        None, description="Preference objectives: field with the dispreferred response (same "
+        "form as chosen)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FieldsSpec:
@@ -199,7 +208,10 @@ FIELD_LAYOUTS = {
     frozenset({"text", "label"}): "classification",
     frozenset({"prompt", "completion"}): "prompt-completion",
     frozenset({"messages"}): "messages",
+    frozenset({"prompt", "chosen", "rejected"}): "preference",
+    frozenset({"chosen", "rejected"}): "conversational-preference",
 }
+PREFERENCE_LAYOUTS = ("preference", "conversational-preference")
 
 
 class DatasetSpec(SpecModel):
@@ -237,6 +249,25 @@ class EarlyStoppingSpec(SpecModel):
                           "training stops.")
     threshold: float = Field(0.0, ge=0, description="Smallest change of the metric that "
                              "counts as an improvement.")
+class Objective(StrEnum):
+    SFT = "sft"
+    DPO = "dpo"
+    ORPO = "orpo"
+
+
+class PreferenceSpec(SpecModel):
+    """How preference pairs are turned into a loss (training.objective dpo or orpo)."""
+
+    beta: float = Field(
+        0.1, gt=0, description="dpo: strength of the pull toward the reference model (lower "
+        "lets the policy move further from it; 0.1 is the DPO paper's value). orpo: weight "
+        "lambda of the odds-ratio term added to the chosen responses' SFT loss."
+    )
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo only: sigmoid = the DPO paper's loss; ipo = squared loss "
+        "toward a margin of 1/(2*beta), less prone to overfitting near-deterministic "
+        "preferences; hinge = SLiC's hinge loss on the reward margin."
+    )
 
 
 class TrainingSpec(SpecModel):
@@ -309,6 +340,31 @@ class TrainingSpec(SpecModel):
                              "set evalEverySteps")
         if len(set(self.report_to)) != len(self.report_to):
             raise ValueError("reportTo lists a tracker twice")
+        return self
+
+    objective: Objective = Field(
+        Objective.SFT, description="sft: next-token loss on the data; dpo: Direct Preference "
+        "Optimization on chosen/rejected pairs against a frozen reference (the base model); "
+        "orpo: Odds-Ratio Preference Optimization (SFT on chosen plus an odds-ratio penalty on "
+        "rejected, no reference model). dpo and orpo need task causal-lm and dataset.fields "
+        "chosen+rejected (with prompt, or as messages).")
+    preference: PreferenceSpec | None = Field(
+        None, description="Preference loss settings (objectives dpo and orpo; defaults apply "
+        "when omitted).")
+
+    @model_validator(mode="after")
+    def _check_preference(self) -> TrainingSpec:
+        if self.objective == Objective.SFT:
+            if self.preference is not None:
+                raise ValueError("preference applies to objective dpo or orpo only")
+            return self
+        if self.preference is None:
+            self.preference = PreferenceSpec()
+        if self.objective == Objective.ORPO and self.preference.loss != "sigmoid":
+            raise ValueError("preference.loss applies to objective dpo only (orpo has one loss)")
+        if self.pretrain:
+            raise ValueError(f"pretrain does not apply to objective {self.objective}: "
+                             "preference tuning starts from a trained model")
         return self
 
 
@@ -637,6 +693,7 @@ class FineTuneJobSpec(SpecModel):
     @model_validator(mode="after")
     def _check(self) -> FineTuneJobSpec:
         task, layout = self.model.task, self.dataset.fields.layout
+        self._check_objective()
         allowed = TASK_LAYOUTS[Task(task)]
         if layout not in allowed:
             raise ValueError(f"dataset.fields {layout} does not fit task {task} "
@@ -671,9 +728,31 @@ class FineTuneJobSpec(SpecModel):
         if self.training.neftune_noise_alpha and task == Task.SEQUENCE_CLASSIFICATION:
             raise ValueError("training.neftuneNoiseAlpha applies to generative tasks")
 
+    def _check_objective(self) -> None:
+        """The data layout fits the objective: pairs for dpo/orpo, never pairs for sft."""
+        objective, layout = self.training.objective, self.dataset.fields.layout
+        if objective == Objective.SFT:
+            if layout in PREFERENCE_LAYOUTS:
+                raise ValueError("dataset.fields chosen/rejected need training.objective dpo or "
+                                 "orpo")
+            return
+        if self.model.task != Task.CAUSAL_LM:
+            raise ValueError(f"training.objective {objective} needs model.task causal-lm "
+                             f"(got {self.model.task})")
+        if layout not in PREFERENCE_LAYOUTS:
+            raise ValueError(f"training.objective {objective} needs dataset.fields "
+                             f"prompt+chosen+rejected or chosen+rejected (got {layout})")
+        if self.dataset.packing:
+            raise ValueError(f"dataset.packing does not apply to training.objective "
+                             f"{objective} (pairs are compared whole)")
+        if self.training.best_metric == "perplexity":
+            raise ValueError(f"training.bestMetric perplexity does not apply to "
+                             f"training.objective {objective} (its eval loss is a preference "
+                             f"loss); use loss")
+
 
 TASK_LAYOUTS: dict[Task, tuple[str, ...]] = {
-    Task.CAUSAL_LM: ("text", "prompt-completion", "messages"),
+    Task.CAUSAL_LM: ("text", "prompt-completion", "messages", *PREFERENCE_LAYOUTS),
     Task.MASKED_LM: ("text",),
     Task.SEQ2SEQ_LM: ("prompt-completion",),
     Task.SEQUENCE_CLASSIFICATION: ("classification",),

@@ -86,6 +86,32 @@ def corpus() -> list[str]:
             for _ in range(300)]
 
 
+def support_pairs() -> list[dict[str, str]]:
+    """Preference pairs: the right answer is chosen, another intent's answer is rejected."""
+    pair_rng = random.Random(14)  # its own stream: the files above stay byte-identical
+    intents = list(INTENTS)
+    rows = []
+    for intent, answer in INTENTS.items():
+        for ask in ASKS:
+            wrong = pair_rng.choice([i for i in intents if i != intent])
+            rows.append({"prompt": f"Customer: {ask.format(intent)}\nAgent:",
+                         "chosen": f" {answer}", "rejected": f" {INTENTS[wrong]}"})
+    pair_rng.shuffle(rows)
+    return rows
+
+
+def chat_pairs(rows: list[dict[str, str]]) -> list[dict[str, object]]:
+    """The same pairs as conversations sharing their system and user turns."""
+    def conversation(row: dict[str, str], answer: str) -> list[dict[str, str]]:
+        ask = row["prompt"].removeprefix("Customer: ").removesuffix("\nAgent:")
+        return [{"role": "system", "content": "You are a concise support agent."},
+                {"role": "user", "content": ask},
+                {"role": "assistant", "content": answer.strip()}]
+
+    return [{"chosen": conversation(r, r["chosen"]), "rejected": conversation(r, r["rejected"])}
+            for r in rows]
+
+
 def write_jsonl(name: str, rows: list) -> None:
     (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -101,6 +127,10 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(sentiment())
     (HERE / "corpus.txt").write_text("\n".join(corpus()) + "\n")
+    pairs = support_pairs()
+    write_jsonl("support-pairs.jsonl", pairs[:72])
+    write_jsonl("support-pairs-eval.jsonl", pairs[72:])
+    write_jsonl("chat-pairs.jsonl", chat_pairs(pairs))
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ def test_every_example_passes_every_rule(path: Path) -> None:
     assert violations(yaml.safe_load(path.read_text())) == set()
 
 
+PAIRS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 # (id, spec edit, start of the one rule message it must break)
 BAD: list[tuple[str, Edit, str]] = [
     ("classification-without-label", lambda s: (
@@ -172,6 +173,20 @@ BAD: list[tuple[str, Edit, str]] = [
     ("messages-and-label", lambda s: s["dataset"].update(
         fields={"messages": "m", "label": "l"}),
      "fields must be one of"),
+    ("chosen-without-rejected", lambda s: s["dataset"].update(
+        fields={"prompt": "p", "chosen": "c"}),
+     "fields must be one of"),
+    ("pairs-with-sft", lambda s: s["dataset"].update(fields=PAIRS),
+     "dataset.fields chosen/rejected need training.objective"),
+    ("dpo-without-pairs", lambda s: s["training"].update(objective="dpo"),
+     "training.objective dpo/orpo needs"),
+    ("dpo-with-packing", lambda s: (
+        s["training"].update(objective="dpo"), s["dataset"].update(fields=PAIRS, packing=True)),
+     "training.objective dpo/orpo needs"),
+    ("orpo-on-seq2seq", lambda s: (
+        s["model"].update(task="seq2seq-lm"), s["training"].update(objective="orpo"),
+        s["dataset"].update(fields=PAIRS)),
+     "training.objective dpo/orpo needs"),
 ]
 
 
@@ -206,6 +221,12 @@ def test_the_good_side_of_each_rule() -> None:
             type="qlora", quantization={"bits": 4})),
         changed("tiny-lora", lambda s: s["model"].update(name="hf://org/model")),
         changed("tiny-lora", lambda s: s["method"].pop("lora")),
+        changed("tiny-lora", lambda s: (
+            s["training"].update(objective="orpo"),
+            s["dataset"].update(fields={"chosen": "chosen", "rejected": "rejected"}))),
+        changed("tiny-lora", lambda s: (
+            s["training"].update(objective="dpo", preference={"loss": "ipo"}),
+            s["dataset"].update(fields=PAIRS))),
     ]
     for body in good:
         assert violations(body) == set(), body["spec"]

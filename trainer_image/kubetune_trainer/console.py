@@ -77,11 +77,17 @@ def summary_text(uri: str, manifest: dict[str, Any]) -> str:
     evals = [f"{label} {m[key]:.4f}" for key, label in EVAL_LABELS if m.get(key) is not None]
     if evals:
         losses += (", " if losses else "  ") + ", ".join(evals)
+    rewards = ""
+    accuracy, margin = m.get("rewardAccuracy") or {}, m.get("rewardMargin") or {}
+    if accuracy.get("final") is not None:  # preference objectives (dpo, orpo)
+        rewards = (f"  reward accuracy {accuracy['first']:.2f} -> {accuracy['final']:.2f}, "
+                   f"margin {margin['first']:.3f} -> {margin['final']:.3f}")
     lines = [
         f"kubetune: {manifest['method']} {manifest['task']} on {manifest['baseModel']['name']}"
         f" done in {m['steps']} steps ({m['trainSeconds']:.1f} s, "
         f"{m['tokensPerSecond']:.0f} tokens/s, world size {manifest['worldSize']})",
         losses,
+        rewards,
         f"  trainable parameters {p['trainable']:,} of {p['total']:,}",
         f"  artifact: {uri}",
     ]

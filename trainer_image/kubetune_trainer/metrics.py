@@ -126,6 +126,19 @@ class TrainerMetrics:
             "Time to upload a checkpoint to object storage.", ["rank"],
             buckets=DURATION_BUCKETS, registry=reg,
         ).labels(**r)
+        # Preference objectives (dpo, orpo) only: created unlabelled, so SFT runs export no 0s.
+        self._rewards = {
+            key: gauge(name, doc) for key, name, doc in (
+                ("accuracy", "kubetune_trainer_reward_accuracy",
+                 "Share of pairs whose chosen reward beats the rejected one, as last logged."),
+                ("margin", "kubetune_trainer_reward_margin",
+                 "Mean chosen minus rejected reward, as last logged."),
+                ("chosen", "kubetune_trainer_rewards_chosen",
+                 "Mean implicit reward of the chosen responses, as last logged."),
+                ("rejected", "kubetune_trainer_rewards_rejected",
+                 "Mean implicit reward of the rejected responses, as last logged."),
+            )
+        }
         self._phase = Gauge(
             "kubetune_trainer_phase", "1 for the phase this rank is in, 0 for the others.",
             ["rank", "phase"], registry=reg,
@@ -220,6 +233,12 @@ class TrainerMetrics:
             if value is not None:
                 series.labels(rank=str(self.rank)).set(float(value))
 
+    def on_rewards(self, **values: float | None) -> None:
+        """Preference rewards as logged: accuracy, margin, chosen, rejected."""
+        for key, value in values.items():
+            if value is not None:
+                self._rewards[key].labels(rank=str(self.rank)).set(float(value))
+
     def observe_checkpoint(
         self, step: int, save_seconds: float, upload_seconds: float, uploaded_bytes: int
     ) -> None:
@@ -308,6 +327,9 @@ def _metrics_callback_class() -> type:
             logs = logs or {}
             self.metrics.on_log(loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
                                 grad_norm=logs.get("grad_norm"), eval_loss=logs.get("eval_loss"))
+            self.metrics.on_rewards(  # TRL's DPO/ORPO training logs
+                accuracy=logs.get("rewards/accuracies"), margin=logs.get("rewards/margins"),
+                chosen=logs.get("rewards/chosen"), rejected=logs.get("rewards/rejected"))
 
         def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if self.metrics.phase != "evaluating":

@@ -21,7 +21,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +46,19 @@ from kubetune_api.spec import (
     FineTuneJob,
     FineTuneJobSpec,
     MethodType,
+    Objective,
     Strategy,
     Task,
 )
-from kubetune_trainer import artifacts, checkpoints, evaluation, factories, storage, strategies
+from kubetune_trainer import (
+    artifacts,
+    checkpoints,
+    evaluation,
+    factories,
+    preference,
+    storage,
+    strategies,
+)
 from kubetune_trainer.checkpoints import CheckpointCallback
 from kubetune_trainer.console import Console, ProgressCallback
 from kubetune_trainer.data import DataError, LoadedData, load_records, training_texts
@@ -198,13 +209,17 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
                              data.label_names, spec.model.num_labels)
         return pack(tokenized, spec.dataset.max_seq_length) if spec.dataset.packing else tokenized
 
+    if spec.training.objective != Objective.SFT:  # pairs; TRL tokenizes them (preference.py)
+        features = partial(preference.checked_pairs, fields=spec.dataset.fields,
+                           tokenizer=tokenizer)
     train_features, eval_features = features(data.train), features(data.eval)
     if not train_features:
         raise DataError(f"{spec.dataset.train}: no record has a token to learn from after "
                         f"truncation to {spec.dataset.max_seq_length}")
     # Arguments before the model: with ZeRO-3 they make from_pretrained load sharded.
     args = training_arguments(job, precision, workdir, has_eval=bool(eval_features),
-                              cuda=torch.cuda.is_available())
+                              cuda=torch.cuda.is_available(),
+                              config=arguments_class(job))
     compute = compute_dtype(spec, precision)
     model = load_model(spec, source, tokenizer, precision, data.label_names,
                        device_map=strategies.device_map(spec, local_device()),
@@ -224,7 +239,9 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
     if not spec.model.name.startswith(TINY_SCHEME):
         return spec.model.name
     arch = spec.model.name.removeprefix(TINY_SCHEME)
-    texts = list(training_texts(data, spec.dataset))
+    texts = list(preference.texts(data, spec.dataset.fields)
+                 if spec.training.objective != Objective.SFT
+                 else training_texts(data, spec.dataset))
     directory = workdir / f"tiny-{arch}-rank{global_rank()}"
     build_tiny_model(arch, texts, directory, max_positions=spec.dataset.max_seq_length,
                      seed=spec.training.seed)
@@ -232,18 +249,24 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
 
 
 def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) -> Trainer:
-    spec, cuda = ready.job.spec, torch.cuda.is_available()
-    # Each rank masks differently (one shared seed would mask every rank's batch alike).
-    collate = collator_for(spec.model.task, ready.tokenizer, ready.model,
-                           spec.training.seed + global_rank(),
-                           pad_to_multiple_of=padding_multiple(spec, cuda))
+    callbacks = trainer_callbacks(ready, preemption)
+    if ready.job.spec.training.objective != Objective.SFT:
+        trainer = preference.build_trainer(ready, callbacks)
+    else:
+        trainer = sft_trainer(ready, callbacks)
+    # Ours replaces the Trainer's bar (or, with tqdm off, its printing of raw log dicts).
+    trainer.remove_callback(TrainerProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback":  # event files join the artifact
+            callback.logging_dir = str(ready.workdir / TENSORBOARD_DIR)
+    return trainer
 
-    def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        collated = collate(batch)
-        if ready.model.training:
-            ready.tokens.total += count_input_tokens(collated)
-        return collated
 
+def trainer_callbacks(ready: Setup, preemption: PreemptionCallback | None) -> list[Any]:
+    """Metrics, progress, checkpoints (complete marker, upload), early stopping and SIGTERM:
+    the same for every objective."""
+    spec = ready.job.spec
     callbacks: list[Any] = [
         metrics_callback(ready.metrics, ready.tokens.take),
         ProgressCallback(ready.console.progress_mode(sys.stderr), ready.metrics.rates),
@@ -256,6 +279,22 @@ def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) ->
             early_stopping_threshold=spec.training.early_stopping.threshold))
     if preemption:
         callbacks.append(preemption)
+    return callbacks
+
+
+def sft_trainer(ready: Setup, callbacks: list[Any]) -> Trainer:
+    spec, cuda = ready.job.spec, torch.cuda.is_available()
+    # Each rank masks differently (one shared seed would mask every rank's batch alike).
+    collate = collator_for(spec.model.task, ready.tokenizer, ready.model,
+                           spec.training.seed + global_rank(),
+                           pad_to_multiple_of=padding_multiple(spec, cuda))
+
+    def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        collated = collate(batch)
+        if ready.model.training:
+            ready.tokens.total += count_input_tokens(collated)
+        return collated
+
     classify = spec.model.task == Task.SEQUENCE_CLASSIFICATION
     trainer = FrozenHeapTrainer(
         model=ready.model, args=ready.args, train_dataset=ready.train_features,
@@ -264,12 +303,6 @@ def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) ->
         compute_metrics=evaluation.classification_metrics if classify else None,
         preprocess_logits_for_metrics=evaluation.predicted_classes if classify else None)
     trainer.perplexity = spec.model.task != Task.SEQUENCE_CLASSIFICATION
-    # Ours replaces the Trainer's bar (or, with tqdm off, its printing of raw log dicts).
-    trainer.remove_callback(TrainerProgressCallback)
-    trainer.remove_callback(PrinterCallback)
-    for callback in trainer.callback_handler.callbacks:
-        if type(callback).__name__ == "TensorBoardCallback":  # event files join the artifact
-            callback.logging_dir = str(ready.workdir / TENSORBOARD_DIR)
     return trainer
 
 
@@ -357,9 +390,18 @@ def evaluate(ready: Setup, trainer: Trainer) -> dict[str, float]:
             if k.removeprefix("eval_") in evaluation.REPORTED and math.isfinite(v)}
 
 
+def arguments_class(job: FineTuneJob) -> Callable[..., TrainingArguments]:
+    if job.spec.training.objective == Objective.SFT:
+        return TrainingArguments
+    return preference.arguments_class(job.spec)
+
+
 def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
-                       has_eval: bool, cuda: bool) -> TrainingArguments:
-    """The spec's training section in the Trainer's terms."""
+                       has_eval: bool, cuda: bool,
+                       config: Callable[..., TrainingArguments] = TrainingArguments
+                       ) -> TrainingArguments:
+    """The spec's training section in the Trainer's terms (`config`: the objective's
+    TrainingArguments class, e.g. TRL's DPOConfig)."""
     t = job.spec.training
     evaluate_periodically = bool(has_eval and t.eval_every_steps)
     best = factories.best_model_arguments(t, has_eval=has_eval)
@@ -368,7 +410,7 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         # The Trainer picks the best among saved checkpoints: save at evaluations (or at a
         # multiple of them, which the spec checks).
         save_steps = save_steps or t.eval_every_steps
-    return TrainingArguments(
+    return config(
         output_dir=str(workdir / LOCAL_CHECKPOINTS),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -399,7 +441,9 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         and job.spec.resources.nodes > 1,
         remove_unused_columns=False,
         # Batches of similar length waste less compute on padding; packed blocks are uniform.
-        train_sampling_strategy="random" if job.spec.dataset.packing else "group_by_length",
+        # (TRL's preference datasets have no input_ids to group by.)
+        train_sampling_strategy="random" if job.spec.dataset.packing
+        or t.objective != Objective.SFT else "group_by_length",
         disable_tqdm=True,  # console.ProgressCallback shows progress on rank 0
         **factories.option_arguments(t, cuda=cuda),
         **best,
@@ -431,8 +475,11 @@ def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float] | floa
                     "lossCurve": curve,
                     "trainSeconds": round(seconds, 3),
                     "tokensPerSecond": round(ready.tokens.total * world / max(seconds, 1e-9),
-                                             1)},
+                                             1),
+                    **(preference.reward_facts(trainer.state.log_history)
+                       if ready.job.spec.training.objective != Objective.SFT else {})},
         "parameters": {"trainable": trainable, "total": total},
+        "objective": ready.job.spec.training.objective,
         "precision": ready.precision.name,
         "worldSize": world,
     }
