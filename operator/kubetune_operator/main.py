@@ -28,7 +28,7 @@ import kopf  # noqa: E402
 
 from kubetune_operator import handlers  # noqa: E402
 from kubetune_operator.builders import LABEL_JOB  # noqa: E402
-from kubetune_operator.kube import KubeApi  # noqa: E402
+from kubetune_operator.kube import KubeApi, Resource  # noqa: E402
 from kubetune_operator.metrics import OperatorMetrics  # noqa: E402
 from kubetune_operator.reconciler import Reconciler  # noqa: E402
 from kubetune_operator.settings import Settings  # noqa: E402
@@ -37,6 +37,13 @@ logger = logging.getLogger("kubetune_operator")
 
 PREFIX = "kubetune.dev"
 LIST_PAGE_SIZE = 500  # objects per page of kopf's initial lists
+CLUSTER_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
+NAMESPACED_PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings")
+EXIT_CONFIG_ERROR = 2  # the operator cannot work as configured; restarting will not help
+
+
+class StartupError(Exception):
+    """A configuration the operator cannot work with; the message says what to do."""
 
 
 class Credentials:
@@ -99,6 +106,39 @@ def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Reconciler, KubeAp
     return registry, reconciler, api
 
 
+async def missing_peerings(api: KubeApi, settings: Settings) -> list[str]:
+    """The peering objects `settings.peering` names that do not exist. kopf never creates
+    them: with one missing it waits, paused, and reconciles nothing, without a word."""
+    name = settings.peering
+    if name is None:
+        return []
+    if not settings.watch_namespaces:
+        found = await api.request("GET", CLUSTER_PEERINGS.path(None, name))
+        return [] if found is not None else [f"ClusterKopfPeering {name!r}"]
+    return [f"KopfPeering {name!r} in namespace {namespace!r}"
+            for namespace in settings.watch_namespaces
+            if await api.get(NAMESPACED_PEERINGS, namespace, name) is None]
+
+
+async def check_peering(settings: Settings) -> None:
+    if settings.peering is None:
+        return
+    credentials = Credentials()
+    credentials.login(settings=kopf.OperatorSettings(), logger=logger)  # as kopf will
+    api = KubeApi(login=credentials.current)
+    try:
+        missing = await missing_peerings(api, settings)
+    finally:
+        await api.close()
+    if missing:
+        raise StartupError(
+            f"KUBETUNE_PEERING={settings.peering}: no {', no '.join(missing)} (or no kopf "
+            "peering CRD). kopf would wait for it and reconcile nothing. Create it (the Helm "
+            "chart does with replicas > 1; kopf's peering CRDs are in "
+            "charts/kubetune/crds/kopf-peerings.yaml), or unset KUBETUNE_PEERING to run one "
+            "standalone operator.")
+
+
 def run_operator() -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: "
@@ -106,6 +146,11 @@ def run_operator() -> int:
     # kopf logs every handler call at INFO; with thousands of jobs that is most of the CPU.
     if settings.log_level >= logging.INFO:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    try:
+        asyncio.run(check_peering(settings))
+    except StartupError as exc:
+        logger.error("cannot start: %s", exc)
+        return EXIT_CONFIG_ERROR
     registry, reconciler, _ = build(settings)
     reconciler.metrics.serve(settings.metrics_port)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port \

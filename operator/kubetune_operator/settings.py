@@ -70,7 +70,8 @@ class Settings:
     storage_secret: str | None = None  # spec.storage.secretName when the spec names none
     image_pull_secrets: tuple[str, ...] = ()  # added to every trainer pod
     service_account: str | None = None  # trainer pods' service account (no token mounted)
-    peering: str | None = "kubetune"  # kopf peering object; None: standalone (one replica)
+    # kopf peering object shared by replicas; None (the default): standalone, one replica.
+    peering: str | None = None
     progress_interval: float = 15.0  # seconds between scrapes of rank 0 / periodic resyncs
     scrape_timeout: float = 3.0
     termination_grace_seconds: int = 300  # time for ranks to checkpoint on SIGTERM
@@ -96,7 +97,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        peering = env.get("KUBETUNE_PEERING", cls.peering or "")
+        peering = env.get("KUBETUNE_PEERING", "").strip()
         return cls(
             trainer_image=env.get("KUBETUNE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
             watch_namespaces=_list(env.get("KUBETUNE_WATCH_NAMESPACES", "")),

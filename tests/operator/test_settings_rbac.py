@@ -15,7 +15,7 @@ def test_defaults() -> None:
     assert settings.trainer_image == DEFAULT_TRAINER_IMAGE
     assert settings.watch_namespaces == ()  # all namespaces
     assert (settings.metrics_port, settings.health_port) == (8000, 8081)
-    assert settings.peering == "kubetune" and settings.storage_secret is None
+    assert settings.peering is None and settings.storage_secret is None
     assert settings.log_level == logging.INFO
 
 
@@ -38,6 +38,12 @@ def test_overrides() -> None:
     assert settings.service_account == "trainer" and settings.peering is None
     assert settings.progress_interval == 2.5 and settings.log_level == logging.DEBUG
     assert Settings.from_env({"KUBETUNE_LOG_LEVEL": "loud"}).log_level == logging.INFO
+
+
+def test_peering_only_when_named() -> None:
+    assert Settings.from_env({"KUBETUNE_PEERING": "kubetune"}).peering == "kubetune"
+    for standalone in ("", " ", "standalone"):
+        assert Settings.from_env({"KUBETUNE_PEERING": standalone}).peering is None
 
 
 def test_rbac_rules_form_a_valid_cluster_role() -> None:

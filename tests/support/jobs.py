@@ -29,3 +29,14 @@ def example_job(name: str, output_uri: Path | str, **overrides: dict[str, Any]) 
     for section, values in overrides.items():
         data["spec"].setdefault(section, {}).update(values)
     return validate_job(data)
+
+
+def ftj_body(name: str, namespace: str = "default", **spec_overrides: Any) -> dict[str, Any]:
+    """examples/tiny-lora.yaml as a FineTuneJob object named `name`; dict overrides merge into
+    spec sections, other values replace them."""
+    body: dict[str, Any] = yaml.safe_load((EXAMPLES / "tiny-lora.yaml").read_text())
+    body["metadata"] = {"name": name, "namespace": namespace}
+    for key, value in spec_overrides.items():
+        body["spec"][key] = {**body["spec"].get(key, {}), **value} \
+            if isinstance(value, dict) else value
+    return body
