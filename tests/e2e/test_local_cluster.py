@@ -4,6 +4,7 @@ S3 (moto). Only the API server and kubelet are stand-ins (docs/e2e.md)."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from collections.abc import Iterator
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import s3fs
 
 from kubetune_api import contract
+from kubetune_operator.status import parse_progress
 from support.e2e_cluster import LocalCluster, kubectl_binary, s3_example
 from support.operator_process import JOBS, PODS
 from support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, create_bucket
@@ -42,10 +45,11 @@ def s3(s3_server: MotoServer) -> s3fs.S3FileSystem:
 
 
 def apply_example(cluster: LocalCluster, s3_server: MotoServer, example: str, name: str,
-                  bucket: str, **overrides: Any) -> None:
+                  bucket: str, **overrides: Any) -> dict[str, Any]:
     manifest = s3_example(example, name=name, bucket=bucket, endpoint=s3_server.endpoint,
                           **overrides)
     assert "created" in cluster.apply(manifest)
+    return manifest
 
 
 def assert_succeeded_with_manifest(cluster: LocalCluster, s3: s3fs.S3FileSystem, name: str,
@@ -63,23 +67,62 @@ def children(cluster: LocalCluster, resource: str, name: str) -> list[dict[str, 
     return cluster.api.find(resource, "default", labels=f"kubetune.dev/finetunejob={name}")
 
 
+def rank0_step(port: int) -> int | None:
+    """The step rank 0's /metrics report now (None while it does not answer)."""
+    try:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except requests.RequestException:
+        return None
+    progress = parse_progress(text, datetime.datetime.now(datetime.UTC))
+    return progress.step if progress is not None else None
+
+
+def observe_progress_while_paced(cluster: LocalCluster, name: str, port: int,
+                                 observations: int) -> list[dict[str, Any]]:
+    """status.progress at `observations` distinct mid-run steps, whatever the machine's speed.
+
+    The test paces the run instead of racing it: once rank 0 has moved past the last step
+    seen, rank 1 is frozen (SIGSTOP), so rank 0 blocks in its next gradient all-reduce and its
+    step holds still until status.progress shows it; then rank 1 runs on."""
+    assert cluster.runner is not None
+    seen: list[dict[str, Any]] = []
+
+    def moved_on() -> str | None:
+        if (rank0_step(port) or 0) > (seen[-1]["step"] if seen else 0):
+            return "stepped"
+        return "ended" if cluster.status(name).get("phase") in ("Succeeded", "Failed") else None
+
+    def status_shows_rank0() -> dict[str, Any] | None:
+        step = rank0_step(port)
+        shown = cluster.status(name).get("progress") or {}
+        return shown if step is not None and shown.get("step") == step else None
+
+    while len(seen) < observations:
+        assert cluster.wait(moved_on, "rank 0 to take a step", RUN_TIMEOUT) == "stepped", \
+            f"the run ended before {observations} paced observations: {seen}"
+        cluster.runner.pause(f"{name}-a1-1")
+        try:
+            seen.append(cluster.wait(status_shows_rank0, "status.progress at rank 0's step",
+                                     RUN_TIMEOUT))
+        finally:
+            cluster.runner.unpause(f"{name}-a1-1")
+    return seen
+
+
 def test_tiny_lora_on_two_nodes_to_s3(cluster: LocalCluster, s3_server: MotoServer,
                                       bucket: str, s3: s3fs.S3FileSystem,
                                       tmp_path: Path) -> None:
-    apply_example(cluster, s3_server, "tiny-lora", "lora", bucket, nodes=2,
-                  training={"maxSteps": 60, "logEverySteps": 10})
-    seen: list[dict[str, Any]] = []
+    manifest = apply_example(cluster, s3_server, "tiny-lora", "lora", bucket, nodes=2,
+                             training={"maxSteps": 60, "logEverySteps": 10})
+    seen = observe_progress_while_paced(cluster, "lora", manifest["spec"]["metrics"]["port"], 2)
+    assert 0 < seen[0]["step"] < seen[1]["step"] < 60, seen
+    for progress in seen:
+        assert progress["totalSteps"] == 60, progress
+        assert progress["percent"] == round(100 * progress["step"] / 60, 1), progress
 
-    def record_progress(status: dict[str, Any]) -> None:
-        if status.get("phase") == "Running" and status.get("progress"):
-            seen.append(status["progress"])
-
-    status = cluster.wait_finished("lora", RUN_TIMEOUT, record_progress)
+    status = cluster.wait_finished("lora", RUN_TIMEOUT)
     manifest = assert_succeeded_with_manifest(cluster, s3, "lora", status)
     assert manifest["worldSize"] == 2 and manifest["metrics"]["steps"] == 60
-    mid_run = {p["step"] for p in seen if 0 < p.get("step", 0) < p.get("totalSteps", 0)}
-    assert len(mid_run) >= 2, f"status.progress did not move during the run: {seen}"
-    assert {p.get("totalSteps") for p in seen} <= {None, 60}
     pods = {p["metadata"]["name"] for p in children(cluster, PODS, "lora")}
     assert pods == {"lora-a1-0", "lora-a1-1"}
 

@@ -47,7 +47,7 @@ class OperatorProcess:
         self.log_path = workdir / "operator.log"
         self.metrics_port = free_port()
         self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-                    "KUBETUNE_PEERING": "standalone", "KUBETUNE_HEALTH_PORT": "0",
+                    "KUBETUNE_HEALTH_PORT": "0",
                     "KUBETUNE_OPERATOR_METRICS_PORT": str(self.metrics_port),
                     "KUBETUNE_PROGRESS_INTERVAL": "1", **env}
         self.process: subprocess.Popen[bytes] | None = None

@@ -160,6 +160,21 @@ class PodRunner:
         pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
         kill_container(pod["metadata"]["uid"], self.processes[pod["metadata"]["uid"]].process)
 
+    def pause(self, pod_name: str) -> None:
+        """SIGSTOP every process of the pod's container: a frozen rank (a hung collective, a
+        stuck mount). Its peers block in their next collective; its sockets stay open."""
+        self._signal_container(pod_name, signal.SIGSTOP)
+
+    def unpause(self, pod_name: str) -> None:
+        self._signal_container(pod_name, signal.SIGCONT)
+
+    def _signal_container(self, pod_name: str, signum: int) -> None:
+        pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
+        uid = pod["metadata"]["uid"]
+        for process in container_processes(uid, self.processes[uid].process):
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signum)
+
     def log(self, pod_name: str, namespace: str = "default") -> str:
         """Everything the pod's processes wrote (what `kubectl logs` would show)."""
         path = self.workdir / f"{namespace}-{pod_name}" / "log"
@@ -397,14 +412,25 @@ def termination_message(proc: PodProcess, pod: JsonDict, code: int) -> str:
     return message
 
 
+def container_processes(uid: str, main: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The container's main process and every process carrying its marker."""
+    found = []
+    with contextlib.suppress(psutil.Error):
+        found.append(psutil.Process(main.pid))
+    for other in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if other.pid != main.pid and other.environ().get(POD_MARKER_ENV) == uid:
+                found.append(other)
+    return found
+
+
 def kill_container(uid: str, process: subprocess.Popen[bytes]) -> None:
     """SIGKILL the container's main process and every process carrying its marker."""
     with contextlib.suppress(ProcessLookupError):
         process.kill()
-    for other in psutil.process_iter():
+    for other in container_processes(uid, process):
         with contextlib.suppress(psutil.Error):
-            if other.environ().get(POD_MARKER_ENV) == uid:
-                other.kill()
+            other.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(10)
 
