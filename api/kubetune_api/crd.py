@@ -86,6 +86,19 @@ class Output(StatusModel):
     manifest_sha256: str | None = Field(None, description="SHA-256 of the artifact manifest.")
 
 
+class Runtime(StatusModel):
+    """What the operator added to the spec when the first attempt started; later attempts reuse
+    it, so an operator upgrade mid-job never resumes a checkpoint under another trainer."""
+
+    trainer_image: str = Field(description="Trainer image when spec.pod.image is not set.")
+    termination_grace_seconds: int = Field(description="Pods' termination grace period.")
+    storage_secret: str | None = Field(None, description="Storage Secret when "
+                                       "spec.storage.secretName is not set.")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Pull secrets "
+                                          "added to every pod.")
+    service_account: str | None = Field(None, description="Trainer pods' service account.")
+
+
 class FineTuneJobStatus(StatusModel):
     phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, "
                                 "Succeeded or Failed.")
@@ -99,6 +112,13 @@ class FineTuneJobStatus(StatusModel):
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")
     progress: Progress | None = Field(None, description="Training progress from rank 0.")
     output: Output | None = Field(None, description="The artifact, once succeeded.")
+    preemptions: int = Field(0, description="Gang restarts that were not the training's "
+                             "fault (preemption, eviction, node loss, a checkpointed SIGTERM, "
+                             "a deleted Job); they do not count against backoffLimit.")
+    attempt_start_time: str | None = Field(None, description="When the current attempt's "
+                                           "Job was created.")
+    runtime: Runtime | None = Field(None, description="Trainer image and operator defaults "
+                                    "pinned by the first attempt.")
 
 
 # --- JSON Schema → structural OpenAPI v3 --------------------------------------------------------

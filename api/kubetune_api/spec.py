@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from kubetune_api import contract
+from kubetune_api.contract import DEFAULT_MASTER_PORT
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -671,6 +672,12 @@ class RunPolicySpec(SpecModel):
                                                    "long after it finishes.")
     suspend: bool = Field(False, description="Stop the pods (they checkpoint first); false "
                           "resumes.")
+    scheduling_timeout_seconds: int = Field(
+        600, ge=1, description="Tear the attempt down (and retry with backoff) when not every "
+        "rank runs this long after its pods were created: a partial gang never holds GPUs.")
+    stall_timeout_seconds: int | None = Field(
+        None, ge=1, description="Restart the gang from its last checkpoint when rank 0's step "
+        "has not advanced for this long while training (default: off).")
 
 
 class FineTuneJobSpec(SpecModel):
@@ -749,6 +756,33 @@ class FineTuneJobSpec(SpecModel):
             raise ValueError(f"training.bestMetric perplexity does not apply to "
                              f"training.objective {objective} (its eval loss is a preference "
                              f"loss); use loss")
+
+    @model_validator(mode="after")
+    def _check_what_the_api_server_would_reject(self) -> FineTuneJobSpec:
+        """Caught here, before any child exists: the API server would refuse the Job later."""
+        for field_name in ("cpu", "memory", "shm_size"):
+            value = getattr(self.pod, field_name)
+            if value is not None and not QUANTITY.fullmatch(value):
+                raise ValueError(f"pod.{to_camel(field_name)} {value!r} is not a Kubernetes "
+                                 "quantity (e.g. 8, 500m, 64Gi, 1.5G)")
+        for name in self.pod.env:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"pod.env name {name!r} is not a valid environment variable "
+                                 "name (letters, digits, '_', '-', '.'; not starting with a "
+                                 "digit)")
+        ranks = max(1, self.resources.gpus_per_node)
+        first, last = self.metrics.port, self.metrics.port + ranks - 1
+        if first <= DEFAULT_MASTER_PORT <= last:
+            raise ValueError(f"metrics.port {first} (ports {first}-{last}, one per rank of a "
+                             f"node) would clash with torchrun's port {DEFAULT_MASTER_PORT}")
+        if last > 65535:
+            raise ValueError(f"metrics.port {first} + {ranks} ranks per node goes past 65535")
+        return self
+
+
+# Kubernetes resource quantities (apimachinery resource.Quantity, non-negative).
+QUANTITY = re.compile(r"(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?")
+ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 
 
 TASK_LAYOUTS: dict[Task, tuple[str, ...]] = {

@@ -135,3 +135,33 @@ def test_cli_validate_is_fast_and_exits_2_on_bad_input(tmp_path: Path) -> None:
         [sys.executable, "-c", "import sys, kubetune_api.cli, kubetune_api.load; "
          "print('torch' in sys.modules)"], capture_output=True, text=True)
     assert probe.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("  pod: {cpu: 8 cores}\n", "pod.cpu '8 cores' is not a Kubernetes quantity"),
+    ("  pod: {memory: 64gb}\n", "pod.memory '64gb' is not a Kubernetes quantity"),
+    ("  pod: {shmSize: -1Gi}\n", "pod.shmSize '-1Gi' is not a Kubernetes quantity"),
+    ("  pod: {env: {'1BAD': x}}\n", "pod.env name '1BAD' is not a valid environment variable"),
+    ("  metrics: {port: 29500}\n", "would clash with torchrun's port 29500"),
+    ("  resources: {gpusPerNode: 8}\n  metrics: {port: 29495}\n",
+     "metrics.port 29495 (ports 29495-29502, one per rank of a node) would clash"),
+    ("  resources: {gpusPerNode: 8}\n  metrics: {port: 65530}\n", "goes past 65535"),
+])
+def test_what_the_api_server_would_reject_is_rejected_first(extra: str, expected: str) -> None:
+    """A Job the API server refuses would fail after the ConfigMap and Service exist."""
+    assert expected in _error(VALID + extra)
+
+
+def test_api_limits_accept_ordinary_values() -> None:
+    job = parse_job(VALID + "  pod: {cpu: 500m, memory: 1.5Gi, shmSize: 1e9, env: {A.b-C: x}}\n"
+                    "  resources: {gpusPerNode: 8}\n  metrics: {port: 29501}\n")
+    assert job.spec.pod.memory == "1.5Gi" and job.spec.metrics.port == 29501
+
+
+def test_run_policy_timeouts() -> None:
+    job = parse_job(VALID)
+    assert job.spec.run_policy.scheduling_timeout_seconds == 600
+    assert job.spec.run_policy.stall_timeout_seconds is None
+    assert "greater than or equal to 1" in _error(
+        VALID + "  runPolicy: {schedulingTimeoutSeconds: 0}\n")
+    assert "greater than or equal to 1" in _error(VALID + "  runPolicy: {stallTimeoutSeconds: 0}\n")
