@@ -79,6 +79,9 @@ class Progress(StatusModel):
     eta_seconds: int | None = Field(None, description="Estimated seconds to finish.")
     eta: str | None = Field(None, description="etaSeconds for humans (e.g. 1h20m).")
     last_update_time: str | None = Field(None, description="When rank 0 was last scraped.")
+    last_step_time: str | None = Field(None, description="When the step last advanced (or "
+                                       "rank 0 was busy other than training): the stall "
+                                       "watchdog's clock.")
 
 
 class Output(StatusModel):

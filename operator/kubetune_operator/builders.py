@@ -22,6 +22,10 @@ Manifest = dict[str, Any]
 
 LABEL_JOB = "kubetune.dev/finetunejob"  # value: base_name(FineTuneJob name)
 LABEL_ATTEMPT = "kubetune.dev/attempt"
+# The owning FineTuneJob's uid on Jobs and pods: children are matched by it (and by owner
+# references), so a labelled object of another owner is never taken for one of ours, and the
+# pods of a Job already deleted are still known as ours until they are gone.
+LABEL_OWNER_UID = "kubetune.dev/finetunejob-uid"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 KUEUE_LABELS = (LABEL_KUEUE_QUEUE, LABEL_KUEUE_PRIORITY)
@@ -148,7 +152,7 @@ def build_job(job: FineTuneJob, owner: Owner, attempt: int, settings: Settings) 
     """One attempt of the gang: an Indexed Job, one pod per node, no retries of its own
     (backoffLimit 0: any rank failing fails the attempt; the operator restarts the gang)."""
     nodes = job.spec.resources.nodes
-    labels = {LABEL_ATTEMPT: str(attempt)}
+    labels = {LABEL_ATTEMPT: str(attempt), LABEL_OWNER_UID: owner.uid}
     queue_labels = {k: v for k, v in owner.labels.items() if k in KUEUE_LABELS}
     suspended = job.spec.run_policy.suspend or is_queue_managed(owner)
     return {

@@ -3,8 +3,9 @@ status.py, manifests in builders.py, API calls in reconciler.py.
 
 - FineTuneJob created / resumed (operator start) / updated → reconcile it.
 - A trainer pod or Job changed → reconcile its FineTuneJob (found through an index).
-- A timer per running (or TTL-bound finished) FineTuneJob → scrape rank 0's progress and
-  resync (deadlines, TTL, missed events).
+- Every progress interval, a task (not a kopf timer: timers put finalizers on the objects,
+  and after an uninstall nothing would remove them) resyncs the Running FineTuneJobs and
+  scrapes rank 0's progress. Deadlines and TTLs wake the reconciler at the exact moment.
 
 kopf's indexes keep the children in memory, so a reconcile lists nothing; kopf starts the
 handlers only once every index has its initial listing, so a restarted operator sees all
@@ -13,6 +14,8 @@ existing pods and Jobs before it decides anything (and so duplicates nothing).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -34,16 +37,6 @@ PODS = ("", "v1", "pods")
 JOBS = ("batch", "v1", "jobs")
 TRAINER_LABELS = {LABEL_JOB: kopf.PRESENT}
 RETRY_DELAY = 5.0  # seconds before kopf retries a create/update handler after an API error
-
-
-def needs_timer(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    """Running jobs need progress scrapes and resyncs, finished ones a TTL. Other phases
-    move on events, and deadlines are timed by the reconciler itself, so creating a job
-    costs no finalizer and no timer task."""
-    phase = status.get("phase")
-    ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    return phase == Phase.RUNNING or (phase in (Phase.SUCCEEDED, Phase.FAILED)
-                                      and ttl is not None)
 
 
 def children_lookup(pods_index: kopf.Index[Any, Any],
@@ -69,6 +62,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     def trainer_jobs(**kw: Any) -> dict[Any, Any]:
         return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.job(kw["body"])}
 
+    ticker: list[asyncio.Task[None]] = []
+
     @kopf.on.startup(id="wire-indexes", registry=registry)
     async def start(**kw: Any) -> None:
         # Indexes are live views: capture them once for the reconciler and the metrics.
@@ -77,6 +72,18 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
         reconciler.metrics.track_phases(
             lambda: [entry["phase"] for key in list(jobs_by_key)
                      for entry in jobs_by_key.get(key, [])])
+
+        def running() -> list[tuple[str, str]]:
+            return [(key[0], entry["name"]) for key in list(jobs_by_key)
+                    for entry in jobs_by_key.get(key, []) if entry["phase"] == Phase.RUNNING]
+        ticker.append(asyncio.create_task(reconciler.tick(running), name="kubetune-ticker"))
+
+    @kopf.on.cleanup(id="stop-ticker", registry=registry)
+    async def stop(**_: Any) -> None:
+        for task in ticker:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @kopf.on.resume(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
     @kopf.on.create(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
@@ -95,12 +102,3 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
         namespace, parents = kw["namespace"], kw["finetunejobs"]
         for owner in list(parents.get((namespace, kw["labels"][LABEL_JOB]), [])):
             await reconciler.reconcile_or_retry(namespace, owner["name"])
-
-    @kopf.timer(*FTJ, id="resync", interval=settings.progress_interval, when=needs_timer,
-                initial_delay=settings.progress_interval, registry=registry)
-    async def resync(**kw: Any) -> None:
-        try:
-            await reconciler.reconcile(kw["namespace"], kw["name"])
-        except InvalidSpec:
-            return
-        await reconciler.refresh_progress(dict(kw["body"]))

@@ -142,11 +142,13 @@ class KubeApi:
                                   content_type="application/merge-patch+json")
 
     async def delete(self, resource: Resource, namespace: str, name: str,
-                     propagation: str = "Background") -> bool:
-        """Delete if present; True when it was there."""
-        result = await self.request("DELETE", resource.path(namespace, name),
-                                    {"kind": "DeleteOptions", "apiVersion": "v1",
-                                     "propagationPolicy": propagation})
+                     propagation: str = "Background", grace_seconds: int | None = None) -> bool:
+        """Delete if present; True when it was there. grace_seconds=0 force-deletes a pod."""
+        options: Manifest = {"kind": "DeleteOptions", "apiVersion": "v1",
+                             "propagationPolicy": propagation}
+        if grace_seconds is not None:
+            options["gracePeriodSeconds"] = grace_seconds
+        result = await self.request("DELETE", resource.path(namespace, name), options)
         return result is not None
 
     def plain_session(self) -> aiohttp.ClientSession:

@@ -21,10 +21,14 @@ RULES: list[dict[str, Any]] = [
     # Children: created once, Jobs suspended/resumed and deleted between attempts.
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*WATCH, "create", "patch",
                                                               "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
-    # Pods are only read (their Job owns them; deleting the Job deletes them).
-    {"apiGroups": [""], "resources": ["pods"], "verbs": WATCH},
+    # ConfigMap, Service, NetworkPolicy: one left by an earlier FineTuneJob of the same name
+    # is replaced.
+    {"apiGroups": [""], "resources": ["configmaps", "services"],
+     "verbs": ["get", "create", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["get", "create", "delete"]},
+    # Pods: read; a finished attempt's pods deleted, force-deleted when their node is gone.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": [*WATCH, "delete"]},
     # Events for every transition (kopf posts them).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf: peering between replicas, CRD discovery, namespaces when watching patterns.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime
 import logging
 import time
@@ -20,9 +21,9 @@ from typing import Any, cast
 import kopf
 
 from kubetune_api import contract
-from kubetune_api.crd import Phase
+from kubetune_api.crd import Phase, Runtime
 from kubetune_api.load import SpecError, parse_job, validate_job
-from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
+from kubetune_api.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob
 from kubetune_operator import policy
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
@@ -38,7 +39,10 @@ from kubetune_operator.kube import (
     CONFIG_MAPS,
     JOBS,
     NETWORK_POLICIES,
+    PODS,
+    RETRYABLE_STATUSES,
     SERVICES,
+    ApiError,
     KubeApi,
     Resource,
 )
@@ -55,11 +59,51 @@ CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES,
 Key = tuple[str, str]  # (namespace, name)
 CREATION_GRACE_SECONDS = 30.0  # how long a just-created Job may be missing from the index
 RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
-ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → children
+ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → labelled ones
+SCRAPE_CONCURRENCY = 32  # rank-0 scrapes in flight at once per tick
 
 
 class InvalidSpec(Exception):
     """The spec got past the CRD schema but not the contract; retrying cannot help."""
+
+
+class CreateRefused(Exception):
+    """The API refused a child for a reason no retry can change (a 4xx other than 409/429,
+    or a name taken by an object that is not ours)."""
+
+
+def refused_for_good(exc: ApiError) -> bool:
+    return 400 <= exc.status < 500 and exc.status not in (401, 409, *RETRYABLE_STATUSES)
+
+
+def runtime_of(settings: Settings) -> Runtime:
+    return Runtime(trainer_image=settings.trainer_image,
+                   termination_grace_seconds=settings.termination_grace_seconds,
+                   storage_secret=settings.storage_secret,
+                   image_pull_secrets=list(settings.image_pull_secrets),
+                   service_account=settings.service_account)
+
+
+def pinned(settings: Settings, runtime: Runtime | None) -> Settings:
+    """The operator settings an attempt builds with: the first attempt's, once pinned."""
+    if runtime is None:
+        return settings
+    return dataclasses.replace(settings, trainer_image=runtime.trainer_image,
+                               termination_grace_seconds=runtime.termination_grace_seconds,
+                               storage_secret=runtime.storage_secret,
+                               image_pull_secrets=tuple(runtime.image_pull_secrets),
+                               service_account=runtime.service_account)
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def left_by_namesake(obj: dict[str, Any], owner: Owner) -> bool:
+    """Owned by an earlier FineTuneJob of the same name (deleted; the GC is on its way)."""
+    return any(ref.get("kind") == KIND and ref.get("name") == owner.name
+               and ref.get("uid") != owner.uid
+               for ref in obj["metadata"].get("ownerReferences") or [])
 
 
 def utcnow() -> datetime.datetime:
@@ -137,9 +181,10 @@ class Reconciler:
                 message = policy.summary(problems)
                 await self._reject(body, status, message, reason=policy.REASON_POLICY_VIOLATION)
                 raise InvalidSpec(message)
-        plan = st.plan(name, job.spec, generation, status,
-                       self.children(namespace, base_name(name)), self.clock(),
-                       queue_managed=is_queue_managed(owner))
+        plan = st.plan(name, job.spec, generation, status, self._children_of(owner),
+                       self.clock(), queue_managed=is_queue_managed(owner),
+                       limits=st.Limits(runtime_of(self.settings),
+                                        self.settings.force_delete_after))
         await self._execute(plan, job, owner, body, status)
 
     def _admitted_owner(self, body: dict[str, Any]) -> Owner:
@@ -147,6 +192,10 @@ class Reconciler:
         owner = Owner.from_body(body)
         labels = policy.with_default_queue(owner.labels, self.settings.policy)
         return Owner(owner.name, owner.namespace, owner.uid, labels)
+
+    def _children_of(self, owner: Owner) -> st.Children:
+        labelled = self.children(owner.namespace, base_name(owner.name))
+        return st.owned_children(labelled.jobs, labelled.pods, owner.uid, owner.name)
 
     async def _reject(self, body: dict[str, Any], status: st.FineTuneJobStatus,
                       message: str, reason: str = st.REASON_INVALID_SPEC) -> None:
@@ -172,12 +221,17 @@ class Reconciler:
         await self._write_status(ns, name, old, plan.status)
         if plan.create_attempt is not None and not self._in_flight((ns, name),
                                                                   plan.create_attempt):
-            accepted = await self._accepted_job(job, owner) if plan.create_attempt > 1 else job
-            for manifest in build_children(accepted, owner, plan.create_attempt, self.settings):
-                await self.api.create(CHILD_RESOURCES[manifest["kind"]], ns, manifest)
-            self._created[(ns, name)] = (plan.create_attempt, time.monotonic())
+            try:
+                await self._create_attempt(plan, job, owner, body)
+            except CreateRefused as exc:
+                await self._create_failed(body, plan.status, str(exc))
+                return
         for job_name in plan.delete_jobs:
             await self.api.delete(JOBS, ns, job_name)
+        for pod_name in plan.delete_pods:
+            await self.api.delete(PODS, ns, pod_name)
+        for pod_name in plan.force_delete_pods:
+            await self.api.delete(PODS, ns, pod_name, grace_seconds=0)
         if plan.suspend_job is not None:
             current = attempt_job_name(name, plan.status.attempt or 1)
             await self.api.patch(JOBS, ns, current, {"spec": {"suspend": plan.suspend_job}})
@@ -187,13 +241,67 @@ class Reconciler:
         if plan.recheck_after is not None:
             self._recheck_later((ns, name), plan.recheck_after)
 
+    async def _create_attempt(self, plan: st.Plan, job: FineTuneJob, owner: Owner,
+                              body: dict[str, Any]) -> None:
+        attempt = plan.create_attempt
+        assert attempt is not None
+        accepted = await self._accepted_job(job, owner) if attempt > 1 else job
+        settings = pinned(self.settings, plan.status.runtime)
+        for manifest in build_children(accepted, owner, attempt, settings):
+            await self._ensure(manifest, owner, body)
+        self._created[(owner.namespace, owner.name)] = (attempt, time.monotonic())
+
+    async def _ensure(self, manifest: dict[str, Any], owner: Owner,
+                      body: dict[str, Any]) -> None:
+        """Create a child; an existing one of that name must be ours. One left by an earlier
+        FineTuneJob of the same name is replaced (never reused: it may hold the old spec);
+        anyone else's is never touched, and the job fails saying whose it is."""
+        kind, ns, name = manifest["kind"], owner.namespace, manifest["metadata"]["name"]
+        what = f"{kind} {ns}/{name}"
+        try:
+            if await self.api.create(CHILD_RESOURCES[kind], ns, manifest):
+                return
+            existing = await self.api.get(CHILD_RESOURCES[kind], ns, name)
+            if existing is None or owned_by(existing, owner.uid):
+                return  # ours (a retry after a lost answer), or gone: the next pass sees
+            if not left_by_namesake(existing, owner):
+                owners = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in
+                                   existing["metadata"].get("ownerReferences") or []) \
+                    or "no owner"
+                raise CreateRefused(f"{what} already exists and is not this FineTuneJob's "
+                                    f"({owners}); delete it or rename the FineTuneJob")
+            logger.info("%s: left by an earlier FineTuneJob %s; replacing it", what, owner.name)
+            await self.api.delete(CHILD_RESOURCES[kind], ns, name)
+            kopf.event(_as_body(body), type="Normal", reason="ReplacedLeftover",
+                       message=f"{what} was left by an earlier FineTuneJob of this name")
+            if not await self.api.create(CHILD_RESOURCES[kind], ns, manifest):
+                raise ApiError(409, f"{what} is still being deleted; retrying")
+        except ApiError as exc:
+            if refused_for_good(exc):
+                raise CreateRefused(f"creating {what} failed: {exc}") from None
+            raise
+
+    async def _create_failed(self, body: dict[str, Any], status: st.FineTuneJobStatus,
+                             message: str) -> None:
+        meta = body["metadata"]
+        new = st.create_failed_status(status, message, meta.get("generation"), self.clock())
+        await self._write_status(meta["namespace"], meta["name"], status, new)
+        kopf.event(_as_body(body), type="Warning", reason=st.REASON_CREATE_FAILED,
+                   message=message)
+        self.metrics.failed.labels(st.REASON_CREATE_FAILED).inc()
+        ttl = (body.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            self._recheck_later((meta["namespace"], meta["name"]), float(ttl))
+
     async def _accepted_job(self, job: FineTuneJob, owner: Owner) -> FineTuneJob:
         """The job as its first attempt got it (the ConfigMap), with today's runPolicy: a later
         attempt must train the same thing even if the spec changed behind the API server's
         back (the CRD forbids such changes; old servers do not enforce CEL)."""
         config_map = await self.api.get(CONFIG_MAPS, owner.namespace,
                                          config_map_name(owner.name))
-        text = ((config_map or {}).get("data") or {}).get(contract.CONFIG_FILE)
+        if config_map is None or not owned_by(config_map, owner.uid):
+            return job
+        text = (config_map.get("data") or {}).get(contract.CONFIG_FILE)
         if not text:
             return job
         try:
@@ -260,19 +368,41 @@ class Reconciler:
 
     # --- progress -------------------------------------------------------------------------
 
-    async def refresh_progress(self, body: dict[str, Any]) -> None:
+    async def tick(self, running: Callable[[], list[Key]]) -> None:
+        """Every progress interval: resync the running jobs (missed events, the scheduling
+        and stall clocks) and scrape their rank 0. A plain task, not a kopf timer: kopf puts
+        a finalizer on every object a timer runs for, and nothing removes it once the
+        operator is uninstalled."""
+        gate = asyncio.Semaphore(SCRAPE_CONCURRENCY)
+
+        async def one(key: Key) -> None:
+            async with gate:
+                await self.reconcile_or_retry(*key)
+                try:
+                    await self.refresh_progress(*key)
+                except Exception as exc:  # one job's trouble must not stop the others
+                    logger.warning("%s/%s: progress refresh failed: %s", *key, exc)
+
+        while True:
+            await asyncio.sleep(self.settings.progress_interval)
+            await asyncio.gather(*(one(key) for key in running()))
+
+    async def refresh_progress(self, namespace: str, name: str) -> None:
         """Scrape rank 0's /metrics and record status.progress when it moved."""
-        meta, status = body["metadata"], st.parse_status(body.get("status"))
+        body = await self.api.get(FINETUNEJOBS, namespace, name)
+        if body is None:
+            return
+        status = st.parse_status(body.get("status"))
         if status.phase != Phase.RUNNING:
             return
-        namespace, name = meta["namespace"], meta["name"]
         url = self._rank0_metrics_url(body, status.attempt or 1)
         if url is None:
             return
         try:
             progress = await scrape_progress(self.api.plain_session(), url,
-                                             self.settings.scrape_timeout, self.clock())
-        except Exception as exc:  # a slow, hostile or restarting rank must not fail the timer
+                                             self.settings.scrape_timeout, self.clock(),
+                                             previous=status.progress)
+        except Exception as exc:  # a slow, hostile or restarting rank must not fail the tick
             logger.debug("%s/%s: no progress from %s: %s", namespace, name, url, exc)
             return
         if progress is None or _same_progress(progress, status.progress):
@@ -286,8 +416,9 @@ class Reconciler:
     def _rank0_metrics_url(self, body: dict[str, Any], attempt: int) -> str | None:
         meta = body["metadata"]
         port = (body.get("spec", {}).get("metrics") or {}).get("port", 9400)
-        pods = self.children(meta["namespace"], base_name(meta["name"])).pods_of(attempt)
-        rank0 = next((p for p in pods if st.pod_rank(p) == 0), None)
+        pods = self._children_of(Owner.from_body(body)).pods_of(attempt)
+        rank0 = next((p for p in pods if st.pod_rank(p) == 0
+                      and not p["metadata"].get("deletionTimestamp")), None)
         if rank0 is None:
             return None
         host = rank0.get("status", {}).get("podIP") or \

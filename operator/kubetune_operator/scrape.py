@@ -51,14 +51,16 @@ def trainer_lines(body: bytes) -> str:
                      if line.startswith(METRIC_PREFIX)) + "\n"
 
 
-def parse_body(body: bytes, now: datetime.datetime) -> Progress | None:
-    return st.parse_progress(trainer_lines(body), now)
+def parse_body(body: bytes, now: datetime.datetime,
+               previous: Progress | None = None) -> Progress | None:
+    """`previous` keeps the stall watchdog's clock (lastStepTime) while the step stands."""
+    return st.parse_progress(trainer_lines(body), now, previous)
 
 
 async def scrape_progress(session: aiohttp.ClientSession, url: str, timeout: float,
-                          now: datetime.datetime,
-                          limit: int = SCRAPE_LIMIT_BYTES) -> Progress | None:
+                          now: datetime.datetime, limit: int = SCRAPE_LIMIT_BYTES,
+                          previous: Progress | None = None) -> Progress | None:
     """Rank 0's progress; raises ScrapeError, aiohttp errors, TimeoutError or ValueError (a
     malformed exposition) for the caller to log and skip."""
     body = await fetch_bounded(session, url, timeout, limit)
-    return await asyncio.to_thread(parse_body, body, now)
+    return await asyncio.to_thread(parse_body, body, now, previous)

@@ -78,6 +78,9 @@ class Settings:
     # OpenShift's restricted SCC (and similar platforms) assign each namespace a UID range:
     # trainer pods then set no runAsUser/runAsGroup/fsGroup of their own.
     platform_assigns_uids: bool = False
+    # A pod still there this long after its deletion deadline (deletionTimestamp) is on a node
+    # that is gone: it is force-deleted so the next attempt can start.
+    force_delete_after: float = 60.0
     log_level: int = logging.INFO
     # Trainer requests where spec.pod.cpu/memory are empty ("" = none): per GPU, or per pod
     # of a CPU-only job. The memory default is also the limit (builders.container_resources).
@@ -112,6 +115,8 @@ class Settings:
             scrape_timeout=float(env.get("KUBETUNE_SCRAPE_TIMEOUT", cls.scrape_timeout)),
             termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS",
                                                   cls.termination_grace_seconds)),
+            force_delete_after=float(env.get("KUBETUNE_FORCE_DELETE_AFTER_SECONDS",
+                                             cls.force_delete_after)),
             log_level=_log_level(env.get("KUBETUNE_LOG_LEVEL", "INFO")),
             platform_assigns_uids=_bool(env.get("KUBETUNE_PLATFORM_ASSIGNS_UIDS", "false"),
                                         "KUBETUNE_PLATFORM_ASSIGNS_UIDS"),

@@ -24,11 +24,13 @@ from kubetune_api.crd import (
     Output,
     Phase,
     Progress,
+    Runtime,
 )
-from kubetune_api.spec import FineTuneJobSpec
+from kubetune_api.spec import KIND, FineTuneJobSpec
 from kubetune_operator.builders import (
     ANNOTATION_COMPLETION_INDEX,
     LABEL_ATTEMPT,
+    LABEL_OWNER_UID,
     TRAINER_CONTAINER,
     attempt_job_name,
 )
@@ -64,6 +66,21 @@ REASON_ATTEMPT_FAILED = "AttemptFailed"
 REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
 REASON_STALE_PODS = "WaitingForOldPods"
+REASON_NODE_LOST = "NodeLost"
+REASON_POD_DELETED = "PodDeleted"
+REASON_JOB_DELETED = "JobDeleted"
+REASON_CREATE_FAILED = "CreateFailed"
+REASON_SCHEDULING_TIMEOUT = "SchedulingTimeout"
+REASON_STALLED = "Stalled"
+REASON_FORCE_DELETED = "ForceDeletedPods"
+REASON_JOB_FAILED_PENDING = "WaitingForRankExits"
+
+# A Job missing this long after its creation was written to status was deleted (or never
+# created: the operator died in between); before that, the watch may simply lag.
+CREATION_GRACE_SECONDS = 30.0
+# How long a failed Job's pods get to report their exit codes before the Job's own Failed
+# condition decides (a permanent exit code must win whatever order the events arrive in).
+EXIT_REPORT_GRACE_SECONDS = 30.0
 
 # Container waiting reasons that need the user (bad image, missing Secret, ...) come first
 # in a Pending message; ContainerCreating is just slow.
@@ -88,6 +105,10 @@ class AttemptState:
     message: str = ""
     retryable: bool = True
     output: Output | None = None
+    # Not the training's fault (preemption, eviction, node loss, a checkpointed SIGTERM, a
+    # deleted Job): counted in status.preemptions, never against runPolicy.backoffLimit.
+    preemption: bool = False
+    recheck_after: float | None = None  # a waiting state that times out by itself
 
 
 def pod_rank(pod: Manifest) -> int:
@@ -120,13 +141,26 @@ def pod_failure(pod: Manifest) -> AttemptState | None:
     """Why this rank failed, or None while it has not."""
     status, rank = pod.get("status", {}), pod_rank(pod)
     if status.get("reason") == "Evicted" or _has_condition(pod, "DisruptionTarget"):
-        return AttemptState("failed", REASON_EVICTED, f"rank {rank} was evicted: "
-                            f"{status.get('message') or 'disruption'}")
+        cause = _condition(pod, "DisruptionTarget") or {}
+        why = status.get("message") or cause.get("message") or cause.get("reason") \
+            or "disruption"
+        return AttemptState("failed", REASON_EVICTED, f"rank {rank} was evicted: {why}",
+                            preemption=True)
+    if status.get("reason") == REASON_NODE_LOST:  # the node controller: node unreachable
+        return AttemptState("failed", REASON_NODE_LOST, f"rank {rank}: "
+                            f"{status.get('message') or 'its node is unreachable'}",
+                            preemption=True)
     terminated = _terminated(pod)
     if terminated is None or terminated.get("exitCode", 0) == 0:
         if status.get("phase") == "Failed":
             return AttemptState("failed", REASON_RANK_FAILED, f"rank {rank} failed: "
                                 f"{status.get('reason') or status.get('message') or 'unknown'}")
+        if pod["metadata"].get("deletionTimestamp") and status.get("phase") != "Succeeded":
+            # Nobody but us deletes the pods of a live attempt on purpose: a drain, an
+            # eviction, a node going away (the pod then stays Terminating), or a person.
+            return AttemptState("failed", REASON_POD_DELETED, f"rank {rank}'s pod "
+                                f"{pod['metadata'].get('name')} is being deleted (drain, "
+                                "eviction, node loss or by hand)", preemption=True)
         return None
     code = int(terminated["exitCode"])
     details = _tail(terminated.get("message"))
@@ -140,8 +174,16 @@ def pod_failure(pod: Manifest) -> AttemptState | None:
     if code in contract.PERMANENT_EXIT_CODES:
         return AttemptState("failed", REASON_PERMANENT_FAILURE, text, retryable=False)
     if code in contract.RETRYABLE_EXIT_CODES:
-        return AttemptState("failed", REASON_PREEMPTED, text)
+        return AttemptState("failed", REASON_PREEMPTED, text, preemption=True)
     return AttemptState("failed", REASON_RANK_FAILED, text)
+
+
+def _failure_order(failure: AttemptState) -> int:
+    """Which failure explains an attempt: a permanent exit code (restarting cannot help),
+    then a disruption (the other ranks' crashes are its collateral), then the rest."""
+    if not failure.retryable:
+        return 0
+    return 1 if failure.preemption else 2
 
 
 def _has_condition(obj: Manifest, type_: str) -> bool:
@@ -190,8 +232,9 @@ def success_output(pods: list[Manifest], spec: FineTuneJobSpec) -> Output:
 
 
 def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJobSpec,
-                    queue_managed: bool = False) -> AttemptState:
-    """The state of one attempt from its Job and its (non-terminating) pods."""
+                    queue_managed: bool = False,
+                    now: datetime.datetime | None = None) -> AttemptState:
+    """The state of one attempt from its Job and its pods (terminating ones included)."""
     # The Job's own size: a spec edited behind the API server's back must not change it.
     nodes = int((job or {}).get("spec", {}).get("completions") or spec.resources.nodes)
     if job is not None and job.get("spec", {}).get("suspend"):
@@ -201,25 +244,44 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
         return AttemptState("waiting", REASON_QUEUED, f"waiting for {who}")
     failures = [f for f in map(pod_failure, pods) if f is not None]
     if failures:
-        # A permanent failure wins (restarting cannot help), then the lowest rank's.
-        return sorted(failures, key=lambda f: f.retryable)[0]
+        return sorted(failures, key=_failure_order)[0]  # stable: the lowest rank first
     if job is not None and (failed := _condition(job, "Failed")):
-        return AttemptState("failed", REASON_ATTEMPT_FAILED, f"Job {failed.get('reason')}: "
-                            f"{failed.get('message') or ''}".strip())
-    succeeded = [p for p in pods if p.get("status", {}).get("phase") == "Succeeded"]
+        return _job_failed(failed, pods, now)
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    succeeded = [p for p in live if p.get("status", {}).get("phase") == "Succeeded"]
     if (job is not None and _has_condition(job, "Complete")) or len(succeeded) >= nodes:
         return AttemptState("succeeded", REASON_TRAINING_COMPLETE,
                             output=success_output(pods, spec))
-    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+    running = [p for p in live if p.get("status", {}).get("phase") == "Running"]
     if len(running) + len(succeeded) >= nodes:
         return AttemptState("running", REASON_ALL_RANKS_RUNNING, f"{nodes}/{nodes} ranks running")
-    waiting = sorted(filter(None, map(pod_waiting_reason, pods)), key=_waiting_rank)
+    waiting = sorted(filter(None, map(pod_waiting_reason, live)), key=_waiting_rank)
     if waiting:
         reason, message = waiting[0]
         return AttemptState("waiting", reason, f"{message} ({len(running)}/{nodes} ranks "
                             "running)")
     return AttemptState("waiting", REASON_WAITING_FOR_PODS,
-                        waiting_for_pods_message(len(pods), nodes))
+                        waiting_for_pods_message(len(live), nodes))
+
+
+def _job_failed(failed: Manifest, pods: list[Manifest],
+                now: datetime.datetime | None) -> AttemptState:
+    """The Job says Failed but no pod has said why yet: its pods' statuses may still be on
+    their way (watch events of different objects arrive in any order). Wait a little for
+    them, so that a permanent exit code is never retried; then the Job's word decides."""
+    verdict = AttemptState("failed", REASON_ATTEMPT_FAILED, f"Job {failed.get('reason')}: "
+                           f"{failed.get('message') or ''}".strip())
+    unreported = [p for p in pods if p.get("status", {}).get("phase") not in
+                  ("Succeeded", "Failed")]
+    since = parse_time(failed.get("lastTransitionTime"))
+    if not unreported or now is None or since is None:
+        return verdict
+    left = EXIT_REPORT_GRACE_SECONDS - (now - since).total_seconds()
+    if left <= 0:
+        return verdict
+    ranks = ", ".join(str(pod_rank(p)) for p in unreported)
+    return AttemptState("waiting", REASON_JOB_FAILED_PENDING, f"the Job failed; waiting for "
+                        f"rank(s) {ranks} to report their exit", recheck_after=left)
 
 
 def waiting_for_pods_message(created: int, nodes: int) -> str:
@@ -261,6 +323,8 @@ class Plan:
     status: FineTuneJobStatus
     create_attempt: int | None = None  # ensure ConfigMap + Service + this attempt's Job
     delete_jobs: list[str] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)  # stale pods nobody is deleting yet
+    force_delete_pods: list[str] = field(default_factory=list)  # grace 0: their node is gone
     suspend_job: bool | None = None  # patch the current Job's spec.suspend
     delete_self: bool = False  # ttlSecondsAfterFinished has passed
     events: list[Event] = field(default_factory=list)
@@ -269,15 +333,48 @@ class Plan:
 
 @dataclass(frozen=True)
 class Children:
-    jobs: list[Manifest]
-    pods: list[Manifest]
+    """The children of one FineTuneJob object, matched by uid (owned_children)."""
+
+    jobs: list[Manifest]  # owned by this object (owner reference uid)
+    pods: list[Manifest]  # of those Jobs, or carrying this object's uid label
+    # Jobs and pods of an earlier object of the same name (deleted, then re-created): they
+    # are garbage on their way out, and their gang must be gone before ours starts.
+    leftovers: list[Manifest] = field(default_factory=list)
 
     def job_of(self, name: str) -> Manifest | None:
         return next((j for j in self.jobs if j["metadata"]["name"] == name), None)
 
     def pods_of(self, attempt: int) -> list[Manifest]:
-        return [p for p in self.pods if pod_attempt(p) == attempt
-                and not p["metadata"].get("deletionTimestamp")]
+        return [p for p in self.pods if pod_attempt(p) == attempt]
+
+
+def _owner_uids(obj: Manifest) -> set[str]:
+    return {str(ref.get("uid")) for ref in obj["metadata"].get("ownerReferences") or []}
+
+
+def owned_children(jobs: list[Manifest], pods: list[Manifest], uid: str,
+                   name: str) -> Children:
+    """Which of the labelled Jobs and pods are this object's: never the label alone.
+
+    Jobs: an owner reference with our uid. Pods: owned by one of those Jobs, or labelled with
+    our uid (the pods of a Job already deleted). Leftovers: Jobs owned by a FineTuneJob of our
+    name with another uid, and their pods. Anything else with our label is someone else's:
+    never deleted, never waited for."""
+    ours = [j for j in jobs if uid in _owner_uids(j)]
+    earlier = [j for j in jobs if uid not in _owner_uids(j) and any(
+        ref.get("kind") == KIND and ref.get("name") == name
+        for ref in j["metadata"].get("ownerReferences") or [])]
+    our_jobs = {j["metadata"].get("uid") for j in ours}
+    earlier_jobs = {j["metadata"].get("uid") for j in earlier}
+    our_pods, earlier_pods = [], []
+    for pod in pods:
+        label = (pod["metadata"].get("labels") or {}).get(LABEL_OWNER_UID)
+        owners = _owner_uids(pod)
+        if label == uid or owners & our_jobs:
+            our_pods.append(pod)
+        elif owners & earlier_jobs or label:
+            earlier_pods.append(pod)
+    return Children(ours, our_pods, [*earlier, *earlier_pods])
 
 
 def _iso(moment: datetime.datetime) -> str:
@@ -290,14 +387,23 @@ def parse_time(text: str | None) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Operator-wide knobs the plan needs (settings.py)."""
+
+    runtime: Runtime | None = None  # what a first attempt pins (trainer image, defaults)
+    force_delete_after: float = 60.0  # seconds a pod may outlive its deletion deadline
+
+
 class _Planner:
     """One reconcile decision. Methods fill `self.plan` and return it."""
 
     def __init__(self, name: str, spec: FineTuneJobSpec, generation: int | None,
                  status: FineTuneJobStatus, children: Children, now: datetime.datetime,
-                 queue_managed: bool) -> None:
+                 queue_managed: bool, limits: Limits) -> None:
         self.name, self.spec, self.generation = name, spec, generation
         self.children, self.now, self.queue_managed = children, now, queue_managed
+        self.limits = limits
         self.stamp = _iso(now)
         self.old = status
         self.status = status.model_copy(deep=True)
@@ -317,28 +423,42 @@ class _Planner:
         self.status.conditions = _clear_condition(self.status.conditions, type_, reason,
                                                   self.stamp, self.generation)
 
+    def seconds_since(self, stamp: str | None) -> float | None:
+        moment = parse_time(stamp)
+        return None if moment is None else (self.now - moment).total_seconds()
+
+    def recheck(self, seconds: float) -> None:
+        if self.plan.recheck_after is None or seconds < self.plan.recheck_after:
+            self.plan.recheck_after = max(seconds, 0.05)
+
     def run(self) -> Plan:
         if self.old.phase in TERMINAL_PHASES:
             return self.finished()
         current = attempt_job_name(self.name, self.attempt)
+        leftover_jobs = [o for o in self.children.leftovers if o.get("kind") == "Job"]
         self.plan.delete_jobs = [j["metadata"]["name"] for j in self.children.jobs
                                  if j["metadata"]["name"] != current]
+        self.plan.delete_jobs += [j["metadata"]["name"] for j in leftover_jobs
+                                  if not j["metadata"].get("deletionTimestamp")]
         if self.spec.run_policy.suspend:
             return self.suspended(self.children.job_of(current))
         if self.deadline_passed():
             return self.fail(REASON_DEADLINE_EXCEEDED, "activeDeadlineSeconds "
                              f"({self.spec.run_policy.active_deadline_seconds}s) passed",
                              stop_current=True)
+        # One gang at a time: no pod of an earlier attempt (or an earlier object of this
+        # name) may share hostnames and checkpoints with the next one, terminating or not.
         stale = [p for p in self.children.pods if pod_attempt(p) != self.attempt]
+        stale += [o for o in self.children.leftovers if o.get("kind") != "Job"]
         if stale or self.plan.delete_jobs:
-            return self.wait_for_old_pods(len(stale))
+            return self.wait_for_old_pods(stale)
         job = self.children.job_of(current)
         if job is None:
-            return self.start_attempt()
+            return self.job_missing()
         self.resume_if_needed(job)
         state = observe_attempt(job, self.children.pods_of(self.attempt), self.spec,
-                                self.queue_managed)
-        return self.follow(state)
+                                self.queue_managed, self.now)
+        return self.follow(state, job)
 
     # --- transitions ----------------------------------------------------------------------
 
@@ -350,7 +470,7 @@ class _Planner:
             self.plan.delete_self = left <= 0
             self.plan.recheck_after = left if left > 0 else None
         failed = next((c for c in self.status.conditions if c.type == COND_FAILED), None)
-        if failed is not None and failed.reason == REASON_DEADLINE_EXCEEDED:
+        if failed is not None and failed.reason in STOPPING_REASONS:
             # Keep stopping the pods until they are gone (the first delete may have failed).
             self.plan.delete_jobs = [j["metadata"]["name"] for j in self.children.jobs]
         return self.plan
@@ -363,6 +483,7 @@ class _Planner:
         self.status.start_time = None  # the deadline counts running time, as for a Job
         if job is None and not self.plan.delete_jobs:
             self.plan.create_attempt = self.attempt  # created suspended, ready to resume
+            self.status.runtime = self.status.runtime or self.limits.runtime
         elif job is not None and not job.get("spec", {}).get("suspend"):
             self.plan.suspend_job = True
         return self.plan
@@ -377,23 +498,66 @@ class _Planner:
 
     def deadline_passed(self) -> bool:
         deadline = self.spec.run_policy.active_deadline_seconds
-        started = parse_time(self.status.start_time)
-        if deadline is None or started is None:
+        elapsed = self.seconds_since(self.status.start_time)
+        if deadline is None or elapsed is None:
             return False
-        left = deadline - (self.now - started).total_seconds()
-        self.plan.recheck_after = left if left > 0 else None
+        left = deadline - elapsed
+        if left > 0:
+            self.recheck(left)
         return left <= 0
 
-    def wait_for_old_pods(self, stale_pods: int) -> Plan:
+    def wait_for_old_pods(self, stale: list[Manifest]) -> Plan:
+        # A permanent exit of the attempt just stopped wins even if a retryable failure of
+        # another rank was seen first and already started the restart.
+        for pod in stale:
+            failure = pod_failure(pod)
+            if failure is not None and not failure.retryable and pod in self.children.pods:
+                return self.fail(failure.reason, f"attempt {pod_attempt(pod)}: "
+                                 f"{failure.message}", stop_current=True)
+        forced = []
+        for pod in stale:
+            meta = pod["metadata"]
+            deadline = parse_time(meta.get("deletionTimestamp"))
+            if deadline is None:
+                self.plan.delete_pods.append(meta["name"])
+                continue
+            overdue = (self.now - deadline).total_seconds() - self.limits.force_delete_after
+            if overdue >= 0:
+                forced.append(meta["name"])
+            else:
+                self.recheck(-overdue)
+        if forced:
+            self.plan.force_delete_pods = forced
+            self.plan.events.append(Event(
+                "Warning", REASON_FORCE_DELETED, f"force-deleted {', '.join(sorted(forced))}: "
+                f"still terminating {self.limits.force_delete_after:.0f}s after their grace "
+                "period (their node is likely gone)"))
         phase = Phase.RESTARTING if self.attempt > 1 else Phase.PENDING
         self.set_phase(phase)
+        what = f"{len(stale)} pods of earlier attempts" if stale else "earlier attempts' Jobs"
         self.condition(COND_RUNNING, False, REASON_STALE_PODS,
-                       f"waiting for {stale_pods} pods of earlier attempts to terminate")
+                       f"waiting for {what} to terminate")
         return self.plan
+
+    def job_missing(self) -> Plan:
+        """No Job for the current attempt: create it, unless it was created and is gone."""
+        created = self.seconds_since(self.status.attempt_start_time)
+        if created is None:
+            return self.start_attempt()
+        if created < CREATION_GRACE_SECONDS:  # the watch may lag behind our own create
+            self.plan.create_attempt = self.attempt  # idempotent: 409 if it exists
+            self.recheck(CREATION_GRACE_SECONDS - created)
+            return self.plan
+        job = attempt_job_name(self.name, self.attempt)
+        return self.restart(AttemptState(
+            "failed", REASON_JOB_DELETED, f"Job {job} was deleted before it finished",
+            preemption=True))
 
     def start_attempt(self) -> Plan:
         self.plan.create_attempt = self.attempt
         self.status.start_time = self.status.start_time or self.stamp
+        self.status.attempt_start_time = self.stamp
+        self.status.runtime = self.status.runtime or self.limits.runtime
         if self.old.phase is None:
             self.plan.events.append(Event("Normal", REASON_CREATED,
                                           f"created attempt {self.attempt} "
@@ -404,40 +568,88 @@ class _Planner:
                        waiting_for_pods_message(0, self.spec.resources.nodes))
         return self.plan
 
-    def follow(self, state: AttemptState) -> Plan:
+    def follow(self, state: AttemptState, job: Manifest) -> Plan:
         if state.kind == "failed":
-            return self.handle_failure(state)
+            return self.restart(state)
         if state.kind == "succeeded":
             return self.succeed(state)
+        if state.recheck_after is not None:
+            self.recheck(state.recheck_after)
         self.clear(COND_RESTARTING, REASON_RESTARTED)
         if state.kind == "running":
+            if (stalled := self.stalled()) is not None:
+                return self.restart(stalled)
             self.set_phase(Phase.RUNNING, Event("Normal", state.reason, state.message))
             self.condition(COND_RUNNING, True, state.reason, state.message)
-        else:
-            kind: Literal["Normal", "Warning"] = \
-                "Warning" if state.reason in ERROR_WAITING_REASONS else "Normal"
-            if self.old.phase == Phase.PENDING and self._old_reason(COND_RUNNING) != state.reason:
-                self.plan.events.append(Event(kind, state.reason, state.message))  # new cause
-            self.set_phase(Phase.PENDING, Event(kind, state.reason, state.message))
-            self.condition(COND_RUNNING, False, state.reason, state.message)
+            return self.plan
+        if state.reason != REASON_QUEUED and (late := self.scheduling_late(state, job)):
+            return self.restart(late)
+        kind: Literal["Normal", "Warning"] = \
+            "Warning" if state.reason in ERROR_WAITING_REASONS else "Normal"
+        if self.old.phase == Phase.PENDING and self._old_reason(COND_RUNNING) != state.reason:
+            self.plan.events.append(Event(kind, state.reason, state.message))  # new cause
+        self.set_phase(Phase.PENDING, Event(kind, state.reason, state.message))
+        self.condition(COND_RUNNING, False, state.reason, state.message)
         return self.plan
+
+    def scheduling_late(self, state: AttemptState, job: Manifest) -> AttemptState | None:
+        """A partial gang holds its GPUs while the rest waits: tear it down after
+        runPolicy.schedulingTimeoutSeconds from the pods' creation (the Job's startTime:
+        time queued in Kueue does not count)."""
+        timeout = self.spec.run_policy.scheduling_timeout_seconds
+        started = (job.get("status") or {}).get("startTime") or self.status.attempt_start_time
+        elapsed = self.seconds_since(started)
+        if elapsed is None:
+            return None
+        if elapsed < timeout:
+            self.recheck(timeout - elapsed)
+            return None
+        return AttemptState("failed", REASON_SCHEDULING_TIMEOUT, f"not every rank ran within "
+                            f"schedulingTimeoutSeconds ({timeout}s): {state.message}")
+
+    def stalled(self) -> AttemptState | None:
+        """runPolicy.stallTimeoutSeconds: rank 0's step has not moved while training."""
+        timeout = self.spec.run_policy.stall_timeout_seconds
+        progress = self.status.progress
+        if timeout is None:
+            return None
+        clocks = [self.seconds_since(self.status.attempt_start_time)]
+        if progress is not None:
+            clocks.append(self.seconds_since(progress.last_step_time))
+        known = [c for c in clocks if c is not None]
+        if not known:
+            return None
+        idle = min(known)
+        if idle < timeout:
+            self.recheck(timeout - idle)
+            return None
+        step = progress.step if progress is not None and progress.step is not None else 0
+        return AttemptState("failed", REASON_STALLED, f"rank 0 stalled at step {step}: no "
+                            f"progress for {idle:.0f}s (stallTimeoutSeconds {timeout})")
 
     def _old_reason(self, type_: str) -> str | None:
         return next((c.reason for c in self.old.conditions if c.type == type_), None)
 
-    def handle_failure(self, state: AttemptState) -> Plan:
+    def restart(self, state: AttemptState) -> Plan:
+        """Stop this attempt and start the next from the last checkpoint, or fail."""
         if not state.retryable:
-            return self.fail(state.reason, state.message)
+            return self.fail(state.reason, state.message, stop_current=True)
         limit = self.spec.run_policy.backoff_limit
-        if self.status.restarts >= limit:
+        failures = self.status.restarts - self.status.preemptions
+        if not state.preemption and failures >= limit:
             return self.fail(REASON_BACKOFF_LIMIT_EXCEEDED,
-                             f"{self.status.restarts + 1} attempts failed (backoffLimit "
-                             f"{limit}); last: {state.reason}: {state.message}")
+                             f"{failures + 1} attempts failed (backoffLimit "
+                             f"{limit}); last: {state.reason}: {state.message}",
+                             stop_current=True)
         self.plan.delete_jobs.append(attempt_job_name(self.name, self.attempt))
         self.status.attempt = self.attempt + 1
         self.status.restarts += 1
-        message = f"attempt {self.attempt - 1} failed ({state.message}); starting attempt " \
-                  f"{self.attempt} from the last checkpoint"
+        self.status.preemptions += int(state.preemption)
+        self.status.attempt_start_time = None
+        counted = "not counted against backoffLimit" if state.preemption else \
+            f"{failures + 1} of backoffLimit {limit}"
+        message = f"attempt {self.attempt - 1} stopped ({state.message}; {counted}); " \
+                  f"starting attempt {self.attempt} from the last checkpoint"
         self.set_phase(Phase.RESTARTING, Event("Warning", state.reason, message))
         self.condition(COND_RESTARTING, True, state.reason, message)
         self.condition(COND_RUNNING, False, state.reason, state.message)
@@ -471,12 +683,34 @@ class _Planner:
         if self.old.phase != phase and event is not None:
             self.plan.events.append(event)
         self.status.phase = phase
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        if phase in TERMINAL_PHASES and ttl is not None:
+            self.plan.recheck_after = max(ttl, 0.05)  # nothing else would wake us then
+
+
+# Failed jobs whose pods the operator keeps stopping until they are gone.
+STOPPING_REASONS = frozenset({REASON_DEADLINE_EXCEEDED, REASON_PERMANENT_FAILURE,
+                              REASON_BACKOFF_LIMIT_EXCEEDED, REASON_CREATE_FAILED})
 
 
 def plan(name: str, spec: FineTuneJobSpec, generation: int | None, status: FineTuneJobStatus,
-         children: Children, now: datetime.datetime, queue_managed: bool = False) -> Plan:
+         children: Children, now: datetime.datetime, queue_managed: bool = False,
+         limits: Limits | None = None) -> Plan:
     """Decide the next status and actions for one FineTuneJob (level-based, idempotent)."""
-    return _Planner(name, spec, generation, status, children, now, queue_managed).run()
+    return _Planner(name, spec, generation, status, children, now, queue_managed,
+                    limits or Limits()).run()
+
+
+def create_failed_status(status: FineTuneJobStatus, message: str, generation: int | None,
+                         now: datetime.datetime) -> FineTuneJobStatus:
+    """The API refused a child for good (a 4xx other than 409/429): retrying cannot help."""
+    new = status.model_copy(deep=True)
+    stamp = _iso(now)
+    new.phase, new.observed_generation, new.completion_time = Phase.FAILED, generation, stamp
+    for type_, value in ((COND_RUNNING, False), (COND_FAILED, True)):
+        new.conditions = set_condition(new.conditions, type_, value, REASON_CREATE_FAILED,
+                                       message, stamp, generation)
+    return new
 
 
 def invalid_spec_status(status: FineTuneJobStatus, message: str, generation: int | None,
@@ -504,16 +738,29 @@ def dump_status(status: FineTuneJobStatus) -> Manifest:
 
 # --- progress from rank 0's /metrics ------------------------------------------------------------
 
-def parse_progress(text: str, now: datetime.datetime) -> Progress | None:
-    """Progress from rank 0's Prometheus exposition (contract.METRIC_*); None if absent."""
+METRIC_PHASE = "kubetune_trainer_phase"  # {rank, phase} = 1 for the phase a rank is in
+
+
+def parse_progress(text: str, now: datetime.datetime,
+                   previous: Progress | None = None) -> Progress | None:
+    """Progress from rank 0's Prometheus exposition (contract.METRIC_*); None if absent.
+    lastStepTime moves when the step does, and while rank 0 is not training (loading,
+    checkpointing): the stall watchdog times training only."""
     values: dict[str, float] = {}
+    phase = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("rank", "0") == "0" and sample.name not in values:
+            if sample.labels.get("rank", "0") != "0":
+                continue
+            if sample.name == METRIC_PHASE and sample.value == 1:
+                phase = sample.labels.get("phase")
+            elif sample.name not in values:
                 values[sample.name] = sample.value
     step = values.get(contract.METRIC_STEP)
     if step is None:
         return None
+    moved = previous is None or previous.step != int(step) or previous.last_step_time is None \
+        or phase not in (None, "training")
     total = values.get(contract.METRIC_TOTAL_STEPS)
     eta = values.get(contract.METRIC_ETA_SECONDS)
     eta_seconds = int(eta) if eta is not None and math.isfinite(eta) else None
@@ -523,7 +770,8 @@ def parse_progress(text: str, now: datetime.datetime) -> Progress | None:
         loss=_finite(values.get(contract.METRIC_LOSS)),
         tokens_per_second=_finite(values.get(contract.METRIC_TOKENS_PER_SECOND)),
         eta_seconds=eta_seconds, eta=human_duration(eta_seconds),
-        last_update_time=_iso(now))
+        last_update_time=_iso(now),
+        last_step_time=_iso(now) if moved or previous is None else previous.last_step_time)
 
 
 def _finite(value: float | None) -> float | None:

@@ -149,6 +149,8 @@ def test_indexed_job_shape_and_queueing() -> None:
     assert "team" not in job["metadata"]["labels"]
     assert spec["suspend"] is True  # Kueue admits the gang by unsuspending it
     assert spec["template"]["metadata"]["labels"][builders.LABEL_ATTEMPT] == "2"
+    for labels in (job["metadata"]["labels"], spec["template"]["metadata"]["labels"]):
+        assert labels[builders.LABEL_OWNER_UID] == OWNER.uid  # children are matched by uid
     plain = Owner("llama", "ml", "uid", {})
     assert builders.build_job(make_job(), plain, 1, SETTINGS)["spec"]["suspend"] is False
     suspended = {**FULL_SPEC, "runPolicy": {"suspend": True}}

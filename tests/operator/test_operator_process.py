@@ -160,7 +160,7 @@ def test_failed_rank_restarts_the_gang_then_backoff_limit_fails(cluster: Cluster
     first = cluster.job("flaky-a1")
     start_job_pods(cluster.api, first)
     cluster.wait_phase("flaky", "Running")
-    set_pod_state(cluster.api, NS, "flaky-a1-0", "Failed", exit_code=contract.EXIT_PREEMPTED)
+    set_pod_state(cluster.api, NS, "flaky-a1-0", "Failed", exit_code=1, message="NCCL error")
     second = cluster.job("flaky-a2")
     assert cluster.api.get(JOBS, NS, "flaky-a1") is None  # the failed attempt is gone
     assert cluster.api.get(PODS, NS, "flaky-a1-0") is None  # and its pods with it

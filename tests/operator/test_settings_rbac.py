@@ -50,5 +50,6 @@ def test_rbac_rules_form_a_valid_cluster_role() -> None:
     kubernetes_validate.validate(rbac.cluster_role(), "1.35", strict=True)
     assert rbac.allows("batch", "jobs", "delete")
     assert rbac.allows("kubetune.dev", "finetunejobs/status", "patch")
-    assert not rbac.allows("", "pods", "delete")  # deleting a Job deletes its pods
+    assert rbac.allows("", "pods", "delete")  # force-deleting pods of a lost node
+    assert not rbac.allows("", "pods", "create")  # the Job controller creates them
     assert not rbac.allows("", "secrets", "get")  # the operator never reads Secrets

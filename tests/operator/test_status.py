@@ -8,11 +8,15 @@ from typing import Any
 import pytest
 
 from kubetune_api import contract
-from kubetune_api.crd import Condition, FineTuneJobStatus, Phase, Progress
+from kubetune_api.crd import Condition, FineTuneJobStatus, Phase, Progress, Runtime
 from kubetune_api.load import validate_job
 from kubetune_api.spec import FineTuneJobSpec
 from kubetune_operator import status as st
-from kubetune_operator.builders import ANNOTATION_COMPLETION_INDEX, LABEL_ATTEMPT
+from kubetune_operator.builders import (
+    ANNOTATION_COMPLETION_INDEX,
+    LABEL_ATTEMPT,
+    LABEL_OWNER_UID,
+)
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
 STAMP = "2026-01-01T12:00:00Z"
@@ -198,7 +202,8 @@ def test_backoff_limit_exceeded_fails() -> None:
     failed_condition = condition(plan, st.COND_FAILED)
     assert failed_condition.reason == st.REASON_BACKOFF_LIMIT_EXCEEDED
     assert "4 attempts failed" in failed_condition.message
-    assert plan.status.completion_time == STAMP and plan.delete_jobs == []
+    # The ranks still running are stopped: a failed job holds no GPUs.
+    assert plan.status.completion_time == STAMP and plan.delete_jobs == ["llama-a4"]
 
 
 def test_permanent_failure_fails_at_once() -> None:
@@ -345,3 +350,254 @@ def test_a_new_pending_cause_posts_an_event() -> None:
     same = run(spec(), pulling.status, children([job()], [
         pod(0, "Pending", waiting="ImagePullBackOff", message="denied"), pod(1)]))
     assert same.events == []
+
+
+# --- children by owner uid ------------------------------------------------------------------
+
+UID, OLD_UID = "uid-now", "uid-before"
+
+
+def ago(seconds: float) -> str:
+    return (NOW - datetime.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def owned(obj: dict[str, Any], uid: str, kind: str = "FineTuneJob",
+          name: str = "llama") -> dict[str, Any]:
+    obj["metadata"]["ownerReferences"] = [{"kind": kind, "name": name, "uid": uid}]
+    obj["metadata"].setdefault("uid", f"{uid}-{obj['metadata']['name']}")
+    obj["kind"] = "Job" if kind == "FineTuneJob" else "Pod"
+    return obj
+
+
+def job_pod(attempt_job: dict[str, Any], rank: int, uid_label: str | None = UID,
+            **kw: Any) -> dict[str, Any]:
+    made = owned(pod(rank, attempt=int(attempt_job["metadata"]["labels"][LABEL_ATTEMPT]),
+                     **kw), attempt_job["metadata"]["uid"], kind="Job",
+                 name=attempt_job["metadata"]["name"])
+    if uid_label:
+        made["metadata"]["labels"][LABEL_OWNER_UID] = uid_label
+    return made
+
+
+def test_children_are_matched_by_owner_uid_never_by_label_alone() -> None:
+    ours = owned(job(), UID)
+    foreign = owned(job(), "someone-else", name="other-app")  # same label, other owner
+    earlier = owned(job(), OLD_UID)  # an earlier FineTuneJob named llama
+    pods = [job_pod(ours, 0), job_pod(ours, 1, uid_label=None),
+            job_pod(foreign, 0, uid_label=None), job_pod(earlier, 1, uid_label=OLD_UID),
+            owned(pod(0, attempt=0), "gone-job-uid", kind="Job") | {}]
+    pods[-1]["metadata"]["labels"][LABEL_OWNER_UID] = UID  # its Job is already deleted
+    kids = st.owned_children([ours, foreign, earlier], pods, UID, "llama")
+    assert kids.jobs == [ours]
+    assert [p["metadata"]["ownerReferences"][0]["uid"] for p in kids.pods] == \
+        [ours["metadata"]["uid"], ours["metadata"]["uid"], "gone-job-uid"]
+    assert kids.leftovers == [earlier, pods[3]]
+
+
+def test_a_foreign_labelled_pod_never_blocks_and_is_never_deleted() -> None:
+    stray = pod(0, attempt=7)  # labelled, owned by nobody we know
+    kids = st.owned_children([], [stray], UID, "llama")
+    plan = run(spec(), FineTuneJobStatus(), kids)
+    assert plan.create_attempt == 1
+    assert not plan.delete_pods and not plan.force_delete_pods and not plan.delete_jobs
+
+
+def test_an_earlier_objects_gang_is_deleted_and_waited_for() -> None:
+    earlier = owned(job(), OLD_UID)
+    old_pod = job_pod(earlier, 0, uid_label=OLD_UID)
+    plan = run(spec(), FineTuneJobStatus(), st.owned_children([earlier], [old_pod], UID,
+                                                                 "llama"))
+    assert plan.create_attempt is None and plan.delete_jobs == ["llama-a1"]
+    assert plan.delete_pods == ["llama-a1-0"]
+    assert condition(plan, st.COND_RUNNING).reason == st.REASON_STALE_PODS
+    gone = run(spec(), plan.status, st.owned_children([], [], UID, "llama"))
+    assert gone.create_attempt == 1
+
+
+# --- one gang at a time -----------------------------------------------------------------------
+
+def test_pods_stuck_terminating_are_force_deleted_after_a_bounded_wait() -> None:
+    stuck = pod(0, terminating=True)  # attempt 1's pod; attempt 2 waits for it
+    stuck["metadata"]["deletionTimestamp"] = ago(50)
+    restarting = status(Phase.RESTARTING, attempt=2, restarts=1)
+    limits = st.Limits(force_delete_after=60)
+    waiting = st.plan("llama", spec(), 3, restarting, children([], [stuck]), NOW,
+                      limits=limits)
+    assert waiting.force_delete_pods == [] and waiting.recheck_after == pytest.approx(10)
+    assert waiting.create_attempt is None
+    stuck["metadata"]["deletionTimestamp"] = ago(61)
+    forced = st.plan("llama", spec(), 3, restarting, children([], [stuck]), NOW,
+                     limits=limits)
+    assert forced.force_delete_pods == ["llama-a1-0"] and forced.create_attempt is None
+    assert [(e.type, e.reason) for e in forced.events] == [("Warning", st.REASON_FORCE_DELETED)]
+    assert "llama-a1-0" in forced.events[0].message
+
+
+def test_a_job_deleted_mid_run_starts_a_new_attempt_never_the_same_name() -> None:
+    running = status(Phase.RUNNING, attempt_start_time=ago(120))
+    plan = run(spec(backoffLimit=0), running, children([], [pod(0), pod(1)]))
+    assert plan.create_attempt is None and plan.status.attempt == 2
+    assert (plan.status.restarts, plan.status.preemptions) == (1, 1)  # not the training's fault
+    assert condition(plan, st.COND_RESTARTING).reason == st.REASON_JOB_DELETED
+    # Just created, not in the watch yet: create again (idempotent), decide nothing.
+    fresh = run(spec(), status(Phase.PENDING, attempt_start_time=ago(5)), children())
+    assert fresh.create_attempt == 1 and fresh.status.attempt == 1
+    assert fresh.recheck_after == pytest.approx(st.CREATION_GRACE_SECONDS - 5)
+
+
+# --- node loss, disruption, preemptions -------------------------------------------------------
+
+DISRUPTIONS = [
+    ("terminating", pod(1, terminating=True), st.REASON_POD_DELETED),
+    ("disruption-target", pod(1) | {"status": {
+        "phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                            "reason": "PreemptionByScheduler"}]}},
+     st.REASON_EVICTED),
+    ("node-lost", pod(1) | {"status": {"phase": "Running", "reason": "NodeLost",
+                                       "message": "Node gpu-7 which was running pod "
+                                                  "llama-a1-1 is unresponsive"}},
+     st.REASON_NODE_LOST),
+    ("sigterm-checkpointed", pod(1, "Failed", exit_code=contract.EXIT_PREEMPTED),
+     st.REASON_PREEMPTED),
+]
+
+
+@pytest.mark.parametrize(("lost", "reason"), [c[1:] for c in DISRUPTIONS],
+                         ids=[c[0] for c in DISRUPTIONS])
+def test_disruptions_restart_without_using_the_backoff_limit(lost: dict[str, Any],
+                                                             reason: str) -> None:
+    plan = run(spec(backoffLimit=0), status(Phase.RUNNING, restarts=2, preemptions=2),
+               children([job()], [pod(0), lost]))
+    assert plan.status.phase == Phase.RESTARTING, plan.status.conditions
+    assert condition(plan, st.COND_RESTARTING).reason == reason
+    assert (plan.status.attempt, plan.status.restarts, plan.status.preemptions) == (2, 3, 3)
+    assert "not counted against backoffLimit" in condition(plan, st.COND_RESTARTING).message
+
+
+def test_a_disruption_explains_the_other_ranks_crashes() -> None:
+    state = st.observe_attempt(job(), [pod(0, "Failed", exit_code=1, message="gloo: "
+                                           "connection reset"), pod(1, "Failed", evicted=True)],
+                               spec())
+    assert (state.reason, state.preemption) == (st.REASON_EVICTED, True)
+
+
+def test_real_failures_use_the_backoff_limit_preemptions_do_not() -> None:
+    old = status(Phase.RUNNING, attempt=4, restarts=3, preemptions=2)  # one failure so far
+    crashed = [pod(0, "Failed", exit_code=1, attempt=4), pod(1, attempt=4)]
+    assert run(spec(backoffLimit=2), old, children([job(4)], crashed)).status.phase == \
+        Phase.RESTARTING
+    assert run(spec(backoffLimit=1), old, children([job(4)], crashed)).status.phase == \
+        Phase.FAILED
+
+
+def test_a_permanent_exit_wins_whatever_order_the_events_arrive_in() -> None:
+    failed_job = job(condition="Failed", message="backoff limit")
+    failed_job["status"]["conditions"][0]["lastTransitionTime"] = ago(2)
+    # 1. The Job's Failed condition arrives before the rank's exit: wait for the rank.
+    early = st.observe_attempt(failed_job, [pod(0), pod(1)], spec(), now=NOW)
+    assert (early.kind, early.reason) == ("waiting", st.REASON_JOB_FAILED_PENDING)
+    assert early.recheck_after == pytest.approx(st.EXIT_REPORT_GRACE_SECONDS - 2)
+    plan = run(spec(), status(Phase.RUNNING), children([failed_job], [pod(0), pod(1)]))
+    assert plan.status.phase == Phase.PENDING  # "WaitingForRankExits", for a few seconds
+    assert plan.status.restarts == 0 and not plan.delete_jobs
+    exited = [pod(0, "Failed", exit_code=contract.EXIT_INVALID_SPEC), pod(1)]
+    assert run(spec(), plan.status, children([failed_job], exited)).status.phase == \
+        Phase.FAILED
+    # 2. A retryable exit of another rank came first and the restart began: the permanent
+    # exit still ends the job while the old pods terminate.
+    restarting = run(spec(), status(Phase.RUNNING), children([job()], [
+        pod(0), pod(1, "Failed", exit_code=1)]))
+    assert restarting.status.phase == Phase.RESTARTING
+    late = run(spec(), restarting.status, children([], [
+        pod(0, "Failed", exit_code=contract.EXIT_INVALID_SPEC, terminating=True)]))
+    assert late.status.phase == Phase.FAILED
+    assert condition(late, st.COND_FAILED).reason == st.REASON_PERMANENT_FAILURE
+    # 3. Nobody reports within the grace period: the Job's word decides.
+    failed_job["status"]["conditions"][0]["lastTransitionTime"] = ago(31)
+    assert st.observe_attempt(failed_job, [pod(0), pod(1)], spec(), now=NOW).reason == \
+        st.REASON_ATTEMPT_FAILED
+
+
+# --- pinned runtime -----------------------------------------------------------------------------
+
+RUNTIME_V1 = Runtime(trainer_image="trainer:1", termination_grace_seconds=300)
+RUNTIME_V2 = Runtime(trainer_image="trainer:2", termination_grace_seconds=60)
+
+
+def test_the_first_attempt_pins_the_runtime_later_ones_keep_it() -> None:
+    first = st.plan("llama", spec(), 1, FineTuneJobStatus(), children(), NOW,
+                    limits=st.Limits(RUNTIME_V1))
+    assert first.status.runtime == RUNTIME_V1
+    restarted = status(Phase.RESTARTING, attempt=2, restarts=1, runtime=RUNTIME_V1)
+    second = st.plan("llama", spec(), 1, restarted, children(), NOW,
+                     limits=st.Limits(RUNTIME_V2))  # the operator was upgraded meanwhile
+    assert second.create_attempt == 2 and second.status.runtime == RUNTIME_V1
+
+
+# --- scheduling timeout and stall watchdog ---------------------------------------------------
+
+def test_a_partial_gang_is_torn_down_after_the_scheduling_timeout() -> None:
+    partial = [pod(0), pod(1, "Pending", unschedulable="0/8 nodes: insufficient nvidia.com/gpu")]
+    early = run(spec(schedulingTimeoutSeconds=600),
+                status(Phase.PENDING, attempt_start_time=ago(500)), children([job()], partial))
+    assert early.status.phase == Phase.PENDING and early.recheck_after == pytest.approx(100)
+    late = run(spec(schedulingTimeoutSeconds=600),
+               status(Phase.PENDING, attempt_start_time=ago(601)), children([job()], partial))
+    restarting = condition(late, st.COND_RESTARTING)
+    assert late.delete_jobs == ["llama-a1"] and late.status.attempt == 2
+    assert restarting.reason == st.REASON_SCHEDULING_TIMEOUT
+    assert "rank 1" in restarting.message and "insufficient nvidia.com/gpu" in restarting.message
+    assert late.status.preemptions == 0  # counted against backoffLimit
+    # Time queued (a suspended Job) does not count: the Job's startTime does.
+    admitted = job()
+    admitted["status"]["startTime"] = ago(30)
+    queued_long = run(spec(schedulingTimeoutSeconds=600),
+                      status(Phase.PENDING, attempt_start_time=ago(3600)),
+                      children([admitted], partial))
+    assert queued_long.status.phase == Phase.PENDING
+
+
+def test_stall_watchdog_restarts_a_gang_whose_step_stopped() -> None:
+    stuck = Progress(step=37, total_steps=100, last_step_time=ago(301))
+    old = status(Phase.RUNNING, attempt_start_time=ago(900), progress=stuck)
+    plan = run(spec(stallTimeoutSeconds=300), old, children([job()], [pod(0), pod(1)]))
+    assert plan.status.phase == Phase.RESTARTING and plan.delete_jobs == ["llama-a1"]
+    restarting = condition(plan, st.COND_RESTARTING)
+    assert restarting.reason == st.REASON_STALLED and "step 37" in restarting.message
+    assert "step 37" in plan.events[0].message
+    off = run(spec(), old, children([job()], [pod(0), pod(1)]))  # default: no watchdog
+    assert off.status.phase == Phase.RUNNING
+    moving = status(Phase.RUNNING, attempt_start_time=ago(900),
+                    progress=Progress(step=38, total_steps=100, last_step_time=ago(10)))
+    fine = run(spec(stallTimeoutSeconds=300), moving, children([job()], [pod(0), pod(1)]))
+    assert fine.status.phase == Phase.RUNNING and fine.recheck_after == pytest.approx(290)
+    # A new attempt gets the whole timeout: the clock starts at its creation.
+    resumed = status(Phase.RUNNING, attempt=2, restarts=1, attempt_start_time=ago(100),
+                     progress=stuck)
+    assert run(spec(stallTimeoutSeconds=300), resumed,
+               children([job(2)], [pod(0, attempt=2), pod(1, attempt=2)])).status.phase == \
+        Phase.RUNNING
+
+
+def test_the_stall_clock_moves_with_the_step_and_outside_training() -> None:
+    first = st.parse_progress(METRICS_TEXT, NOW)
+    assert first is not None and first.last_step_time == STAMP
+    later = NOW + datetime.timedelta(seconds=40)
+    same = st.parse_progress(METRICS_TEXT, later, first)
+    assert same is not None and same.last_step_time == STAMP  # step 250 did not move
+    phase = 'kubetune_trainer_phase{rank="0",phase="checkpointing"} 1.0\n'
+    saving = st.parse_progress(METRICS_TEXT + phase, later, first)
+    assert saving is not None and saving.last_step_time == st._iso(later)
+    moved = st.parse_progress(METRICS_TEXT.replace(" 250.0", " 251.0"), later, first)
+    assert moved is not None and moved.last_step_time == st._iso(later)
+
+
+def test_finishing_wakes_the_reconciler_when_the_ttl_is_due() -> None:
+    done = [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)]
+    plan = run(spec(ttlSecondsAfterFinished=30), status(Phase.RUNNING),
+               children([job(condition="Complete")], done))
+    assert plan.status.phase == Phase.SUCCEEDED and plan.recheck_after == 30
+    crashed = [pod(0, "Failed", exit_code=contract.EXIT_INVALID_SPEC), pod(1)]
+    failed = run(spec(ttlSecondsAfterFinished=0), status(Phase.RUNNING),
+                 children([job()], crashed))
+    assert failed.status.phase == Phase.FAILED and failed.recheck_after == 0.05

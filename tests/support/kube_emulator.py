@@ -232,8 +232,9 @@ def _error(code: int, reason: str, message: str) -> kmock.KubernetesError:
                                  details={"causes": []})
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(later: float = 0.0) -> str:
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=later)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -436,8 +437,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if meta.get("finalizers") or graceful:
             if meta.get("deletionTimestamp"):
                 return obj
-            marked = merge_patch(obj, {"metadata": {"deletionTimestamp": _now(),
-                                                    "deletionGracePeriodSeconds": int(grace)}})
+            # As the API server: a pod's deletionTimestamp is the deadline its grace period
+            # gives the kubelet (now + grace), other objects' the moment of the request.
+            marked = merge_patch(obj, {"metadata": {
+                "deletionTimestamp": _now(grace if graceful else 0.0),
+                "deletionGracePeriodSeconds": int(grace)}})
             self._commit(res, key, obj, marked)
             if graceful:
                 self._remove_later(res, key, grace)

@@ -17,18 +17,21 @@
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
-# The job's config and headless Service: created once (owned by the FineTuneJob).
+# The job's config and headless Service: created once (owned by the FineTuneJob); one left
+# by an earlier FineTuneJob of the same name is deleted and replaced.
 - apiGroups: [""]
   resources: [configmaps, services]
-  verbs: [get, create]
-# Each job's NetworkPolicy: created once (owned by the FineTuneJob).
+  verbs: [get, create, delete]
+# Each job's NetworkPolicy: created once (owned by the FineTuneJob); one left by an earlier
+# FineTuneJob of the same name is deleted and replaced.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [create]
-# Trainer pods are only read (their Job owns them).
+  verbs: [get, create, delete]
+# Trainer pods: read; pods of a finished attempt deleted, force-deleted when their node is
+# gone (the next attempt waits for every one of them).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, delete]
 # Events for every transition.
 - apiGroups: [""]
   resources: [events]
