@@ -63,6 +63,14 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
         return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.job(kw["body"])}
 
     ticker: list[asyncio.Task[None]] = []
+    running_jobs: list[Any] = []
+
+    def start_ticker() -> None:
+        # Started from a handler, not from the startup activity: kopf's event poster lives
+        # in the handlers' context (the task inherits it).
+        if not ticker and running_jobs:
+            ticker.append(asyncio.create_task(reconciler.tick(running_jobs[0]),
+                                              name="kubetune-ticker"))
 
     @kopf.on.startup(id="wire-indexes", registry=registry)
     async def start(**kw: Any) -> None:
@@ -76,7 +84,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
         def running() -> list[tuple[str, str]]:
             return [(key[0], entry["name"]) for key in list(jobs_by_key)
                     for entry in jobs_by_key.get(key, []) if entry["phase"] == Phase.RUNNING]
-        ticker.append(asyncio.create_task(reconciler.tick(running), name="kubetune-ticker"))
+        running_jobs.append(running)
 
     @kopf.on.cleanup(id="stop-ticker", registry=registry)
     async def stop(**_: Any) -> None:
@@ -89,6 +97,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     @kopf.on.create(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
     @kopf.on.update(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
     async def reconcile(**kw: Any) -> None:
+        start_ticker()
         try:
             await reconciler.reconcile(kw["namespace"], kw["name"])
         except InvalidSpec as exc:

@@ -127,8 +127,12 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._queued: set[Key] = set()
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
-        self._created: dict[Key, tuple[int, float]] = {}  # attempt created, monotonic time
+        # (object uid, attempt) created, monotonic time: a re-created object of the same name
+        # is another object.
+        self._created: dict[Key, tuple[str, int, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # (uid, names of its Jobs seen in the index) per object
+        self._seen_jobs: dict[Key, tuple[str, set[str]]] = {}
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -195,7 +199,13 @@ class Reconciler:
 
     def _children_of(self, owner: Owner) -> st.Children:
         labelled = self.children(owner.namespace, base_name(owner.name))
-        return st.owned_children(labelled.jobs, labelled.pods, owner.uid, owner.name)
+        children = st.owned_children(labelled.jobs, labelled.pods, owner.uid, owner.name)
+        key = (owner.namespace, owner.name)
+        if key not in self._seen_jobs or self._seen_jobs[key][0] != owner.uid:
+            self._seen_jobs[key] = (owner.uid, set())
+        seen = self._seen_jobs[key][1]
+        seen.update(j["metadata"]["name"] for j in children.jobs)
+        return dataclasses.replace(children, seen=frozenset(seen))
 
     async def _reject(self, body: dict[str, Any], status: st.FineTuneJobStatus,
                       message: str, reason: str = st.REASON_INVALID_SPEC) -> None:
@@ -219,7 +229,7 @@ class Reconciler:
         # Status first: if the operator dies after it, the next reconcile finishes the job
         # (e.g. deletes the failed attempt) instead of redoing the decision.
         await self._write_status(ns, name, old, plan.status)
-        if plan.create_attempt is not None and not self._in_flight((ns, name),
+        if plan.create_attempt is not None and not self._in_flight(owner,
                                                                   plan.create_attempt):
             try:
                 await self._create_attempt(plan, job, owner, body)
@@ -249,7 +259,7 @@ class Reconciler:
         settings = pinned(self.settings, plan.status.runtime)
         for manifest in build_children(accepted, owner, attempt, settings):
             await self._ensure(manifest, owner, body)
-        self._created[(owner.namespace, owner.name)] = (attempt, time.monotonic())
+        self._created[(owner.namespace, owner.name)] = (owner.uid, attempt, time.monotonic())
 
     async def _ensure(self, manifest: dict[str, Any], owner: Owner,
                       body: dict[str, Any]) -> None:
@@ -311,11 +321,11 @@ class Reconciler:
         accepted.spec.run_policy = job.spec.run_policy
         return accepted
 
-    def _in_flight(self, key: Key, attempt: int) -> bool:
+    def _in_flight(self, owner: Owner, attempt: int) -> bool:
         """Created moments ago but not in the index yet: creating again would only 409."""
-        created = self._created.get(key)
-        return created is not None and created[0] == attempt \
-            and time.monotonic() - created[1] < CREATION_GRACE_SECONDS
+        created = self._created.get((owner.namespace, owner.name))
+        return created is not None and created[:2] == (owner.uid, attempt) \
+            and time.monotonic() - created[2] < CREATION_GRACE_SECONDS
 
     async def _write_status(self, namespace: str, name: str, old: st.FineTuneJobStatus,
                             new: st.FineTuneJobStatus) -> None:
@@ -362,6 +372,7 @@ class Reconciler:
         if key in self._rechecks:
             self._rechecks.pop(key).cancel()
         self._created.pop(key, None)
+        self._seen_jobs.pop(key, None)
         lock = self._locks.get(key)
         if lock is not None and not lock.locked():
             del self._locks[key]

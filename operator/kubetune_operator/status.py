@@ -340,6 +340,9 @@ class Children:
     # Jobs and pods of an earlier object of the same name (deleted, then re-created): they
     # are garbage on their way out, and their gang must be gone before ours starts.
     leftovers: list[Manifest] = field(default_factory=list)
+    # Names of this object's Jobs the operator has seen since it started: one of them
+    # missing now was deleted (not merely not yet in the watch).
+    seen: frozenset[str] = frozenset()
 
     def job_of(self, name: str) -> Manifest | None:
         return next((j for j in self.jobs if j["metadata"]["name"] == name), None)
@@ -542,13 +545,14 @@ class _Planner:
     def job_missing(self) -> Plan:
         """No Job for the current attempt: create it, unless it was created and is gone."""
         created = self.seconds_since(self.status.attempt_start_time)
+        job = attempt_job_name(self.name, self.attempt)
         if created is None:
             return self.start_attempt()
-        if created < CREATION_GRACE_SECONDS:  # the watch may lag behind our own create
+        if created < CREATION_GRACE_SECONDS and job not in self.children.seen:
+            # Not seen yet: the watch may lag behind our own create.
             self.plan.create_attempt = self.attempt  # idempotent: 409 if it exists
             self.recheck(CREATION_GRACE_SECONDS - created)
             return self.plan
-        job = attempt_job_name(self.name, self.attempt)
         return self.restart(AttemptState(
             "failed", REASON_JOB_DELETED, f"Job {job} was deleted before it finished",
             preemption=True))

@@ -443,6 +443,10 @@ def test_a_job_deleted_mid_run_starts_a_new_attempt_never_the_same_name() -> Non
     fresh = run(spec(), status(Phase.PENDING, attempt_start_time=ago(5)), children())
     assert fresh.create_attempt == 1 and fresh.status.attempt == 1
     assert fresh.recheck_after == pytest.approx(st.CREATION_GRACE_SECONDS - 5)
+    # Seen in the watch, then gone: deleted, however young.
+    seen = st.Children([], [], seen=frozenset({"llama-a1"}))
+    gone = run(spec(), status(Phase.PENDING, attempt_start_time=ago(5)), seen)
+    assert gone.create_attempt is None and gone.status.attempt == 2
 
 
 # --- node loss, disruption, preemptions -------------------------------------------------------

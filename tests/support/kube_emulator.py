@@ -248,6 +248,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
     """kmock's emulator with resourceVersions, selectors, status and garbage collection."""
 
     pod_grace_seconds: float = 0.0
+    # (namespace, name) of pods on a node that is gone: a graceful delete marks them and
+    # nothing ever finishes it (no kubelet); only a force delete (grace 0) removes them.
+    lost_pods: set[tuple[str, str]] = attrs.field(factory=set)
     keep_requests: bool = True  # kmock keeps every request for assertions; benchmarks opt out
 
     _store: dict[StoreKey, JsonDict] = attrs.field(factory=dict, init=False)
@@ -433,7 +436,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         grace = self.pod_grace_seconds if grace_seconds is None else grace_seconds
         if propagation == "Orphan":
             self._orphan_dependents(obj)
-        graceful = res.plural == "pods" and grace > 0 and not meta.get("finalizers")
+        lost = res.plural == "pods" and grace_seconds != 0 \
+            and (meta.get("namespace"), name) in self.lost_pods
+        graceful = res.plural == "pods" and (grace > 0 or lost) and not meta.get("finalizers")
         if meta.get("finalizers") or graceful:
             if meta.get("deletionTimestamp"):
                 return obj
@@ -443,7 +448,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 "deletionTimestamp": _now(grace if graceful else 0.0),
                 "deletionGracePeriodSeconds": int(grace)}})
             self._commit(res, key, obj, marked)
-            if graceful:
+            if lost:
+                self._terminating.add(key)  # stuck Terminating until force-deleted
+            elif graceful:
                 self._remove_later(res, key, grace)
             return marked
         self._remove(res, key)

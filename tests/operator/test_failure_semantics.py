@@ -1,0 +1,332 @@
+"""The operator process against the emulated API server under the faults of a real cluster:
+foreign and leftover children, deleted Jobs, pods stuck Terminating on a lost node,
+evictions, refused creates, event order, uninstall, operator upgrades, partial gangs and
+stalls (docs/operator.md, "Failure semantics"). Tests play the Job controller and kubelet.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from kubetune_api import contract
+from support.jobs import ftj_body
+from support.kube_emulator import EmulatorThread
+from support.operator_process import (
+    FTJ,
+    JOBS,
+    PODS,
+    OperatorProcess,
+    free_port,
+    set_pod_state,
+    start_job_pods,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
+NS = "default"
+CONFIG_MAPS = "v1/configmaps"
+TIMEOUT = 60.0  # generous: the operator, the emulator and the tests share two busy cores
+FORCE_DELETE_AFTER = "1"
+
+
+class World:
+    def __init__(self, api: EmulatorThread, operator: OperatorProcess) -> None:
+        self.api, self.operator = api, operator
+
+    def wait(self, probe: Callable[[], T | None], what: str, timeout: float = TIMEOUT) -> T:
+        try:
+            return wait_for(probe, timeout, interval=0.1, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- operator log ---\n"
+                                 f"{self.operator.logs()[-5000:]}") from None
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.api.get(FTJ, NS, name) or {}).get("status", {})
+
+    def wait_phase(self, name: str, phase: str) -> dict[str, Any]:
+        return self.wait(lambda: self.status(name).get("phase") == phase and self.status(name),
+                         f"{name} phase {phase} (now {self.status(name).get('phase')})")
+
+    def job(self, name: str) -> dict[str, Any]:
+        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}")
+
+    def running(self, name: str, attempt: int = 1) -> dict[str, Any]:
+        job = self.job(f"{name}-a{attempt}")
+        start_job_pods(self.api, job)
+        self.wait(lambda: self.status(name).get("phase") == "Running"
+                  and self.status(name).get("attempt") == attempt, f"{name} a{attempt} running")
+        return job
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        return next(c for c in self.status(name)["conditions"] if c["type"] == type_)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.api.find("v1/events", NS)
+                if e["involvedObject"]["name"] == name]
+
+    def event(self, name: str, reason: str) -> dict[str, Any]:
+        """The first event `reason` of `name` (kopf posts events in the background)."""
+        return self.wait(lambda: next((e for e in self.events(name) if e["reason"] == reason),
+                                      None), f"event {reason} of {name}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        operator = OperatorProcess(api, tmp_path_factory.mktemp("operator"),
+                                   KUBETUNE_FORCE_DELETE_AFTER_SECONDS=FORCE_DELETE_AFTER)
+        with operator:
+            yield World(api, operator)
+
+
+def foreign_job(name: str, label: str) -> dict[str, Any]:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
+        "name": name, "namespace": NS, "labels": {"kubetune.dev/finetunejob": label}},
+        "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "busybox"}],
+                                       "restartPolicy": "Never"}}}}
+
+
+# --- children by owner ----------------------------------------------------------------------
+
+def test_labelled_objects_of_others_are_never_deleted_and_never_block(world: World) -> None:
+    api = world.api
+    api.create(JOBS, foreign_job("someone-elses", "mine"))  # carries our label
+    stray = api.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "stray", "namespace": NS, "labels": {"kubetune.dev/finetunejob": "mine",
+                                                     "kubetune.dev/attempt": "9"}},
+        "spec": {"containers": [{"name": "x", "image": "busybox"}]}})
+    set_pod_state(api, NS, stray["metadata"]["name"], "Running")
+    api.create(FTJ, ftj_body("mine"))
+    world.running("mine")
+    assert api.get(JOBS, NS, "someone-elses") is not None
+    assert api.get(PODS, NS, "stray") is not None
+
+
+def test_a_configmap_left_by_an_earlier_object_is_replaced(world: World) -> None:
+    api = world.api
+    first = api.create(FTJ, ftj_body("again", training={"learningRate": 0.001}))
+    world.job("again-a1")
+    api.call(api.emulator.delete_object, FTJ, NS, "again", propagation="Orphan")
+    orphan = api.get(CONFIG_MAPS, NS, "again-config")
+    assert orphan is not None and "0.001" in orphan["data"][contract.CONFIG_FILE]
+    # Nothing collects the orphans: make them look left by the first object, as a GC lag.
+    for resource, name in ((CONFIG_MAPS, "again-config"), ("v1/services", "again"),
+                           (JOBS, "again-a1")):
+        api.patch(resource, NS, name, {"metadata": {"ownerReferences": [{
+            "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "again",
+            "uid": first["metadata"]["uid"], "controller": True}]}})
+    second = api.create(FTJ, ftj_body("again", training={"learningRate": 0.002}))
+    job = world.wait(lambda: (j := api.get(JOBS, NS, "again-a1")) and j["metadata"][
+        "ownerReferences"][0]["uid"] == second["metadata"]["uid"] and j, "a new Job")
+    config = api.get(CONFIG_MAPS, NS, "again-config")
+    assert config is not None
+    assert config["metadata"]["ownerReferences"][0]["uid"] == second["metadata"]["uid"]
+    assert "0.002" in config["data"][contract.CONFIG_FILE]
+    assert job["metadata"]["labels"]["kubetune.dev/finetunejob-uid"] == \
+        second["metadata"]["uid"]
+
+
+def test_a_name_taken_by_someone_else_fails_with_create_failed(world: World) -> None:
+    world.api.create(CONFIG_MAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "taken-config", "namespace": NS}, "data": {"x": "y"}})
+    world.api.create(FTJ, ftj_body("taken"))
+    world.wait_phase("taken", "Failed")
+    failed = world.condition("taken", "Failed")
+    assert failed["reason"] == "CreateFailed"
+    assert "ConfigMap default/taken-config already exists" in failed["message"]
+    assert world.api.get(CONFIG_MAPS, NS, "taken-config")["data"] == {"x": "y"}
+    assert world.api.get(JOBS, NS, "taken-a1") is None
+
+
+def test_a_create_the_api_refuses_for_good_fails_the_job_once(world: World) -> None:
+    api = world.api
+    api.call(api.emulator.inject_fault, "POST", "jobs", 422, times=1)
+    api.create(FTJ, ftj_body("refused"))
+    status = world.wait_phase("refused", "Failed")
+    failed = world.condition("refused", "Failed")
+    assert failed["reason"] == "CreateFailed" and "422" in failed["message"]
+    assert "injected fault" in failed["message"]
+    assert status["completionTime"]
+    assert api.get(JOBS, NS, "refused-a1") is None
+    world.event("refused", "CreateFailed")
+
+
+# --- one gang at a time, node loss, disruption -----------------------------------------------
+
+def test_a_job_deleted_by_someone_starts_a_new_attempt(world: World) -> None:
+    world.api.create(FTJ, ftj_body("vanished", runPolicy={"backoffLimit": 0}))
+    world.running("vanished")
+    world.api.delete(JOBS, NS, "vanished-a1")
+    world.job("vanished-a2")
+    status = world.status("vanished")
+    assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 1, 1)
+    assert "vanished-a1 was deleted" in world.event("vanished", "JobDeleted")["message"]
+    assert world.api.get(JOBS, NS, "vanished-a1") is None  # never the same name twice
+
+
+def test_a_rank_on_a_lost_node_restarts_the_gang_after_force_deletion(world: World) -> None:
+    api = world.api
+    api.create(FTJ, ftj_body("lost", resources={"nodes": 2}, runPolicy={"backoffLimit": 0}))
+    world.running("lost")
+    api.emulator.lost_pods.add((NS, "lost-a1-1"))
+    api.delete(PODS, NS, "lost-a1-1")  # the taint manager evicts; no kubelet answers
+    world.wait_phase("lost", "Restarting")
+    assert world.condition("lost", "Restarting")["reason"] == "PodDeleted"
+    second = world.job("lost-a2")  # only after the stuck pod was force-deleted
+    assert api.get(PODS, NS, "lost-a1-1") is None
+    assert "lost-a1-1" in world.event("lost", "ForceDeletedPods")["message"]
+    start_job_pods(api, second)
+    status = world.wait_phase("lost", "Running")
+    assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 1, 1)
+
+
+def test_evictions_do_not_use_the_backoff_limit(world: World) -> None:
+    world.api.create(FTJ, ftj_body("spot", runPolicy={"backoffLimit": 0}))
+    for attempt in (1, 2, 3):
+        world.running("spot", attempt)
+        set_pod_state(world.api, NS, f"spot-a{attempt}-0", "Failed", pod_reason="Evicted",
+                      conditions=[{"type": "DisruptionTarget", "status": "True",
+                                   "reason": "PreemptionByScheduler"}])
+        world.job(f"spot-a{attempt + 1}")
+    status = world.status("spot")
+    assert (status["restarts"], status["preemptions"]) == (3, 3)
+    assert status["phase"] in ("Restarting", "Pending")
+
+
+def test_a_permanent_exit_reported_after_the_jobs_failure_still_wins(world: World) -> None:
+    api = world.api
+    api.create(FTJ, ftj_body("order", resources={"nodes": 2}))
+    world.running("order")
+    # The Job controller's verdict arrives before the rank's own status.
+    api.patch(JOBS, NS, "order-a1", {"status": {"conditions": [{
+        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+        "lastTransitionTime": datetime.datetime.now(datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")}]}},
+              subresource="status")
+    world.wait(lambda: world.condition("order", "Running")["reason"] == "WaitingForRankExits",
+               "waiting for the ranks' exits")
+    set_pod_state(api, NS, "order-a1-1", "Failed", exit_code=contract.EXIT_INVALID_SPEC,
+                  message="dataset.fields: no 'text' column")
+    world.wait_phase("order", "Failed")
+    failed = world.condition("order", "Failed")
+    assert failed["reason"] == "PermanentFailure" and "no 'text' column" in failed["message"]
+    assert world.status("order")["restarts"] == 0
+
+
+# --- uninstall never wedges -------------------------------------------------------------------
+
+def test_no_finalizer_is_left_on_jobs_in_any_phase(world: World) -> None:
+    api = world.api
+    api.create(FTJ, ftj_body("plain", runPolicy={"ttlSecondsAfterFinished": 3600}))
+    world.running("plain")
+    world.wait(lambda: "kubetune.dev/last-handled-configuration" in (
+        api.get(FTJ, NS, "plain")["metadata"].get("annotations") or {}), "kopf handled it")
+    assert not api.get(FTJ, NS, "plain")["metadata"].get("finalizers")
+    set_pod_state(api, NS, "plain-a1-0", "Succeeded", exit_code=0)
+    world.wait_phase("plain", "Succeeded")
+    assert not api.get(FTJ, NS, "plain")["metadata"].get("finalizers")
+
+
+def test_uninstalled_operator_leaves_nothing_that_blocks_deletion(tmp_path: Path) -> None:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        # A job handled by an older operator that still used a finalizer.
+        old = ftj_body("legacy")
+        old["metadata"]["finalizers"] = ["kubetune.dev/finalizer"]
+        api.create(FTJ, old)
+        with OperatorProcess(api, tmp_path) as operator:
+            world = World(api, operator)
+            api.create(FTJ, ftj_body("current"))
+            world.running("current")
+            world.wait(lambda: not api.get(FTJ, NS, "legacy")["metadata"].get("finalizers"),
+                       "the old finalizer removed")
+        # The operator is gone (helm uninstall): deleting the jobs must not hang.
+        for name in ("current", "legacy"):
+            api.delete(FTJ, NS, name)
+            assert api.get(FTJ, NS, name) is None, name
+        assert api.find(JOBS, NS) == [] and api.find(PODS, NS) == []
+
+
+# --- attempts pin their runtime ------------------------------------------------------------------
+
+def test_an_operator_upgrade_mid_job_keeps_the_jobs_trainer_image(tmp_path: Path) -> None:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        before = OperatorProcess(api, tmp_path, KUBETUNE_TRAINER_IMAGE="trainer:1.0",
+                                 KUBETUNE_TERMINATION_GRACE_SECONDS="77")
+        with before:
+            world = World(api, before)
+            api.create(FTJ, ftj_body("pinned"))
+            world.running("pinned")
+        after = OperatorProcess(api, tmp_path, KUBETUNE_TRAINER_IMAGE="trainer:2.0",
+                                KUBETUNE_TERMINATION_GRACE_SECONDS="5")
+        with after:
+            world = World(api, after)
+            api.create(FTJ, ftj_body("fresh"))
+            fresh = world.job("fresh-a1")["spec"]["template"]["spec"]
+            assert fresh["containers"][0]["image"] == "trainer:2.0"
+            set_pod_state(api, NS, "pinned-a1-0", "Failed", exit_code=1)
+            second = world.job("pinned-a2")["spec"]["template"]["spec"]
+            assert second["containers"][0]["image"] == "trainer:1.0"
+            assert second["terminationGracePeriodSeconds"] == 77
+            runtime = world.status("pinned")["runtime"]
+            assert runtime["trainerImage"] == "trainer:1.0"
+
+
+# --- partial gangs and stalls -------------------------------------------------------------------
+
+def test_a_partial_gang_is_torn_down_after_the_scheduling_timeout(world: World) -> None:
+    api = world.api
+    api.create(FTJ, ftj_body("partial", resources={"nodes": 2},
+                             runPolicy={"schedulingTimeoutSeconds": 2}))
+    job = world.job("partial-a1")
+    [first, second] = start_job_pods(api, job, phase="Pending")
+    set_pod_state(api, NS, first["metadata"]["name"], "Running")
+    set_pod_state(api, NS, second["metadata"]["name"], "Pending", conditions=[{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}])
+    world.job("partial-a2")
+    message = world.event("partial", "SchedulingTimeout")["message"]
+    assert "rank 1" in message and "Insufficient nvidia.com/gpu" in message
+    assert world.status("partial")["preemptions"] == 0
+
+
+class _FrozenRank0(http.server.BaseHTTPRequestHandler):
+    """Rank 0's /metrics, stuck at one step while training."""
+
+    def do_GET(self) -> None:
+        body = (f'{contract.METRIC_STEP}{{rank="0"}} 37\n'
+                f'{contract.METRIC_TOTAL_STEPS}{{rank="0"}} 100\n'
+                'kubetune_trainer_phase{rank="0",phase="training"} 1\n').encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_stall_watchdog_restarts_a_frozen_gang(world: World) -> None:
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _FrozenRank0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        world.api.create(FTJ, ftj_body("frozen", metrics={"port": port},
+                                       runPolicy={"stallTimeoutSeconds": 3}))
+        world.running("frozen")
+        world.job("frozen-a2")
+    finally:
+        server.shutdown()
+    assert "stalled at step 37" in world.event("frozen", "Stalled")["message"]
+    assert world.status("frozen")["preemptions"] == 0  # a hang counts against backoffLimit
