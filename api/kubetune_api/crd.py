@@ -110,11 +110,13 @@ class FineTuneJobStatus(StatusModel):
     attempt: int | None = Field(None, description="Current gang attempt, from 1.")
     restarts: int = Field(0, description="Gang restarts so far (attempt - 1).")
     observed_generation: int | None = Field(None, description="metadata.generation seen.")
-    start_time: str | None = Field(None, description="When the current run started (reset "
-                                   "on resume from suspension).")
+    start_time: str | None = Field(None, description="When all ranks last started running "
+                                   "(unset while they do not all run).")
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")
     progress: Progress | None = Field(None, description="Training progress from rank 0.")
     output: Output | None = Field(None, description="The artifact, once succeeded.")
+    active_seconds: int = Field(0, description="Seconds all ranks ran before startTime, over "
+                                "all attempts: with it, what activeDeadlineSeconds counts.")
     preemptions: int = Field(0, description="Gang restarts that were not the training's "
                              "fault (preemption, eviction, node loss, a checkpointed SIGTERM, "
                              "a deleted Job); they do not count against backoffLimit.")

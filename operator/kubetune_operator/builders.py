@@ -30,6 +30,9 @@ LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 KUEUE_LABELS = (LABEL_KUEUE_QUEUE, LABEL_KUEUE_PRIORITY)
 ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# On a Job the operator suspended itself (runPolicy.suspend): only such a Job is ever
+# unsuspended by the operator. Anyone else's suspension (Kueue) is theirs to lift.
+ANNOTATION_SUSPENDED_BY_OPERATOR = "kubetune.dev/suspended-by-operator"
 TRAINER_CONTAINER = "trainer"
 MANAGED_BY = "kubetune-operator"
 GPU_RESOURCE = "nvidia.com/gpu"  # spec.resources.gpuResource's default
@@ -155,10 +158,13 @@ def build_job(job: FineTuneJob, owner: Owner, attempt: int, settings: Settings) 
     labels = {LABEL_ATTEMPT: str(attempt), LABEL_OWNER_UID: owner.uid}
     queue_labels = {k: v for k, v in owner.labels.items() if k in KUEUE_LABELS}
     suspended = job.spec.run_policy.suspend or is_queue_managed(owner)
+    metadata = _metadata(attempt_job_name(owner.name, attempt), owner,
+                         {**labels, **queue_labels})
+    if job.spec.run_policy.suspend and not is_queue_managed(owner):
+        metadata["annotations"] = {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": _metadata(attempt_job_name(owner.name, attempt), owner,
-                              {**labels, **queue_labels}),
+        "metadata": metadata,
         "spec": {
             "completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
             "backoffLimit": 0, "suspend": suspended,

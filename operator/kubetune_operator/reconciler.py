@@ -27,6 +27,7 @@ from kubetune_api.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob
 from kubetune_operator import policy
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
+    ANNOTATION_SUSPENDED_BY_OPERATOR,
     Owner,
     attempt_job_name,
     base_name,
@@ -244,7 +245,10 @@ class Reconciler:
             await self.api.delete(PODS, ns, pod_name, grace_seconds=0)
         if plan.suspend_job is not None:
             current = attempt_job_name(name, plan.status.attempt or 1)
-            await self.api.patch(JOBS, ns, current, {"spec": {"suspend": plan.suspend_job}})
+            mark = "true" if plan.suspend_job else None  # null removes it
+            await self.api.patch(JOBS, ns, current, {
+                "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: mark}},
+                "spec": {"suspend": plan.suspend_job}})
         for event in plan.events:
             kopf.event(_as_body(body), type=event.type, reason=event.reason, message=event.message)
         self._count(old, plan.status, body)

@@ -29,7 +29,9 @@ from kubetune_api.crd import (
 from kubetune_api.spec import KIND, FineTuneJobSpec
 from kubetune_operator.builders import (
     ANNOTATION_COMPLETION_INDEX,
+    ANNOTATION_SUSPENDED_BY_OPERATOR,
     LABEL_ATTEMPT,
+    LABEL_KUEUE_QUEUE,
     LABEL_OWNER_UID,
     TRAINER_CONTAINER,
     attempt_job_name,
@@ -237,10 +239,15 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
     """The state of one attempt from its Job and its pods (terminating ones included)."""
     # The Job's own size: a spec edited behind the API server's back must not change it.
     nodes = int((job or {}).get("spec", {}).get("completions") or spec.resources.nodes)
+    pods = [p for p in pods if not _before_resume(p, job)]
     if job is not None and job.get("spec", {}).get("suspend"):
+        if failed := _condition(job, "Failed"):  # failed while suspended: not queued
+            return AttemptState("failed", REASON_ATTEMPT_FAILED, "Job failed while suspended: "
+                                f"{failed.get('reason')}: {failed.get('message') or ''}".strip())
         # Pods of a suspended Job are being stopped on purpose (by the user or by Kueue's
         # preemption): their exits are not failures.
-        who = "Kueue admission" if queue_managed else "the Job to be resumed"
+        who = "Kueue admission" if queue_managed or queued_by_others(job) \
+            else "the Job to be resumed"
         return AttemptState("waiting", REASON_QUEUED, f"waiting for {who}")
     failures = [f for f in map(pod_failure, pods) if f is not None]
     if failures:
@@ -262,6 +269,26 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
                             "running)")
     return AttemptState("waiting", REASON_WAITING_FOR_PODS,
                         waiting_for_pods_message(len(live), nodes))
+
+
+def queued_by_others(job: Manifest) -> bool:
+    """Kueue decides when this Job runs: it names a queue (label or annotation, as Kueue reads
+    them), or someone other than the operator suspended it (Kueue's webhook does that for
+    Jobs of a default LocalQueue). The operator never unsuspends such a Job."""
+    meta = job.get("metadata", {})
+    if LABEL_KUEUE_QUEUE in (meta.get("labels") or {}) \
+            or LABEL_KUEUE_QUEUE in (meta.get("annotations") or {}):
+        return True
+    return bool(job.get("spec", {}).get("suspend")) and \
+        ANNOTATION_SUSPENDED_BY_OPERATOR not in (meta.get("annotations") or {})
+
+
+def _before_resume(pod: Manifest, job: Manifest | None) -> bool:
+    """A pod from before the Job's last resume (its startTime): stopped by the suspension,
+    not a failure of the gang running now."""
+    started = parse_time(((job or {}).get("status") or {}).get("startTime"))
+    created = parse_time(pod["metadata"].get("creationTimestamp"))
+    return started is not None and created is not None and created < started
 
 
 def _job_failed(failed: Manifest, pods: list[Manifest],
@@ -435,6 +462,26 @@ class _Planner:
             self.plan.recheck_after = max(seconds, 0.05)
 
     def run(self) -> Plan:
+        plan = self.decide()
+        self.run_clock()
+        return plan
+
+    def run_clock(self) -> None:
+        """status.startTime is set while all ranks run; activeSeconds keeps the earlier
+        stretches. activeDeadlineSeconds counts their sum: time queued, suspended, pending
+        or restarting does not count."""
+        running = self.status.phase == Phase.RUNNING
+        if running and self.status.start_time is None:
+            self.status.start_time = self.stamp
+            deadline = self.spec.run_policy.active_deadline_seconds
+            if deadline is not None:
+                self.recheck(deadline - self.status.active_seconds)
+        elif not running and self.status.start_time is not None:
+            stretch = self.seconds_since(self.status.start_time) or 0.0
+            self.status.active_seconds += max(0, int(stretch))
+            self.status.start_time = None
+
+    def decide(self) -> Plan:
         if self.old.phase in TERMINAL_PHASES:
             return self.finished()
         current = attempt_job_name(self.name, self.attempt)
@@ -483,29 +530,37 @@ class _Planner:
                                               "pods stopped; they checkpoint on SIGTERM"))
         self.condition(COND_SUSPENDED, True, REASON_SUSPENDED, "runPolicy.suspend is true")
         self.condition(COND_RUNNING, False, REASON_SUSPENDED)
-        self.status.start_time = None  # the deadline counts running time, as for a Job
-        if job is None and not self.plan.delete_jobs:
+        if job is not None and queued_by_others(job):
+            # Kueue owns this Job's spec.suspend (it would undo ours): stop the attempt
+            # instead; resuming starts the next one, queued again.
+            self.plan.delete_jobs.append(job["metadata"]["name"])
+            self.status.attempt = self.attempt + 1
+            self.status.restarts += 1
+            self.status.preemptions += 1
+            self.status.attempt_start_time = None
+        elif job is None and not self.plan.delete_jobs and not self.queue_managed:
             self.plan.create_attempt = self.attempt  # created suspended, ready to resume
+            self.status.attempt_start_time = self.stamp
             self.status.runtime = self.status.runtime or self.limits.runtime
         elif job is not None and not job.get("spec", {}).get("suspend"):
             self.plan.suspend_job = True
         return self.plan
 
     def resume_if_needed(self, job: Manifest) -> None:
-        if job.get("spec", {}).get("suspend") and not self.queue_managed:
-            self.plan.suspend_job = False
+        annotations = job.get("metadata", {}).get("annotations") or {}
+        if job.get("spec", {}).get("suspend") and ANNOTATION_SUSPENDED_BY_OPERATOR in annotations:
+            self.plan.suspend_job = False  # only a suspension of our own is ours to lift
         if self.old.phase == Phase.SUSPENDED:
             self.clear(COND_SUSPENDED, REASON_RESUMED)
             self.plan.events.append(Event("Normal", REASON_RESUMED, "runPolicy.suspend is false"))
-            self.status.start_time = self.stamp
 
     def deadline_passed(self) -> bool:
         deadline = self.spec.run_policy.active_deadline_seconds
-        elapsed = self.seconds_since(self.status.start_time)
-        if deadline is None or elapsed is None:
+        if deadline is None:
             return False
-        left = deadline - elapsed
-        if left > 0:
+        stretch = self.seconds_since(self.status.start_time)
+        left = deadline - self.status.active_seconds - (stretch or 0.0)
+        if left > 0 and stretch is not None:  # the clock runs only while all ranks run
             self.recheck(left)
         return left <= 0
 
@@ -559,7 +614,6 @@ class _Planner:
 
     def start_attempt(self) -> Plan:
         self.plan.create_attempt = self.attempt
-        self.status.start_time = self.status.start_time or self.stamp
         self.status.attempt_start_time = self.stamp
         self.status.runtime = self.status.runtime or self.limits.runtime
         if self.old.phase is None:
@@ -588,6 +642,14 @@ class _Planner:
             return self.plan
         if state.reason != REASON_QUEUED and (late := self.scheduling_late(state, job)):
             return self.restart(late)
+        if state.reason == REASON_QUEUED and self.old.phase == Phase.RUNNING \
+                and queued_by_others(job):
+            # Kueue preempted the gang (it suspends the Job): the pods checkpoint on SIGTERM
+            # and the same attempt resumes from there when Kueue admits it again.
+            self.status.preemptions += 1
+            self.plan.events.append(Event("Warning", REASON_PREEMPTED, "Kueue preempted the "
+                                          "gang; it resumes from its last checkpoint when "
+                                          "re-admitted (not counted against backoffLimit)"))
         kind: Literal["Normal", "Warning"] = \
             "Warning" if state.reason in ERROR_WAITING_REASONS else "Normal"
         if self.old.phase == Phase.PENDING and self._old_reason(COND_RUNNING) != state.reason:

@@ -154,7 +154,11 @@ def test_indexed_job_shape_and_queueing() -> None:
     plain = Owner("llama", "ml", "uid", {})
     assert builders.build_job(make_job(), plain, 1, SETTINGS)["spec"]["suspend"] is False
     suspended = {**FULL_SPEC, "runPolicy": {"suspend": True}}
-    assert builders.build_job(make_job(suspended), plain, 1, SETTINGS)["spec"]["suspend"]
+    ours = builders.build_job(make_job(suspended), plain, 1, SETTINGS)
+    assert ours["spec"]["suspend"]
+    # Only a suspension of its own is ever lifted by the operator; Kueue lifts its own.
+    assert ours["metadata"]["annotations"] == {builders.ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}
+    assert "annotations" not in job["metadata"]
 
 
 def test_pod_placement_fields_reach_the_pod() -> None:

@@ -18,6 +18,7 @@ import pytest
 from kubetune_api import contract
 from support.jobs import ftj_body
 from support.kube_emulator import EmulatorThread
+from support.kueue import KueueModel
 from support.operator_process import (
     FTJ,
     JOBS,
@@ -330,3 +331,70 @@ def test_the_stall_watchdog_restarts_a_frozen_gang(world: World) -> None:
         server.shutdown()
     assert "stalled at step 37" in world.event("frozen", "Stalled")["message"]
     assert world.status("frozen")["preemptions"] == 0  # a hang counts against backoffLimit
+
+
+# --- Kueue ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kueue_world(tmp_path: Path) -> Iterator[tuple[World, KueueModel]]:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        with OperatorProcess(api, tmp_path) as operator:
+            yield World(api, operator), KueueModel(api, quota=2)
+
+
+def operator_unsuspended(world: World, job: str) -> bool:
+    return any(r.method.value == "PATCH" and r.resource is not None
+               and r.resource.plural == "jobs" and r.name == job
+               and (r.data or {}).get("spec", {}).get("suspend") is False
+               for r in list(world.api.emulator._requests))
+
+
+def test_a_job_kueue_queued_through_a_default_local_queue_is_left_to_kueue(
+        kueue_world: tuple[World, KueueModel]) -> None:
+    world, kueue = kueue_world
+    kueue.default_queue = True  # manageJobsWithoutQueueName: the FineTuneJob has no label
+    world.api.create(FTJ, ftj_body("dlq"))
+    world.job("dlq-a1")
+    kueue.webhook()
+    world.wait(lambda: world.condition("dlq", "Running")["message"] ==
+               "waiting for Kueue admission", "Queued for Kueue")
+    assert kueue.admit() == ["dlq-a1"]
+    world.running("dlq")
+    assert not operator_unsuspended(world, "dlq-a1")
+
+
+def test_a_kueue_preemption_resumes_on_readmission(
+        kueue_world: tuple[World, KueueModel]) -> None:
+    world, kueue = kueue_world
+    api = world.api
+    body = ftj_body("queued", resources={"nodes": 2}, runPolicy={"backoffLimit": 0})
+    body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    api.create(FTJ, body)
+    world.job("queued-a1")
+    world.wait(lambda: world.condition("queued", "Running")["reason"] == "Queued", "Queued")
+    assert kueue.admit() == ["queued-a1"]
+    world.running("queued")
+    kueue.preempt("queued-a1")
+    for rank in (0, 1):  # the Job controller stops the pods; they checkpoint (exit 75)
+        set_pod_state(api, NS, f"queued-a1-{rank}", "Failed",
+                      exit_code=contract.EXIT_PREEMPTED)
+        api.delete(PODS, NS, f"queued-a1-{rank}")
+    status = world.wait(lambda: world.status("queued").get("preemptions") == 1
+                        and world.status("queued"), "the preemption counted")
+    assert (status["phase"], status["attempt"], status["restarts"]) == ("Pending", 1, 0)
+    assert world.event("queued", "Preempted")["type"] == "Warning"
+    assert kueue.admit() == ["queued-a1"]  # re-admitted: the same attempt resumes
+    world.running("queued")
+    status = world.status("queued")
+    assert (status["attempt"], status["restarts"], status["preemptions"]) == (1, 0, 1)
+    assert not operator_unsuspended(world, "queued-a1")
+    # Suspending a queued job stops its attempt instead of fighting Kueue over the Job.
+    api.patch(FTJ, NS, "queued", {"spec": {"runPolicy": {"suspend": True}}})
+    world.wait_phase("queued", "Suspended")
+    world.wait(lambda: api.get(JOBS, NS, "queued-a1") is None, "the attempt stopped")
+    api.patch(FTJ, NS, "queued", {"spec": {"runPolicy": {"suspend": False}}})
+    second = world.job("queued-a2")
+    assert second["spec"]["suspend"] is True  # queued again; Kueue admits it
+    assert kueue.admit() == ["queued-a2"]
+    world.running("queued", 2)

@@ -14,6 +14,7 @@ from kubetune_api.spec import FineTuneJobSpec
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
     ANNOTATION_COMPLETION_INDEX,
+    ANNOTATION_SUSPENDED_BY_OPERATOR,
     LABEL_ATTEMPT,
     LABEL_OWNER_UID,
 )
@@ -56,10 +57,12 @@ def pod(rank: int, phase: str = "Running", attempt: int = 1, *, exit_code: int |
 
 
 def job(attempt: int = 1, *, condition: str | None = None, suspend: bool = False,
-        message: str = "") -> dict[str, Any]:
+        message: str = "", by_operator: bool = False) -> dict[str, Any]:
     conditions = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded",
                    "message": message}] if condition else []
-    return {"metadata": {"name": f"llama-a{attempt}", "labels": {LABEL_ATTEMPT: str(attempt)}},
+    annotations = {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"} if by_operator else {}
+    return {"metadata": {"name": f"llama-a{attempt}", "labels": {LABEL_ATTEMPT: str(attempt)},
+                         "annotations": annotations},
             "spec": {"suspend": suspend}, "status": {"conditions": conditions}}
 
 
@@ -166,7 +169,8 @@ def test_new_job_creates_attempt_one() -> None:
     assert plan.create_attempt == 1
     assert (plan.status.phase, plan.status.attempt, plan.status.restarts) == \
         (Phase.PENDING, 1, 0)
-    assert plan.status.start_time == STAMP and plan.status.observed_generation == 3
+    assert plan.status.attempt_start_time == STAMP and plan.status.observed_generation == 3
+    assert plan.status.start_time is None  # set once all ranks run
     assert [e.reason for e in plan.events] == [st.REASON_CREATED]
 
 
@@ -243,12 +247,14 @@ def test_suspend_and_resume() -> None:
     assert plan.status.start_time is None
     assert condition(plan, st.COND_SUSPENDED).status == "True"
     # The Job controller stopped the pods (exit 75 on SIGTERM): no restart is counted.
-    quiet = run(spec(suspend=True), plan.status, children([job(suspend=True)], [
-        pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED)]))
+    quiet = run(spec(suspend=True), plan.status, children([job(suspend=True, by_operator=True)],
+                                                          [pod(0, "Failed", exit_code=75)]))
     assert quiet.status.restarts == 0 and quiet.suspend_job is None and not quiet.delete_jobs
-    resumed = run(spec(suspend=False), quiet.status, children([job(suspend=True)], []))
+    resumed = run(spec(suspend=False), quiet.status,
+                  children([job(suspend=True, by_operator=True)], []))
     assert resumed.suspend_job is False
-    assert resumed.status.phase == Phase.PENDING and resumed.status.start_time == STAMP
+    # The deadline clock runs again once all ranks run, not at the resume.
+    assert resumed.status.phase == Phase.PENDING and resumed.status.start_time is None
     assert condition(resumed, st.COND_SUSPENDED).status == "False"
     assert st.REASON_RESUMED in [e.reason for e in resumed.events]
 
@@ -605,3 +611,77 @@ def test_finishing_wakes_the_reconciler_when_the_ttl_is_due() -> None:
     failed = run(spec(ttlSecondsAfterFinished=0), status(Phase.RUNNING),
                  children([job()], crashed))
     assert failed.status.phase == Phase.FAILED and failed.recheck_after == 0.05
+
+
+# --- Kueue and the deadline clock ----------------------------------------------------------------
+
+def kueue_job(attempt: int = 1, **kw: Any) -> dict[str, Any]:
+    made = job(attempt, **kw)
+    made["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "team-a"
+    return made
+
+
+def test_a_job_someone_else_suspended_is_never_unsuspended() -> None:
+    # Kueue's webhook suspended our Job (a default LocalQueue): the FineTuneJob has no label.
+    plan = run(spec(), status(Phase.PENDING), children([job(suspend=True)]))
+    assert plan.suspend_job is None
+    running = condition(plan, st.COND_RUNNING)
+    assert (running.reason, running.message) == (st.REASON_QUEUED, "waiting for Kueue admission")
+    ours = run(spec(), status(Phase.SUSPENDED), children([job(suspend=True, by_operator=True)]))
+    assert ours.suspend_job is False
+
+
+def test_a_kueue_preemption_resumes_the_same_attempt_on_readmission() -> None:
+    stopped = [pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True), pod(1)]
+    plan = run(spec(backoffLimit=0), status(Phase.RUNNING, start_time=ago(100)),
+               children([kueue_job(suspend=True)], stopped))
+    assert (plan.status.phase, plan.status.attempt) == (Phase.PENDING, 1)
+    assert (plan.status.restarts, plan.status.preemptions) == (0, 1)
+    assert not plan.delete_jobs and plan.suspend_job is None
+    assert (plan.events[0].type, plan.events[0].reason) == ("Warning", st.REASON_PREEMPTED)
+    assert plan.status.active_seconds == 100 and plan.status.start_time is None
+    again = run(spec(backoffLimit=0), plan.status, children([kueue_job(suspend=True)], []))
+    assert again.status.preemptions == 1 and again.events == []  # counted once
+    # Re-admitted: the Job's startTime moves; the old stretch's pods are not failures.
+    admitted = kueue_job()
+    admitted["status"]["startTime"] = STAMP
+    old_pod = pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True)
+    old_pod["metadata"]["creationTimestamp"] = ago(200)
+    new_pods = [pod(0), pod(1)]
+    for new in new_pods:
+        new["metadata"]["creationTimestamp"] = STAMP
+    resumed = run(spec(backoffLimit=0), again.status, children([admitted],
+                                                               [old_pod, *new_pods]))
+    assert (resumed.status.phase, resumed.status.attempt) == (Phase.RUNNING, 1)
+
+
+def test_suspending_a_queued_job_stops_its_attempt_instead_of_fighting_kueue() -> None:
+    plan = run(spec(suspend=True), status(Phase.RUNNING, start_time=ago(10)),
+               children([kueue_job()], [pod(0), pod(1)]))
+    assert plan.suspend_job is None and plan.delete_jobs == ["llama-a1"]
+    assert (plan.status.phase, plan.status.attempt, plan.status.preemptions) == \
+        (Phase.SUSPENDED, 2, 1)
+    waiting = st.plan("llama", spec(suspend=True), 1, plan.status, children(), NOW,
+                      queue_managed=True)
+    assert waiting.create_attempt is None  # Kueue would admit it: nothing while suspended
+    resumed = st.plan("llama", spec(), 1, waiting.status, children(), NOW, queue_managed=True)
+    assert resumed.create_attempt == 2
+
+
+def test_the_deadline_clock_runs_only_while_all_ranks_run() -> None:
+    queued = status(Phase.PENDING, attempt_start_time=ago(3600))
+    plan = run(spec(activeDeadlineSeconds=60), queued, children([kueue_job(suspend=True)]))
+    assert plan.status.phase == Phase.PENDING and plan.recheck_after is None
+    running = run(spec(activeDeadlineSeconds=60), plan.status,
+                  children([kueue_job()], [pod(0), pod(1)]))
+    assert running.status.start_time == STAMP and running.recheck_after == pytest.approx(60)
+    earlier = status(Phase.RUNNING, active_seconds=50, start_time=ago(11))
+    assert run(spec(activeDeadlineSeconds=60), earlier, children([job()], [pod(0), pod(1)])
+               ).status.phase == Phase.FAILED
+
+
+def test_a_job_failed_while_suspended_is_not_queued_forever() -> None:
+    failed = kueue_job(suspend=True, condition="Failed", message="deactivated")
+    plan = run(spec(), status(Phase.PENDING), children([failed]))
+    assert plan.status.phase == Phase.RESTARTING
+    assert condition(plan, st.COND_RESTARTING).reason == st.REASON_ATTEMPT_FAILED

@@ -1,0 +1,85 @@
+"""A model of Kueue for the emulated API server: what the operator sees of it on a cluster.
+
+Kueue (https://kueue.sigs.k8s.io) manages a batch/v1 Job that names a LocalQueue (label or
+annotation `kueue.x-k8s.io/queue-name`), or any Job when `manageJobsWithoutQueueName` is on
+(the "default LocalQueue"): its webhook makes the Job suspended at creation; it admits the whole
+Job as one Workload when the ClusterQueue has quota, by unsuspending it (the Job controller
+then sets the Job's `status.startTime` and creates the pods); it preempts an admitted Job by
+suspending it again (the Job controller deletes its pods, which get SIGTERM).
+
+This model keeps a quota in pods (one per completion), admits in creation order, and leaves
+the Job controller's part to the caller (tests create and delete pods). What it does not model:
+Workload objects, cohorts and borrowing, fair sharing, priorities, WaitForPodsReady.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from support.kube_emulator import EmulatorThread
+
+JOBS = "batch/v1/jobs"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ADMITTED = "kueue.emulated/admitted"  # an annotation of the model: this Job holds quota
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class KueueModel:
+    api: EmulatorThread
+    quota: int  # pods the ClusterQueue can run at once
+    default_queue: bool = False  # manageJobsWithoutQueueName: every Job is queued
+    namespace: str = "default"
+    _seen: set[str] = field(default_factory=set)
+
+    def managed(self, job: dict[str, Any]) -> bool:
+        meta = job["metadata"]
+        return self.default_queue or QUEUE_LABEL in (meta.get("labels") or {}) \
+            or QUEUE_LABEL in (meta.get("annotations") or {})
+
+    def webhook(self) -> None:
+        """Suspend newly seen managed Jobs, as Kueue's mutating webhook does at creation
+        (a default LocalQueue also gets its queue-name label)."""
+        for job in self.api.find(JOBS, self.namespace):
+            uid = job["metadata"]["uid"]
+            if uid in self._seen or not self.managed(job):
+                continue
+            self._seen.add(uid)
+            patch: dict[str, Any] = {"spec": {"suspend": True}}
+            if QUEUE_LABEL not in (job["metadata"].get("labels") or {}):
+                patch["metadata"] = {"labels": {QUEUE_LABEL: "default"}}
+            self.api.patch(JOBS, self.namespace, job["metadata"]["name"], patch)
+
+    def used(self) -> int:
+        return sum(int(j["spec"]["completions"]) for j in self.api.find(JOBS, self.namespace)
+                   if ADMITTED in (j["metadata"].get("annotations") or {}))
+
+    def admit(self) -> list[str]:
+        """Admit waiting Jobs in creation order while the quota lasts; returns their names."""
+        self.webhook()
+        admitted = []
+        waiting = sorted((j for j in self.api.find(JOBS, self.namespace)
+                          if self.managed(j) and j["spec"].get("suspend")
+                          and ADMITTED not in (j["metadata"].get("annotations") or {})),
+                         key=lambda j: j["metadata"]["creationTimestamp"])
+        for job in waiting:
+            size = int(job["spec"]["completions"])
+            if self.used() + size > self.quota:
+                break
+            name = job["metadata"]["name"]
+            self.api.patch(JOBS, self.namespace, name, {
+                "metadata": {"annotations": {ADMITTED: "true"}}, "spec": {"suspend": False}})
+            self.api.patch(JOBS, self.namespace, name, {"status": {"startTime": _now()}},
+                           subresource="status")
+            admitted.append(name)
+        return admitted
+
+    def preempt(self, name: str) -> None:
+        """Evict an admitted Job's Workload: suspend the Job and release its quota."""
+        self.api.patch(JOBS, self.namespace, name, {
+            "metadata": {"annotations": {ADMITTED: None}}, "spec": {"suspend": True}})
