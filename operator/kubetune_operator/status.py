@@ -677,15 +677,14 @@ class _Planner:
         """runPolicy.stallTimeoutSeconds: rank 0's step has not moved while training."""
         timeout = self.spec.run_policy.stall_timeout_seconds
         progress = self.status.progress
-        if timeout is None:
-            return None
-        clocks = [self.seconds_since(self.status.attempt_start_time)]
-        if progress is not None:
-            clocks.append(self.seconds_since(progress.last_step_time))
-        known = [c for c in clocks if c is not None]
-        if not known:
-            return None
-        idle = min(known)
+        if timeout is None or progress is None or progress.last_step_time is None:
+            return None  # rank 0 has not been seen yet: loading is not training
+        attempt_age = self.seconds_since(self.status.attempt_start_time)
+        scraped_age = self.seconds_since(progress.last_update_time)
+        if attempt_age is not None and (scraped_age is None or scraped_age > attempt_age):
+            return None  # the progress is an earlier attempt's: this one was not seen yet
+        idle = min(c for c in (self.seconds_since(progress.last_step_time), attempt_age)
+                   if c is not None)
         if idle < timeout:
             self.recheck(timeout - idle)
             return None

@@ -568,7 +568,7 @@ def test_a_partial_gang_is_torn_down_after_the_scheduling_timeout() -> None:
 
 
 def test_stall_watchdog_restarts_a_gang_whose_step_stopped() -> None:
-    stuck = Progress(step=37, total_steps=100, last_step_time=ago(301))
+    stuck = Progress(step=37, total_steps=100, last_step_time=ago(301), last_update_time=ago(1))
     old = status(Phase.RUNNING, attempt_start_time=ago(900), progress=stuck)
     plan = run(spec(stallTimeoutSeconds=300), old, children([job()], [pod(0), pod(1)]))
     assert plan.status.phase == Phase.RESTARTING and plan.delete_jobs == ["llama-a1"]
@@ -578,12 +578,16 @@ def test_stall_watchdog_restarts_a_gang_whose_step_stopped() -> None:
     off = run(spec(), old, children([job()], [pod(0), pod(1)]))  # default: no watchdog
     assert off.status.phase == Phase.RUNNING
     moving = status(Phase.RUNNING, attempt_start_time=ago(900),
-                    progress=Progress(step=38, total_steps=100, last_step_time=ago(10)))
+                    progress=Progress(step=38, total_steps=100, last_step_time=ago(10),
+                                      last_update_time=ago(1)))
     fine = run(spec(stallTimeoutSeconds=300), moving, children([job()], [pod(0), pod(1)]))
     assert fine.status.phase == Phase.RUNNING and fine.recheck_after == pytest.approx(290)
-    # A new attempt gets the whole timeout: the clock starts at its creation.
+    # Loading (rank 0 not scraped yet) is not training.
+    assert run(spec(stallTimeoutSeconds=300), status(Phase.RUNNING, attempt_start_time=ago(900)),
+               children([job()], [pod(0), pod(1)])).status.phase == Phase.RUNNING
+    # A new attempt gets the whole timeout: the progress of the last one does not count.
     resumed = status(Phase.RUNNING, attempt=2, restarts=1, attempt_start_time=ago(100),
-                     progress=stuck)
+                     progress=stuck.model_copy(update={"last_update_time": ago(400)}))
     assert run(spec(stallTimeoutSeconds=300), resumed,
                children([job(2)], [pod(0, attempt=2), pod(1, attempt=2)])).status.phase == \
         Phase.RUNNING
