@@ -157,3 +157,8 @@ flake-check: $(NEEDS_VENV)
 	    passed=$$((passed + 1)); fi; \
 	  echo "flake-check: run $$run/$(FLAKE_RUNS) done, $$passed passed"; done; \
 	echo "flake-check: $$passed/$(FLAKE_RUNS) runs passed"; test $$passed -eq $(FLAKE_RUNS)
+
+# The fault table (tests/e2e/faults.py): each scenario through the e2e harness, one row each.
+.PHONY: faults
+faults: $(NEEDS_VENV)
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/python tests/e2e/faults.py $(FAULTS_ARGS)

@@ -30,6 +30,8 @@ STORAGE_SECRET = "s3-credentials"
 CRD_FILE = ROOT / "crds" / "finetunejobs.kubetune.dev.yaml"
 # Short, so a gang restart does not wait 5 minutes for a rank stuck in a dead collective.
 TERMINATION_GRACE_SECONDS = 20
+# A pod on a lost node is force-deleted this long after its grace period (default 60).
+FORCE_DELETE_AFTER_SECONDS = 5
 
 
 def kubectl_binary() -> str | None:
@@ -75,7 +77,8 @@ class LocalCluster:
         self.api.write_kubeconfig(self.kubeconfig, namespace=NAMESPACE, token="kubectl")
         self.operator = OperatorProcess(
             self.api, self.workdir, KUBETUNE_HEALTH_PORT=str(free_port()),
-            KUBETUNE_TERMINATION_GRACE_SECONDS=str(TERMINATION_GRACE_SECONDS)).start()
+            KUBETUNE_TERMINATION_GRACE_SECONDS=str(TERMINATION_GRACE_SECONDS),
+            KUBETUNE_FORCE_DELETE_AFTER_SECONDS=str(FORCE_DELETE_AFTER_SECONDS)).start()
         self.runner = PodRunner(self.api, self.workdir / "pods").__enter__()
         self.apply(storage_secret())
         return self

@@ -121,6 +121,7 @@ class PodRunner:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     errors: list[BaseException] = field(default_factory=list)
+    lost: set[str] = field(default_factory=set)  # uids of pods whose node is gone
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -159,6 +160,31 @@ class PodRunner:
         """SIGKILL every process of the pod's container, as an OOM kill would."""
         pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
         kill_container(pod["metadata"]["uid"], self.processes[pod["metadata"]["uid"]].process)
+
+    def lose_node(self, pod_name: str) -> None:
+        """The pod's node goes away: its processes vanish without a word (the peers see a
+        dead connection), its status is what the node controller writes for an unreachable
+        node, and a deletion of it never completes (only a force delete removes it)."""
+        pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
+        uid = pod["metadata"]["uid"]
+        self.lost.add(uid)
+        kill_container(uid, self.processes[uid].process)
+        status = {**pod.get("status", {}), "reason": "NodeLost",
+                  "message": f"Node localhost which was running pod {pod_name} is "
+                             "unresponsive"}
+        self.api.patch(PODS, pod["metadata"]["namespace"], pod_name, {"status": status},
+                       subresource="status")
+
+    def evict(self, pod_name: str) -> None:
+        """An eviction (drain, preemption): DisruptionTarget, then a graceful delete."""
+        pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
+        namespace = pod["metadata"]["namespace"]
+        conditions = [*pod.get("status", {}).get("conditions", []), {
+            "type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+            "message": "Eviction API: evicting", "lastTransitionTime": _now()}]
+        self.api.patch(PODS, namespace, pod_name, {"status": {"conditions": conditions}},
+                       subresource="status")
+        self.api.delete(PODS, namespace, pod_name)
 
     def pause(self, pod_name: str) -> None:
         """SIGSTOP every process of the pod's container: a frozen rank (a hung collective, a
@@ -205,6 +231,8 @@ class PodRunner:
 
     def _sync_pod(self, pod: JsonDict) -> None:
         meta = pod["metadata"]
+        if meta["uid"] in self.lost:
+            return  # no kubelet answers for it: it stays as it was, Terminating once deleted
         proc = self.processes.get(meta["uid"])
         if meta.get("deletionTimestamp"):
             if proc is not None:
