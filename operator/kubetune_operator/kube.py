@@ -142,13 +142,22 @@ class KubeApi:
                                   content_type="application/merge-patch+json")
 
     async def delete(self, resource: Resource, namespace: str, name: str,
-                     propagation: str = "Background", grace_seconds: int | None = None) -> bool:
-        """Delete if present; True when it was there. grace_seconds=0 force-deletes a pod."""
+                     propagation: str = "Background", grace_seconds: int | None = None,
+                     uid: str | None = None) -> bool:
+        """Delete if present (and, given `uid`, only that object: a newer one of the same
+        name answers 409 and stays); True when it was deleted. grace_seconds=0 forces."""
         options: Manifest = {"kind": "DeleteOptions", "apiVersion": "v1",
                              "propagationPolicy": propagation}
         if grace_seconds is not None:
             options["gracePeriodSeconds"] = grace_seconds
-        result = await self.request("DELETE", resource.path(namespace, name), options)
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
+        try:
+            result = await self.request("DELETE", resource.path(namespace, name), options)
+        except ApiError as exc:
+            if exc.status == 409 and uid is not None:
+                return False  # that object is gone; the name is another's now
+            raise
         return result is not None
 
     def plain_session(self) -> aiohttp.ClientSession:

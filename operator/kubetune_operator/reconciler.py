@@ -238,11 +238,12 @@ class Reconciler:
                 await self._create_failed(body, plan.status, str(exc))
                 return
         for job_name in plan.delete_jobs:
-            await self.api.delete(JOBS, ns, job_name)
+            await self.api.delete(JOBS, ns, job_name, uid=plan.uids.get(job_name))
         for pod_name in plan.delete_pods:
-            await self.api.delete(PODS, ns, pod_name)
+            await self.api.delete(PODS, ns, pod_name, uid=plan.uids.get(pod_name))
         for pod_name in plan.force_delete_pods:
-            await self.api.delete(PODS, ns, pod_name, grace_seconds=0)
+            await self.api.delete(PODS, ns, pod_name, grace_seconds=0,
+                                  uid=plan.uids.get(pod_name))
         if plan.suspend_job is not None:
             current = attempt_job_name(name, plan.status.attempt or 1)
             mark = "true" if plan.suspend_job else None  # null removes it

@@ -352,6 +352,9 @@ class Plan:
     delete_jobs: list[str] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)  # stale pods nobody is deleting yet
     force_delete_pods: list[str] = field(default_factory=list)  # grace 0: their node is gone
+    # The uid each deletion above is meant for (a precondition of the DELETE): a watch that
+    # lags must never delete a newer object of the same name.
+    uids: dict[str, str] = field(default_factory=dict)
     suspend_job: bool | None = None  # patch the current Job's spec.suspend
     delete_self: bool = False  # ttlSecondsAfterFinished has passed
     events: list[Event] = field(default_factory=list)
@@ -453,6 +456,13 @@ class _Planner:
         self.status.conditions = _clear_condition(self.status.conditions, type_, reason,
                                                   self.stamp, self.generation)
 
+    def names(self, objects: list[Manifest]) -> list[str]:
+        """The names of objects to delete, their uids recorded as preconditions."""
+        for obj in objects:
+            if obj["metadata"].get("uid"):
+                self.plan.uids[obj["metadata"]["name"]] = obj["metadata"]["uid"]
+        return [obj["metadata"]["name"] for obj in objects]
+
     def seconds_since(self, stamp: str | None) -> float | None:
         moment = parse_time(stamp)
         return None if moment is None else (self.now - moment).total_seconds()
@@ -486,10 +496,10 @@ class _Planner:
             return self.finished()
         current = attempt_job_name(self.name, self.attempt)
         leftover_jobs = [o for o in self.children.leftovers if o.get("kind") == "Job"]
-        self.plan.delete_jobs = [j["metadata"]["name"] for j in self.children.jobs
-                                 if j["metadata"]["name"] != current]
-        self.plan.delete_jobs += [j["metadata"]["name"] for j in leftover_jobs
-                                  if not j["metadata"].get("deletionTimestamp")]
+        self.plan.delete_jobs = self.names([j for j in self.children.jobs
+                                            if j["metadata"]["name"] != current])
+        self.plan.delete_jobs += self.names([j for j in leftover_jobs
+                                             if not j["metadata"].get("deletionTimestamp")])
         if self.spec.run_policy.suspend:
             return self.suspended(self.children.job_of(current))
         if self.deadline_passed():
@@ -522,7 +532,7 @@ class _Planner:
         failed = next((c for c in self.status.conditions if c.type == COND_FAILED), None)
         if failed is not None and failed.reason in STOPPING_REASONS:
             # Keep stopping the pods until they are gone (the first delete may have failed).
-            self.plan.delete_jobs = [j["metadata"]["name"] for j in self.children.jobs]
+            self.plan.delete_jobs = self.names(self.children.jobs)
         return self.plan
 
     def suspended(self, job: Manifest | None) -> Plan:
@@ -533,7 +543,7 @@ class _Planner:
         if job is not None and queued_by_others(job):
             # Kueue owns this Job's spec.suspend (it would undo ours): stop the attempt
             # instead; resuming starts the next one, queued again.
-            self.plan.delete_jobs.append(job["metadata"]["name"])
+            self.plan.delete_jobs += self.names([job])
             self.status.attempt = self.attempt + 1
             self.status.restarts += 1
             self.status.preemptions += 1
@@ -576,6 +586,8 @@ class _Planner:
         for pod in stale:
             meta = pod["metadata"]
             deadline = parse_time(meta.get("deletionTimestamp"))
+            if meta.get("uid"):
+                self.plan.uids[meta["name"]] = meta["uid"]
             if deadline is None:
                 self.plan.delete_pods.append(meta["name"])
                 continue
@@ -706,7 +718,9 @@ class _Planner:
                              f"{failures + 1} attempts failed (backoffLimit "
                              f"{limit}); last: {state.reason}: {state.message}",
                              stop_current=True)
-        self.plan.delete_jobs.append(attempt_job_name(self.name, self.attempt))
+        current = self.children.job_of(attempt_job_name(self.name, self.attempt))
+        self.plan.delete_jobs += self.names([current]) if current is not None \
+            else [attempt_job_name(self.name, self.attempt)]
         self.status.attempt = self.attempt + 1
         self.status.restarts += 1
         self.status.preemptions += int(state.preemption)
@@ -736,7 +750,7 @@ class _Planner:
 
     def fail(self, reason: str, message: str, stop_current: bool = False) -> Plan:
         if stop_current:
-            self.plan.delete_jobs = [j["metadata"]["name"] for j in self.children.jobs]
+            self.plan.delete_jobs = self.names(self.children.jobs)
         self.status.completion_time = self.stamp
         self.set_phase(Phase.FAILED, Event("Warning", reason, message))
         self.clear(COND_RESTARTING, reason)

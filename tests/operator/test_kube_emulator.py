@@ -158,3 +158,21 @@ def test_kubectl_apply_get_delete(api: EmulatorThread, tmp_path: Path) -> None:
     assert "Warning" not in kubectl("get", "ftj")  # subresources carry no short names
     assert kubectl("get", "configmaps", "-l", "app!=x").startswith("No resources")
     assert "deleted" in kubectl("delete", "ftj", "tiny-lora")
+
+
+def test_delete_preconditions_and_lost_pods(api: EmulatorThread) -> None:
+    created = call(api, "POST", CM_URL, {"metadata": {"name": "pre"}}).json()
+    stale = call(api, "DELETE", CM_URL + "/pre", {"preconditions": {"uid": "an-older-one"}})
+    assert stale.status_code == 409 and api.get("v1/configmaps", "ns", "pre") is not None
+    exact = call(api, "DELETE", CM_URL + "/pre",
+                 {"preconditions": {"uid": created["metadata"]["uid"]}})
+    assert exact.status_code == 200 and api.get("v1/configmaps", "ns", "pre") is None
+    # A pod on a lost node: a graceful delete marks it (deadline = now + grace) for good.
+    api.create("v1/pods", {"metadata": {"name": "stuck", "namespace": "ns"},
+                           "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    api.emulator.lost_pods.add(("ns", "stuck"))
+    api.delete("v1/pods", "ns", "stuck")
+    marked = api.get("v1/pods", "ns", "stuck")
+    assert marked is not None and marked["metadata"]["deletionTimestamp"]
+    api.delete("v1/pods", "ns", "stuck", grace_seconds=0)  # force
+    assert api.get("v1/pods", "ns", "stuck") is None

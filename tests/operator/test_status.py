@@ -689,3 +689,18 @@ def test_a_job_failed_while_suspended_is_not_queued_forever() -> None:
     plan = run(spec(), status(Phase.PENDING), children([failed]))
     assert plan.status.phase == Phase.RESTARTING
     assert condition(plan, st.COND_RESTARTING).reason == st.REASON_ATTEMPT_FAILED
+
+
+def test_deletions_name_the_uid_they_mean() -> None:
+    """A lagging watch still shows the old Job of a name that a new one now has: the DELETE
+    carries the old uid as a precondition, so the new Job survives it."""
+    earlier = owned(job(), OLD_UID)
+    plan = run(spec(), FineTuneJobStatus(), st.owned_children([earlier], [], UID, "llama"))
+    assert plan.delete_jobs == ["llama-a1"]
+    assert plan.uids["llama-a1"] == earlier["metadata"]["uid"]
+    current = owned(job(), UID)
+    restart = run(spec(), status(Phase.RUNNING), st.owned_children(
+        [current], [job_pod(current, 0, exit_code=1, phase="Failed"), job_pod(current, 1)],
+        UID, "llama"))
+    assert restart.delete_jobs == ["llama-a1"]
+    assert restart.uids["llama-a1"] == current["metadata"]["uid"]

@@ -684,6 +684,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         params = dict(request.params)
         propagation = options.get("propagationPolicy") or params.get("propagationPolicy")
         grace = options.get("gracePeriodSeconds", params.get("gracePeriodSeconds"))
+        wanted = (options.get("preconditions") or {}).get("uid")
+        if wanted and self.get_object(request.resource, request.namespace,
+                                      request.name)["metadata"]["uid"] != wanted:
+            raise _error(409, "Conflict", "Precondition failed: UID in precondition: "
+                         f"{wanted}, UID in object meta: (another object)")
         return self.delete_object(request.resource, request.namespace, request.name,
                                   propagation=propagation or "Background",
                                   grace_seconds=None if grace is None else float(grace))
