@@ -16,7 +16,8 @@
   pod by `<hostname>.<subdomain>[.<namespace>[.svc[.cluster.local]]]` are replaced by its IP
   (the processes have no cluster DNS). Ports are shared by all pods on this machine, so pod k
   of a Job gets `KUBETUNE_METRICS_PORT` = its `metrics` containerPort + k (docs/contract.md):
-  rank 0 keeps the port the operator scrapes.
+  rank 0 keeps the port the operator scrapes. Each Job's gang gets its own free torchrun port
+  (`PET_MASTER_PORT`), so gangs and other processes on the machine never clash on 29500.
 - deletion: a deleted pod's main process gets SIGTERM; after the grace period every process
   of the pod gets SIGKILL; then the pod is removed (grace 0).
 """
@@ -40,6 +41,7 @@ import psutil
 
 from kubetune_api import contract
 from support.kube_emulator import EmulatorThread, JsonDict
+from support.net import free_port
 from support.operator_process import COMPLETION_INDEX, JOBS, PODS, job_pod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,6 +124,7 @@ class PodRunner:
     _thread: threading.Thread | None = None
     errors: list[BaseException] = field(default_factory=list)
     lost: set[str] = field(default_factory=set)  # uids of pods whose node is gone
+    _master_ports: dict[str, int] = field(default_factory=dict)  # Job uid -> torchrun port
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -293,6 +296,10 @@ class PodRunner:
             else:
                 value = expand(var.get("value", ""), env)
             env[var["name"]] = mounts.localize(self._resolve(pod, value))
+        if contract.PET_MASTER_PORT in env:
+            # One port for the whole machine would clash with anything else on it (another
+            # gang, another test run): each Job's gang gets its own free port instead.
+            env[contract.PET_MASTER_PORT] = str(self._master_port(pod))
         ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
         if "metrics" in ports:
             env["KUBETUNE_METRICS_PORT"] = str(ports["metrics"] + _completion_index(pod))
@@ -350,6 +357,13 @@ class PodRunner:
         return mounts
 
     # --- network ---------------------------------------------------------------------------------
+
+    def _master_port(self, pod: JsonDict) -> int:
+        refs = pod["metadata"].get("ownerReferences") or [{}]
+        job = str(refs[0].get("uid") or pod["metadata"]["uid"])
+        if job not in self._master_ports:
+            self._master_ports[job] = free_port()
+        return self._master_ports[job]
 
     def _ip_for(self, pod: JsonDict) -> str:
         uid = pod["metadata"]["uid"]
