@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import os
 import sys
 import tempfile
 import time
@@ -31,6 +32,8 @@ from typing import Any
 TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+# As tests/conftest.py: one intra-op thread per process (every rank is a process here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import requests  # noqa: E402
 import s3fs  # noqa: E402
