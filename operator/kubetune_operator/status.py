@@ -256,7 +256,15 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
         return _job_failed(failed, pods, now)
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
     succeeded = [p for p in live if p.get("status", {}).get("phase") == "Succeeded"]
-    if (job is not None and _has_condition(job, "Complete")) or len(succeeded) >= nodes:
+    if (job is not None and (complete := _condition(job, "Complete"))) \
+            or len(succeeded) >= nodes:
+        rank0 = next((p for p in live if pod_rank(p) == 0), None)
+        if len(succeeded) < nodes and rank0 is not None and _terminated(rank0) is None:
+            # The Job says Complete before rank 0's own status (its artifact digest) has
+            # arrived: wait for it as for a failure's exit codes (watch order is per object).
+            waited = _job_failed(complete, [rank0], now) if complete else None
+            if waited is not None and waited.kind == "waiting":
+                return waited
         return AttemptState("succeeded", REASON_TRAINING_COMPLETE,
                             output=success_output(pods, spec))
     running = [p for p in live if p.get("status", {}).get("phase") == "Running"]
@@ -307,7 +315,8 @@ def _job_failed(failed: Manifest, pods: list[Manifest],
     if left <= 0:
         return verdict
     ranks = ", ".join(str(pod_rank(p)) for p in unreported)
-    return AttemptState("waiting", REASON_JOB_FAILED_PENDING, f"the Job failed; waiting for "
+    verb = "failed" if failed.get("type") == "Failed" else "completed"
+    return AttemptState("waiting", REASON_JOB_FAILED_PENDING, f"the Job {verb}; waiting for "
                         f"rank(s) {ranks} to report their exit", recheck_after=left)
 
 

@@ -704,3 +704,18 @@ def test_deletions_name_the_uid_they_mean() -> None:
         UID, "llama"))
     assert restart.delete_jobs == ["llama-a1"]
     assert restart.uids["llama-a1"] == current["metadata"]["uid"]
+
+
+def test_success_waits_for_rank0s_own_report_of_the_artifact() -> None:
+    """The Job's Complete condition may arrive before rank 0's pod status (another watch)."""
+    complete = job(condition="Complete")
+    complete["status"]["conditions"][0]["lastTransitionTime"] = ago(1)
+    early = st.observe_attempt(complete, [pod(0), pod(1, "Succeeded", exit_code=0)], spec(),
+                               now=NOW)
+    assert (early.kind, early.reason) == ("waiting", st.REASON_JOB_FAILED_PENDING)
+    assert "Job completed" in early.message
+    done = st.observe_attempt(complete, [pod(0, "Succeeded", exit_code=0,
+                                             message=SUCCESS_MESSAGE),
+                                         pod(1, "Succeeded", exit_code=0)], spec(), now=NOW)
+    assert done.kind == "succeeded" and done.output is not None
+    assert done.output.manifest_sha256 == "abc123"
