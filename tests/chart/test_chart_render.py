@@ -213,6 +213,7 @@ def test_operator_gets_every_setting_by_the_names_settings_reads(scenario: str,
         config["trainer"]["terminationGracePeriodSeconds"]
     assert settings.progress_interval == config["operator"]["progressInterval"]
     assert settings.scrape_timeout == config["operator"]["scrapeTimeout"]
+    assert settings.force_delete_after == config["operator"]["forceDeleteAfterSeconds"]
     assert settings.log_level == logging.getLevelName(config["operator"]["logLevel"])
     assert (settings.peering is None) == (config["replicas"] == 1)
     assert settings.platform_assigns_uids == config["platformAssignsUids"]
