@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from kubetune_api import contract
+from kubetune_operator.builders import network_policy_name
 from support.jobs import ftj_body
 from support.kube_emulator import EmulatorThread
 from support.kueue import KueueModel
@@ -122,6 +123,7 @@ def test_a_configmap_left_by_an_earlier_object_is_replaced(world: World) -> None
     assert orphan is not None and "0.001" in orphan["data"][contract.CONFIG_FILE]
     # Nothing collects the orphans: make them look left by the first object, as a GC lag.
     for resource, name in ((CONFIG_MAPS, "again-config"), ("v1/services", "again"),
+                           ("networking.k8s.io/v1/networkpolicies", network_policy_name("again")),
                            (JOBS, "again-a1")):
         api.patch(resource, NS, name, {"metadata": {"ownerReferences": [{
             "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "again",
