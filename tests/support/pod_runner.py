@@ -263,8 +263,12 @@ class PodRunner:
             self._write_status(pod, "Pending", {"waiting": {
                 "reason": "CreateContainerConfigError", "message": str(exc)}})
             return
-        termination_log = Path(mounts.localize(container.get(
-            "terminationMessagePath", contract.DEFAULT_TERMINATION_LOG)))
+        # The kubelet gives every container its own termination-log file; a path outside the
+        # pod's volumes must not become the machine's shared /dev/termination-log.
+        message_path = container.get("terminationMessagePath", contract.DEFAULT_TERMINATION_LOG)
+        localized = mounts.localize(message_path)
+        termination_log = (Path(localized) if localized != message_path
+                           else pod_dir / "termination-log")
         termination_log.parent.mkdir(parents=True, exist_ok=True)
         env[contract.TERMINATION_LOG_ENV] = str(termination_log)
         argv = [expand(a, env) for a in [*container.get("command", []),
