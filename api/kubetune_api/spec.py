@@ -215,6 +215,10 @@ FIELD_LAYOUTS = {
 PREFERENCE_LAYOUTS = ("preference", "conversational-preference")
 
 
+# Built-in chat templates (the texts live in the trainer: kubetune_trainer/chat.py).
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3")
+
+
 class DatasetSpec(SpecModel):
     train: str = Field(min_length=1, description="Training data: local path, file://, s3://, "
                        "gs:// or hf://datasets/<id>/<file>.")
@@ -236,6 +240,23 @@ class DatasetSpec(SpecModel):
         "[<|tool|>]); the model's embeddings are resized to match. With lora/qlora, list the "
         "embedding and output modules in method.lora.modulesToSave so the new rows train."
     )
+    chat_template: str | None = Field(
+        None, min_length=1, description="Chat template for fields.messages, overriding the "
+        "tokenizer's: inline Jinja, or a built-in name (" + ", ".join(CHAT_TEMPLATE_NAMES)
+        + ")."
+    )
+
+    @model_validator(mode="after")
+    def _chat_template_is_jinja_or_a_name(self) -> DatasetSpec:
+        template = self.chat_template
+        if template is None:
+            return self
+        if not self.fields.messages:
+            raise ValueError("chatTemplate applies only with fields.messages")
+        if template not in CHAT_TEMPLATE_NAMES and "{{" not in template and "{%" not in template:
+            raise ValueError(f"chatTemplate {template!r} is neither Jinja nor a built-in name "
+                             f"({', '.join(CHAT_TEMPLATE_NAMES)})")
+        return self
 
 
 class Strategy(StrEnum):

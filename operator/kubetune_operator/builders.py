@@ -227,7 +227,7 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
         "image": spec.pod.image or settings.trainer_image,
         # torchrun behind a wrapper that keeps the trainer's exit codes (docs/contract.md).
         "command": list(contract.POD_COMMAND),
-        "env": trainer_env(job, owner, attempt),
+        "env": trainer_env(job, owner, attempt, settings.termination_grace_seconds),
         "ports": [{"name": TORCHRUN_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT},
                   {"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port}],
         "resources": container_resources(job, settings),
@@ -311,9 +311,13 @@ def hf_env(job: FineTuneJob) -> list[Manifest]:
     return env
 
 
-def trainer_env(job: FineTuneJob, owner: Owner, attempt: int) -> list[Manifest]:
+def trainer_env(job: FineTuneJob, owner: Owner, attempt: int,
+                grace_seconds: int | None = None) -> list[Manifest]:
     spec = job.spec
     env: list[Manifest] = [
+        # Checkpoints carry the job's identity: another job's (or an earlier object's of the
+        # same name) under the same URI are never resumed or pruned.
+        {"name": contract.JOB_UID_ENV, "value": owner.uid},
         {"name": contract.PET_NNODES, "value": str(spec.resources.nodes)},
         # gpusPerNode 0 means one CPU process per pod.
         {"name": contract.PET_NPROC_PER_NODE, "value": str(max(1, spec.resources.gpus_per_node))},
@@ -322,6 +326,11 @@ def trainer_env(job: FineTuneJob, owner: Owner, attempt: int) -> list[Manifest]:
         {"name": contract.PET_MASTER_ADDR, "value": master_address(owner.name, attempt)},
         {"name": contract.PET_MASTER_PORT, "value": str(contract.DEFAULT_MASTER_PORT)},
     ]
+    if grace_seconds is not None:
+        # torchrun SIGKILLs its workers this long after SIGTERM (default 30 s, whatever the
+        # pod's grace period): let them use the pod's grace, less a margin to exit.
+        env.append({"name": contract.SHUTDOWN_TIMEOUT_ENV,
+                    "value": str(contract.worker_shutdown_timeout(grace_seconds))})
     if spec.storage.endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
     if spec.storage.region:

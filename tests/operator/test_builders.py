@@ -481,3 +481,11 @@ def test_bad_network_settings_stop_the_operator(env: dict[str, str], words: str)
     settings = Settings.from_env({"KUBETUNE_NETWORK_POLICY": "false",
                                   "KUBETUNE_METRICS_FROM": f"[{json.dumps(OPERATOR_PEER)}]"})
     assert settings.network_policy is False and settings.metrics_from == (OPERATOR_PEER,)
+def test_trainer_gets_the_job_uid_and_the_pods_grace_period() -> None:
+    env = env_of(trainer(make_job()))
+    assert env[contract.JOB_UID_ENV] == "1234-5678"
+    grace = pod_spec(make_job())["terminationGracePeriodSeconds"]
+    timeout = int(env[contract.SHUTDOWN_TIMEOUT_ENV])
+    assert timeout == contract.worker_shutdown_timeout(grace) and 0 < timeout < grace
+    assert contract.worker_shutdown_timeout(300) == 270
+    assert contract.worker_shutdown_timeout(30) == 25

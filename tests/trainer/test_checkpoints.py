@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,17 @@ from kubetune_trainer.modeling import Precision
 from kubetune_trainer.node import exit_code_of
 from support.jobs import example_job
 
+ME, OTHER = "a1b2c3", "d4e5f6"
 
-def make_checkpoint(root: Path, step: int, complete: bool) -> None:
+
+def make_checkpoint(root: Path, step: int, complete: bool, identity: str | None = ME) -> None:
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     (folder / "optimizer.pt").write_bytes(b"x")
+    owner = json.dumps({"identity": identity} if identity else {})
+    (folder / checkpoints.OWNER_FILE).write_text(owner)
     if complete:
-        (folder / contract.CHECKPOINT_MARKER_FILE).write_text("{}")
+        (folder / contract.CHECKPOINT_MARKER_FILE).write_text(owner)
 
 
 def test_partial_checkpoints_are_never_resumed_from(tmp_path: Path) -> None:
@@ -29,17 +34,56 @@ def test_partial_checkpoints_are_never_resumed_from(tmp_path: Path) -> None:
     make_checkpoint(tmp_path, 15, complete=False)  # the upload died before the marker
     (tmp_path / "not-a-checkpoint").mkdir()
     assert checkpoints.complete_steps(str(tmp_path)) == [5, 10]
-    assert checkpoints.resume_step(str(tmp_path)) == 10
-    assert checkpoints.resume_step(str(tmp_path / "missing")) is None
+    assert checkpoints.resume_step(str(tmp_path), ME) == 10
+    assert checkpoints.resume_step(str(tmp_path / "missing"), ME) is None
 
 
 def test_prune_keeps_the_newest_complete_ones(tmp_path: Path) -> None:
     for step, complete in [(5, True), (7, False), (10, True), (15, True), (20, False)]:
         make_checkpoint(tmp_path, step, complete)
-    checkpoints.prune(str(tmp_path), keep_last=2)
+    checkpoints.prune(str(tmp_path), keep_last=2, identity=ME)
     left = sorted(p.name for p in tmp_path.iterdir())
     # old complete and old partial gone; a partial newer than every complete one is untouched
     assert left == ["checkpoint-10", "checkpoint-15", "checkpoint-20"]
+
+
+def test_another_jobs_checkpoints_are_never_resumed_or_pruned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_checkpoint(tmp_path, 5, complete=True)
+    make_checkpoint(tmp_path, 8, complete=False, identity=OTHER)  # its upload in flight
+    make_checkpoint(tmp_path, 10, complete=True, identity=OTHER)
+    make_checkpoint(tmp_path, 12, complete=True, identity=None)  # before identities existed
+    make_checkpoint(tmp_path, 15, complete=True)
+    make_checkpoint(tmp_path, 20, complete=True, identity=OTHER)
+    with caplog.at_level("WARNING", logger="kubetune"):
+        assert checkpoints.resume_step(str(tmp_path), ME) == 15
+    assert "checkpoint-20: it belongs to another job (identity d4e5f6, this job a1b2c3)" \
+        in caplog.text
+    assert "checkpoint-12: it belongs to another job (identity unrecorded" in caplog.text
+    assert checkpoints.resume_step(str(tmp_path), OTHER) == 20
+    checkpoints.prune(str(tmp_path), keep_last=1, identity=ME)
+    left = sorted(int(p.name.removeprefix("checkpoint-")) for p in tmp_path.iterdir())
+    assert left == [8, 10, 12, 15, 20]  # only my older checkpoint 5 went
+    assert checkpoints.foreign_owner(str(tmp_path), 20, ME) == OTHER
+    assert checkpoints.foreign_owner(str(tmp_path), 15, ME) is None
+
+
+def test_identity_follows_the_job_uid_and_the_weight_shaping_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = example_job("tiny-lora", tmp_path)
+    monkeypatch.delenv(contract.JOB_UID_ENV, raising=False)
+    local = checkpoints.job_identity(job, "digest")
+    assert local == checkpoints.job_identity(example_job("tiny-lora", tmp_path / "x"), "digest")
+    assert local != checkpoints.job_identity(job, "other-data")
+    edited = example_job("tiny-lora", tmp_path, training={"learningRate": 1e-3})
+    assert local != checkpoints.job_identity(edited, "digest")
+    logged = example_job("tiny-lora", tmp_path, training={"logEverySteps": 7},
+                         checkpoint={"keepLast": 5})
+    assert local == checkpoints.job_identity(logged, "digest")
+    monkeypatch.setenv(contract.JOB_UID_ENV, "uid-1")
+    first = checkpoints.job_identity(job, "digest")
+    monkeypatch.setenv(contract.JOB_UID_ENV, "uid-2")  # deleted and re-created: a new job
+    assert len({local, first, checkpoints.job_identity(job, "digest")}) == 3
 
 
 def test_checkpoint_root_defaults_under_the_output(tmp_path: Path) -> None:
@@ -93,7 +137,25 @@ def test_qlora_placement_traps(tmp_path: Path, strategy: str, storage: torch.dty
     assert strategies.device_map(job.spec, 3) == device_map
     lora = example_job("tiny-lora", tmp_path, training={"strategy": strategy})
     assert strategies.quant_storage(lora.spec, torch.bfloat16) is None
-    assert strategies.device_map(lora.spec, 3) is None
+    # Every method loads straight onto the rank's GPU unless the strategy shards; on CPU in place.
+    assert strategies.device_map(lora.spec, 3) == device_map
+    assert strategies.device_map(lora.spec, "cpu") is None
+
+
+def test_deepspeed_offload_gets_the_optimizer_block_it_needs(tmp_path: Path) -> None:
+    def config(strategy_config: dict) -> dict:
+        job = example_job("tiny-lora", tmp_path, training={
+            "strategy": "deepspeed-zero2", "strategyConfig": strategy_config})
+        return strategies.deepspeed_config(job.spec, Precision("bf16"))
+
+    offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    assert config(offload)["optimizer"] == {"type": "AdamW", "params": {
+        "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    assert "optimizer" not in config({})  # no offload: the Trainer's torch optimizer
+    assert "optimizer" not in config({"zero_optimization": {"offload_optimizer": {
+        "device": "none"}}})
+    own = {**offload, "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}
+    assert config(own)["optimizer"] == own["optimizer"]  # the user's own block wins
 
 
 @pytest.mark.parametrize(("codes", "expected"), [

@@ -10,7 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from kubetune_api.spec import DatasetSpec
-from kubetune_trainer.data import DataError, load_records
+from kubetune_trainer import data as data_module
+from kubetune_trainer.data import DataError, LoadedData
+
+
+def load_records(s: DatasetSpec, task: str, seed: int) -> LoadedData:
+    cache = Path(s.train.removeprefix("file://")).parent / "cache"
+    return data_module.load_records(s, task, seed, cache)
 
 
 def spec(train: Path | str, **fields: object) -> DatasetSpec:
@@ -39,7 +45,7 @@ def write(tmp_path: Path, fmt: str) -> Path:
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "txt"])
 def test_every_format_reads_the_same_texts(tmp_path: Path, fmt: str) -> None:
     data = load_records(spec(write(tmp_path, fmt)), "causal-lm", seed=0)
-    assert [r.values["text"] for r in data.train] == ["a b c", "d e", "f"]
+    assert data.train["text"] == ["a b c", "d e", "f"]
     assert len(data.digest) == 64
 
 
@@ -62,8 +68,9 @@ def test_eval_fraction_holds_out_records(tmp_path: Path) -> None:
     data = load_records(spec(path, evalFraction=0.25), "causal-lm", seed=1)
     assert (len(data.train), len(data.eval)) == (15, 5)
     again = load_records(spec(path, evalFraction=0.25), "causal-lm", seed=1)
-    assert [r.values for r in again.eval] == [r.values for r in data.eval]
-    assert load_records(spec(path), "causal-lm", seed=1).eval == []
+    assert again.eval["text"] == data.eval["text"]
+    assert sorted([*data.train["text"], *data.eval["text"]]) == sorted(f"t{i}" for i in range(20))
+    assert len(load_records(spec(path), "causal-lm", seed=1).eval) == 0
 
 
 @pytest.mark.parametrize(
@@ -105,10 +112,63 @@ def test_unreadable_and_mixed_label_files(tmp_path: Path) -> None:
         load_records(spec(tmp_path / "missing.jsonl"), "causal-lm", seed=0)
     binary = tmp_path / "data.txt"
     binary.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(DataError, match=r"data\.txt: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"data\.txt:1: not UTF-8 text"):
         load_records(spec(binary), "causal-lm", seed=0)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n')
     with pytest.raises(DataError, match="mix integers and strings"):
         load_records(spec(mixed, fields={"text": "text", "label": "label"}),
                      "sequence-classification", seed=0)
+
+
+def test_node_once_runs_on_the_first_rank_and_hands_the_result_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert data_module.node_once(tmp_path, "x", lambda: calls.append(1) or {"n": 1}) == {"n": 1}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another rank of the same node (same agent)
+    assert data_module.node_once(tmp_path, "x", lambda: calls.append(2) or {"n": 2}) == {"n": 1}
+    assert calls == [1]
+
+
+def test_a_data_error_on_the_first_rank_is_a_data_error_on_every_rank(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"x": 1}\n')
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'text'"):
+        data_module.read_data(spec(bad), "causal-lm", 0, tmp_path / "cache")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'text'"):
+        data_module.read_data(spec(bad), "causal-lm", 0, tmp_path / "cache")
+
+
+def test_a_transient_read_error_is_retried_and_a_missing_file_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune_trainer import storage
+
+    path = write(tmp_path, "jsonl")
+    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.01)
+    real_open = data_module._open
+    failures = [ConnectionResetError("connection reset by peer")]
+
+    def flaky_open(uri: str) -> object:
+        if failures:
+            raise failures.pop()
+        return real_open(uri)
+
+    monkeypatch.setattr(data_module, "_open", flaky_open)
+    assert len(load_records(spec(path), "causal-lm", seed=0).train) == 3  # retried, whole
+    monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 2)
+    failures.extend([TimeoutError("read timed out")] * 2)
+    with pytest.raises(storage.StorageError, match="failed after 2 attempt"):
+        load_records(spec(path), "causal-lm", seed=0)  # retryable: not exit 2
+
+
+def test_records_are_memory_mapped_not_held(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(2500)))
+    data = load_records(spec(path), "causal-lm", seed=0)
+    assert data.train.cache_files and not data.train._data.table.__class__.__name__.startswith(
+        "InMemory")
+    assert data.train[2499]["where"] == f"{path}:2500"

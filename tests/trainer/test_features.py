@@ -72,24 +72,52 @@ def test_chat_loss_on_assistant_turns_only(llama_tokenizer) -> None:  # type: ig
     assert tok.decode(learned) == "Paris</s>Open Settings now</s>"
 
 
-def test_packing_fills_blocks_and_keeps_masks() -> None:
+def test_packing_cuts_nothing_and_restarts_positions_per_document() -> None:
     feats = [{"input_ids": list(range(10)), "labels": [IGNORE_INDEX] * 4 + list(range(4, 10))}
              for _ in range(5)]
     blocks = pack(feats, block_size=16)
-    assert [len(b["input_ids"]) for b in blocks] == [16, 16, 16]  # 50 tokens -> 3 full blocks
+    # 50 tokens -> 3 full blocks and the 2 left over; documents continue across blocks.
+    assert [len(b["input_ids"]) for b in blocks] == [16, 16, 16, 2]
+    assert [t for b in blocks for t in b["input_ids"]] == list(range(10)) * 5
+    assert blocks[0]["position_ids"] == list(range(10)) + list(range(6))
+    assert blocks[1]["position_ids"] == list(range(4)) + list(range(10)) + list(range(2))
+    # Labels keep the prompt masking; each document's (or continuation's) first token is never
+    # predicted from the previous document.
     flat_labels = [t for b in blocks for t in b["labels"]]
-    assert flat_labels == [t for f in feats for t in f["labels"]][:48]
+    flat_positions = [p for b in blocks for p in b["position_ids"]]
+    expected = [IGNORE_INDEX if pos == 0 else lab for pos, lab in
+                zip(flat_positions, [t for f in feats for t in f["labels"]], strict=True)]
+    assert flat_labels == expected
     assert pack(feats[:1], block_size=16)[0]["input_ids"] == list(range(10))  # < one block
 
 
-def test_packing_removes_padding(llama_tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_long_documents_are_not_truncated_when_packing(llama_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    long_text = " ".join(TEXTS[:6] * 4)
+    spec = dataset(maxSeqLength=16, packing=True)
+    [feat] = tokenize(records({"text": long_text}), spec, "causal-lm", llama_tokenizer)
+    assert len(feat["input_ids"]) > 16  # kept whole until packing
+    blocks = pack([feat], 16)
+    assert [t for b in blocks for t in b["input_ids"]] == feat["input_ids"]
+    [cut] = tokenize(records({"text": long_text}), dataset(maxSeqLength=16), "causal-lm",
+                     llama_tokenizer)
+    assert len(cut["input_ids"]) == 16  # without packing, maxSeqLength cuts
+
+
+def test_packing_removes_padding_and_the_attention_mask(llama_tokenizer) -> None:  # type: ignore[no-untyped-def]
     tok = llama_tokenizer
     rows = records(*({"text": t} for t in TEXTS))
     plain = tokenize(rows, dataset(), "causal-lm", tok)
     packed = pack(plain, 32)
     collate = CausalCollator(tok.pad_token_id)
     batches = [collate(packed[i:i + 8]) for i in range(0, len(packed), 8)]
-    assert all(b["attention_mask"].all() for b in batches)
+    assert all("attention_mask" not in b for b in batches)  # boundaries come from positions
+    learned = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    unpacked = sum(sum(1 for lab in f["labels"][1:] if lab != IGNORE_INDEX) for f in plain)
+    assert unpacked - len(packed) <= learned <= unpacked  # at most one token per block split
+    last = batches[-1]
+    real = len(packed[-1]["input_ids"])
+    if real < 32:  # the short last block's padding is a position run of its own
+        assert last["position_ids"][-1, real:].tolist() == list(range(32 - real))
 
 
 def test_mlm_masks_about_15_percent(tmp_path: Path) -> None:
@@ -128,13 +156,15 @@ def test_long_prompts_without_completion_left_are_dropped(llama_tokenizer) -> No
     assert len(feats) == 1 and len(feats[0]["input_ids"]) <= 8
 
 
-def test_chat_template_that_is_not_prefix_stable_is_refused(tmp_path: Path) -> None:
+def test_chat_template_that_renders_history_differently_still_masks(tmp_path: Path) -> None:
     tokenizer = train_tokenizer("llama", TEXTS)
     # Renders the message count first: no partial conversation is a prefix of the whole.
     tokenizer.chat_template = "{{ messages|length }}" + tokenizer.chat_template
     tokenizer.save_pretrained(tmp_path)
     tok = load_tokenizer(str(tmp_path), None, "causal-lm")
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"}]
-    with pytest.raises(DataError, match="chat template does not render a conversation as a "
-                                        "prefix"):
-        tokenize(records({"m": messages}), dataset(fields={"messages": "m"}), "causal-lm", tok)
+    [feat] = tokenize(records({"m": messages}), dataset(fields={"messages": "m"}), "causal-lm",
+                      tok)
+    learned = [t for t, lab in zip(feat["input_ids"], feat["labels"], strict=True)
+               if lab != IGNORE_INDEX]
+    assert tok.decode(learned) == "Paris</s>"

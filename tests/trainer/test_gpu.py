@@ -23,7 +23,7 @@ def test_qlora_on_gpu_places_the_quantized_model_on_the_local_device(tmp_path: P
 
     job = example_job("tiny-qlora", tmp_path / "out", training={"maxSteps": 10})
     ready = recipe.setup(job, str(tmp_path / "out"), tmp_path / "work")
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     assert ready.precision.name == expected
     layers = [m for m in ready.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.device.type == "cuda" for m in layers)

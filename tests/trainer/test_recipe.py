@@ -46,6 +46,11 @@ def test_example_trains_with_falling_loss(example: str, tmp_path: Path) -> None:
     assert manifest["method"] == example_job(example, output).spec.method.type
     assert manifest["precision"] == "fp32"  # auto on CPU
     assert len(manifest["dataset"]["sha256"]) == 64
+    nonpad = metrics["nonPadFraction"]
+    if example == "tiny-pretrain":  # packed: padding only in the short last block
+        assert nonpad > 0.95, metrics
+    else:
+        assert 0 < nonpad <= 1, metrics
     assert result.manifest_sha256 == hashlib.sha256(
         (output / MANIFEST_FILE).read_bytes()).hexdigest()
     if manifest["method"] == "full":

@@ -33,6 +33,17 @@ def test_length_grouped_order_depends_only_on_seed_and_epoch() -> None:
     assert sorted(orders[1]) == list(range(200))
 
 
+@pytest.mark.parametrize("count", [7, 200, 5000])
+def test_numpy_sampler_orders_exactly_like_hf_grouping(count: int) -> None:
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = [(i * 37) % 50 + 1 for i in range(count)]
+    sampler = EpochSeededLengthSampler(8, lengths, seed=5)
+    sampler.set_epoch(1)
+    expected = get_length_grouped_indices(lengths, 8, generator=torch.Generator().manual_seed(6))
+    assert list(sampler) == expected
+
+
 def test_sigterm_before_training_stops_at_once_and_during_training_waits() -> None:
     callback = PreemptionCallback()
     try:
@@ -40,7 +51,7 @@ def test_sigterm_before_training_stops_at_once_and_during_training_waits() -> No
             os.kill(os.getpid(), signal.SIGTERM)
         callback.on_train_begin(None, None, None)
         callback.requested = False
-        os.kill(os.getpid(), signal.SIGTERM)  # only flagged: the next step end saves
+        os.kill(os.getpid(), signal.SIGTERM)  # only flagged: the next micro-step saves
         assert callback.requested
     finally:
         callback.restore()
@@ -71,3 +82,34 @@ def test_fsdp_does_not_checkpoint_activations_twice(tmp_path: Path, strategy: st
     model = make_trainable(load_model(job.spec, str(tmp_path), tok, Precision("fp32"), None),
                            job.spec)
     assert model.base_model.model.is_gradient_checkpointing is on_the_model
+
+
+@pytest.mark.parametrize(("strategy", "prepared", "adapter_dtype"), [
+    ("ddp", True, torch.float32),  # k-bit preparation, adapters upcast for the grad scaler
+    ("deepspeed-zero3", False, torch.bfloat16),  # sharded: one dtype to flatten, no upcasts
+])
+def test_sharded_qlora_is_not_prepared_like_single_device_qlora(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, prepared: bool,
+        adapter_dtype: torch.dtype) -> None:
+    from kubetune_trainer import modeling, strategies
+
+    build_tiny_model("llama", ["hello there", "general kenobi"] * 20, tmp_path,
+                     max_positions=32, seed=0)
+    job = example_job("tiny-qlora", tmp_path / "out",
+                      training={"strategy": strategy, "gradientCheckpointing": True})
+    job.spec.method.quantization.compute_dtype = "bfloat16"  # type: ignore[union-attr]
+    calls: list[str] = []
+    real = modeling.prepare_model_for_kbit_training
+    monkeypatch.setattr(modeling, "prepare_model_for_kbit_training",
+                        lambda model, **kw: calls.append("prepared") or real(model, **kw))
+    tok = load_tokenizer(str(tmp_path), None, "causal-lm")
+    model = load_model(job.spec, str(tmp_path), tok, Precision("bf16"), None,
+                       device_map={"": "cpu"},
+                       quant_storage=strategies.quant_storage(job.spec, torch.bfloat16))
+    model = make_trainable(model, job.spec)
+    assert bool(calls) is prepared
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {adapter_dtype}
+    embeddings = model.get_input_embeddings()
+    assert embeddings.weight.dtype == (torch.float32 if prepared else torch.bfloat16)
+    hidden = embeddings(torch.tensor([[1, 2]]))
+    assert hidden.requires_grad  # input grads on: lora_B trains under checkpointing (peft#137)

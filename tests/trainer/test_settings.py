@@ -52,10 +52,25 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_choices_win() -> None:
         resolve_precision("fp16", cuda=False)
 
 
+@pytest.mark.parametrize(("native", "emulated", "expected"), [
+    (True, True, "bf16"),  # A100, H100, L4...
+    (False, True, "fp16"),  # T4, V100: bf16 only emulated, much slower than fp16
+    (False, False, "fp16"),
+])
+def test_precision_auto_does_not_count_emulated_bf16(monkeypatch: pytest.MonkeyPatch,
+                                                     native: bool, emulated: bool,
+                                                     expected: str) -> None:
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or (including_emulation and emulated)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_precision("auto", cuda=True) == Precision(expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_precision_auto_on_gpu() -> None:
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     assert resolve_precision("auto", cuda=True) == Precision(expected)
 
 

@@ -4,11 +4,20 @@ The HF Trainer writes `checkpoint-<step>/` locally (model or adapter, optimizer,
 of every rank, trainer state with the step and so the data position). Then every node uploads
 what it wrote, all ranks meet, and rank 0 writes the `COMPLETE` marker last. A checkpoint
 without its marker (a crash mid-upload) is never resumed from (fms-hf-tuning#432).
+
+Checkpoints belong to one job: the marker (and an owner file written before the upload starts)
+records the job's identity, a digest of the FineTuneJob's UID (set by the operator) and of the
+settings that shape the weights (model, method, dataset settings and data digest, training).
+Two jobs sharing a checkpoint URI, or a job edited and re-applied, never resume, prune or
+overwrite each other's checkpoints; the log says which were skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,8 +26,8 @@ from typing import Any
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from kubetune_api.contract import CHECKPOINT_MARKER_FILE, CHECKPOINTS_SUBDIR
-from kubetune_api.spec import FineTuneJobSpec
+from kubetune_api.contract import CHECKPOINT_MARKER_FILE, CHECKPOINTS_SUBDIR, JOB_UID_ENV
+from kubetune_api.spec import FineTuneJob, FineTuneJobSpec
 from kubetune_trainer import storage
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.ranks import is_local_leader, is_rank0
@@ -26,6 +35,19 @@ from kubetune_trainer.ranks import is_local_leader, is_rank0
 PREFIX = "checkpoint-"  # the HF Trainer's folder name
 DOWNLOADED = ".kubetune-downloaded"  # node-local: the resume download is whole
 TRAINER_STATE = "trainer_state.json"
+OWNER_FILE = "kubetune-owner.json"  # written before the upload: whose partial folder this is
+log = logging.getLogger("kubetune")
+
+
+def job_identity(job: FineTuneJob, data_digest: str) -> str:
+    """Who a checkpoint belongs to: the FineTuneJob's UID (absent for `kubetune run`) and the
+    settings that shape the weights. Output, checkpoint, resources, metrics and logging
+    settings are not part of it: changing them keeps resuming."""
+    shaping = job.spec.model_dump(
+        mode="json", include={"model", "method", "dataset", "training"},
+        exclude={"training": {"log_every_steps", "eval_every_steps"}})
+    facts = {"jobUid": os.environ.get(JOB_UID_ENV) or None, "dataSha256": data_digest, **shaping}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def root_uri(spec: FineTuneJobSpec, output_uri: str) -> str:
@@ -42,21 +64,54 @@ def _folder(root: str, step: int) -> str:
     return storage.join(root, f"{PREFIX}{step}")
 
 
-def complete_steps(root: str) -> list[int]:
-    """Steps of the complete checkpoints under `root`, oldest first."""
-    return [s for s in _steps(root)
-            if storage.exists(storage.join(_folder(root, s), CHECKPOINT_MARKER_FILE))]
+def _identity_in(root: str, step: int, name: str) -> str | None:
+    """The identity recorded in a checkpoint's marker or owner file ('' when it has none)."""
+    uri = storage.join(_folder(root, step), name)
+    if not storage.exists(uri):
+        return None
+    try:
+        return str(json.loads(storage.read_text(uri)).get("identity") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
-def prune(root: str, keep_last: int, also_keep: int | None = None) -> None:
-    """Keep the newest `keep_last` complete checkpoints (and `also_keep`, the best one under
-    loadBestAtEnd, which a resumed attempt must still find); drop older and partial leftovers."""
-    complete = complete_steps(root)
+def complete_steps(root: str, identity: str | None = None) -> list[int]:
+    """Steps of the complete checkpoints under `root`, oldest first; with `identity`, only
+    that job's (others are logged as skipped)."""
+    steps = []
+    for step in _steps(root):
+        owner = _identity_in(root, step, CHECKPOINT_MARKER_FILE)
+        if owner is None:
+            continue
+        if identity is not None and owner != identity:
+            log.warning("skipping %s: it belongs to another job (identity %s, this job %s)",
+                        _folder(root, step), owner or "unrecorded", identity)
+            continue
+        steps.append(step)
+    return steps
+
+
+def prune(root: str, keep_last: int, identity: str, also_keep: int | None = None) -> None:
+    """Keep this job's newest `keep_last` complete checkpoints (and `also_keep`, the best one
+    under loadBestAtEnd, which a resumed attempt must still find); drop its older ones and its
+    own partial leftovers. Other jobs' folders are never touched."""
+    complete = complete_steps(root, identity)
     keep = set(complete[-keep_last:]) | {also_keep}
     newest = complete[-1] if complete else -1
     for step in _steps(root):
-        if step not in keep and step <= newest:
+        if step in keep or step > newest:
+            continue
+        if step in complete or _identity_in(root, step, OWNER_FILE) == identity:
             storage.remove(_folder(root, step))
+
+
+def foreign_owner(root: str, step: int, identity: str) -> str | None:
+    """The identity of another job that already has a folder for `step` here, if any."""
+    for name in (CHECKPOINT_MARKER_FILE, OWNER_FILE):
+        owner = _identity_in(root, step, name)
+        if owner is not None and owner != identity:
+            return owner or "unrecorded"
+    return None
 
 
 def _barrier() -> None:
@@ -64,11 +119,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def resume_step(root: str) -> int | None:
-    """Rank 0 picks the newest complete checkpoint; every rank gets the same answer."""
+def resume_step(root: str, identity: str) -> int | None:
+    """Rank 0 picks this job's newest complete checkpoint; every rank gets the same answer."""
     choice: list[int | None] = [None]
     if is_rank0():
-        complete = complete_steps(root)
+        complete = complete_steps(root, identity)
         choice[0] = complete[-1] if complete else None
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
@@ -125,8 +180,10 @@ def drop_local_copies(local_root: Path, keep: Path | None) -> None:
 class CheckpointCallback(TrainerCallback):
     """Uploads each checkpoint the Trainer saves, then marks it complete and prunes."""
 
-    def __init__(self, root: str, keep_last: int, metrics: TrainerMetrics | None = None):
-        self.root, self.keep_last, self.metrics = root, keep_last, metrics
+    def __init__(self, root: str, keep_last: int, identity: str,
+                 metrics: TrainerMetrics | None = None):
+        self.root, self.keep_last, self.identity = root, keep_last, identity
+        self.metrics = metrics
         self.step_ended = 0.0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -142,15 +199,17 @@ class CheckpointCallback(TrainerCallback):
         if self.metrics:
             self.metrics.set_phase("checkpointing")
         started = time.monotonic()
-        if is_rank0():
-            storage.remove(remote)  # leftovers of an earlier attempt at the same step
-        _barrier()  # every rank has written its part (RNG state, shards) and the folder is clean
-        uploaded = storage.upload_dir(local, remote) if is_local_leader() else 0
-        _barrier()
-        if is_rank0():
-            marker = {"step": step, "epoch": state.epoch, "time": time.time()}
-            storage.write_text(storage.join(remote, CHECKPOINT_MARKER_FILE), json.dumps(marker))
-            prune(self.root, self.keep_last, _best_step(args, state))
+        if self._claim(remote, step):
+            uploaded = storage.upload_dir(local, remote) if is_local_leader() else 0
+            _barrier()
+            if is_rank0():
+                marker = {"step": step, "epoch": state.epoch, "time": time.time(),
+                          "identity": self.identity}
+                storage.write_text(storage.join(remote, CHECKPOINT_MARKER_FILE),
+                                   json.dumps(marker))
+                prune(self.root, self.keep_last, self.identity, _best_step(args, state))
+        else:
+            uploaded = 0
         if is_local_leader():
             drop_local_copies(Path(args.output_dir), keep=_best_local(args, state))
         if self.metrics:
@@ -158,3 +217,22 @@ class CheckpointCallback(TrainerCallback):
                                             upload_seconds=time.monotonic() - started,
                                             uploaded_bytes=uploaded)
             self.metrics.set_phase("training")
+
+    def _claim(self, remote: str, step: int) -> bool:
+        """Rank 0 clears this job's leftovers at `remote` and writes the owner file; every rank
+        learns whether the upload goes ahead (not when another job owns that folder)."""
+        decision: list[bool] = [True]
+        if is_rank0():
+            owner = foreign_owner(self.root, step, self.identity)
+            if owner is not None:
+                log.warning("not saving checkpoint %s: the folder belongs to another job "
+                            "(identity %s); give each job its own checkpoint.uri", remote, owner)
+                decision[0] = False
+            else:
+                storage.remove(remote)  # leftovers of this job's earlier attempt at this step
+                storage.write_text(storage.join(remote, OWNER_FILE),
+                                   json.dumps({"identity": self.identity}))
+        if dist.is_initialized():
+            dist.broadcast_object_list(decision, src=0)
+        _barrier()  # every rank has written its part (RNG state, shards), the folder is clean
+        return decision[0]

@@ -1,28 +1,56 @@
-"""Datasets: read records from any fsspec URI, check them, tokenize them for the task.
+"""Datasets: read records from any fsspec URI as a stream, check them, keep them as Arrow.
 
-Every record keeps where it came from (`file:line` or `file: row N`), so a bad row is reported
-by its location before any training starts.
+Files are read record by record (never whole, except `json` arrays), each record checked and
+written in batches to an Arrow file that Hugging Face `datasets` memory-maps: memory stays flat
+whatever the data size. Every record keeps where it came from (`file:line` or `file: row N`)
+in a `where` column, so a bad row is reported by its location before any training starts.
+
+The job's fields are stored under their role names (`text`, `prompt`, `completion`,
+`messages`, `label`); `messages` and `label` as JSON text, so any message shape and both label
+types survive Arrow's one-type-per-column rule.
+
+`node_once` runs a step on the node's first rank while the node's other ranks wait for its
+result (data is read and tokenized once per node, not once per rank).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
-import io
 import json
-import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset
 
 from kubetune_api.load import SpecError
 from kubetune_api.spec import DatasetSpec, Task
 from kubetune_trainer import storage
+from kubetune_trainer.ranks import is_local_leader
 
 IGNORE_INDEX = -100  # label value the loss ignores
 MAX_REPORTED_ERRORS = 5
+ROLES = ("text", "prompt", "completion", "messages", "label", "chosen", "rejected")
+JSON_ROLES = frozenset({"messages", "label", "chosen", "rejected"})
+PAIR_ROLES = frozenset({"chosen", "rejected"})  # strings or conversations: preference.py checks
+WRITE_BATCH_ROWS = 1000  # records per Arrow record batch: bounds memory while writing
+HASH_CHUNK = 8 << 20
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
                      ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
+NODE_WAIT_LOG_SECONDS = 60.0
+TRAIN_FILE, EVAL_FILE = "train.arrow", "eval.arrow"
+RECORDS_DIR = "records"
+log = logging.getLogger("kubetune")
 
 
 class DataError(SpecError):
@@ -31,59 +59,234 @@ class DataError(SpecError):
 
 @dataclass
 class Record:
+    """One raw record (the user's field names) and where it came from."""
+
     values: dict[str, Any]
     where: str
 
 
 @dataclass
 class LoadedData:
-    train: list[Record]
-    eval: list[Record]
-    digest: str  # sha256 over the raw bytes of the data files, for the manifest
-    label_names: list[str] | None = field(default=None)
+    """The checked records of a job: Arrow files on the node's disk, and facts about them.
+
+    Training never maps the record files (tokenization streams them); `train` and `eval`
+    memory-map them on demand (tests, inspection)."""
+
+    directory: Path  # the record files
+    digest: str  # sha256 over the raw bytes of the data files, for the manifest and caches
+    counts: dict[str, int]  # records per split
+    label_names: list[str] | None = None
+    held_out: Any = None  # evalFraction: numpy bool mask over the train file's records
+    fields: Any = None  # the job's dataset.fields (role -> the record's field name)
+
+    @property
+    def train(self) -> Dataset:
+        return self._split("train")
+
+    @property
+    def eval(self) -> Dataset:
+        return self._split("eval")
+
+    def _split(self, split: str) -> Dataset:
+        if self.held_out is not None:
+            records = Dataset.from_file(str(self.directory / TRAIN_FILE))
+            chosen = self.held_out if split == "eval" else ~self.held_out
+            return records.select(np.flatnonzero(chosen))
+        if split == "eval" and not self.counts["eval"]:
+            return Dataset.from_file(str(self.directory / TRAIN_FILE)).select([])
+        return Dataset.from_file(str(self.directory / (TRAIN_FILE if split == "train"
+                                                       else EVAL_FILE)))
+
+    def records(self, split: str) -> list[Record]:
+        """A split's records in memory under the job's own field names (preference pairs,
+        which TRL tokenizes itself)."""
+        fields = {role: name for role in ROLES if (name := getattr(self.fields, role, None))}
+        out = []
+        for batch in self._split(split).iter(batch_size=WRITE_BATCH_ROWS):
+            for i, where in enumerate(batch["where"]):
+                values = {name: decode_role(role, batch[role][i]) for role, name in fields.items()}
+                out.append(Record({k: v for k, v in values.items() if v is not None}, where))
+        return out
+
+    def sources(self) -> list[tuple[str, Path, Any]]:
+        """(split, record file, held-out mask or None) to stream the records from."""
+        if self.held_out is not None:
+            return [("train", self.directory / TRAIN_FILE, self.held_out)]
+        files = [("train", self.directory / TRAIN_FILE, None)]
+        if self.counts["eval"]:
+            files.append(("eval", self.directory / EVAL_FILE, None))
+        return files
 
 
-def load_records(spec: DatasetSpec, task: str, seed: int) -> LoadedData:
-    """Read, check and split the job's data. Raises DataError naming the file:line."""
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_data(spec: DatasetSpec, task: str, seed: int, cache_root: Path) -> LoadedData:
+    """The job's records: read and checked by the node's first rank, mapped by every rank."""
+    directory = cache_root / RECORDS_DIR
+    facts = node_once(cache_root, "records", lambda: prepare_records(spec, task, directory))
+    return open_records(spec, seed, directory, facts)
+
+
+def load_records(spec: DatasetSpec, task: str, seed: int,
+                 cache_dir: Path | None = None) -> LoadedData:
+    """Read, check and split the job's data in one process (tests, tools); the record files go
+    to `cache_dir`, or a new temporary directory."""
+    directory = cache_dir or Path(tempfile.mkdtemp(prefix="kubetune-records-"))
+    return open_records(spec, seed, directory, prepare_records(spec, task, directory))
+
+
+def prepare_records(spec: DatasetSpec, task: str, cache_dir: Path) -> dict[str, Any]:
+    """Stream the data files into Arrow files under `cache_dir` (one rank per node does this);
+    returns the facts every rank needs: digest, record counts, label names.
+
+    Raises DataError naming the file:line of bad records (up to MAX_REPORTED_ERRORS of them).
+    """
+    fresh_dir(cache_dir)
     digest = hashlib.sha256()
-    train = _read_checked(spec.train, spec, digest)
-    evaluation = _read_checked(spec.eval, spec, digest) if spec.eval else []
-    if not spec.eval and spec.eval_fraction > 0:
-        shuffled = train[:]
-        random.Random(seed).shuffle(shuffled)
-        held_out = max(1, round(len(shuffled) * spec.eval_fraction))
-        if held_out >= len(shuffled):
-            raise DataError(f"{spec.train}: dataset.evalFraction {spec.eval_fraction} leaves no "
-                            f"training records out of {len(train)}")
-        evaluation, train = shuffled[:held_out], shuffled[held_out:]
-    data = LoadedData(train=train, eval=evaluation, digest=digest.hexdigest())
+    files = [cache_dir / TRAIN_FILE]
+    counts = {"train": _read_checked(spec.train, spec, digest, files[0]), "eval": 0}
+    if spec.eval:
+        files.append(cache_dir / EVAL_FILE)
+        counts["eval"] = _read_checked(spec.eval, spec, digest, files[1])
+    label_names = None
     if task == Task.SEQUENCE_CLASSIFICATION:
-        data.label_names = _label_names(train + evaluation, spec.fields.label or "label")
-    return data
+        label_names = _label_names(files, spec.fields.label or "label")
+    return {"digest": digest.hexdigest(), "counts": counts, "labelNames": label_names}
 
 
-def _read_checked(uri: str, spec: DatasetSpec, digest: Any) -> list[Record]:
-    raw = _read_bytes(uri)
-    digest.update(raw)
+def open_records(spec: DatasetSpec, seed: int, cache_dir: Path,
+                 facts: dict[str, Any]) -> LoadedData:
+    """The records `prepare_records` wrote, with the evalFraction split decided."""
+    counts = dict(facts["counts"])
+    held_out = None
+    if not spec.eval and spec.eval_fraction > 0:
+        held_out = held_out_mask(counts["train"], spec, seed)
+        counts = {"train": int((~held_out).sum()), "eval": int(held_out.sum())}
+    return LoadedData(directory=cache_dir, digest=facts["digest"], counts=counts,
+                      label_names=facts["labelNames"], held_out=held_out, fields=spec.fields)
+
+
+def held_out_mask(count: int, spec: DatasetSpec, seed: int) -> Any:
+    """Which of `count` training records `evalFraction` holds out (a numpy bool array, one
+    byte a record); the same for every rank and every run of the same seed."""
+    held_out = max(1, round(count * spec.eval_fraction))
+    if held_out >= count:
+        raise DataError(f"{spec.train}: dataset.evalFraction {spec.eval_fraction} leaves no "
+                        f"training records out of {count}")
+    mask = np.zeros(count, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(count)[:held_out]] = True
+    return mask
+
+
+def record_batches(path: Path) -> Iterator[dict[str, list[Any]]]:
+    """The batches of an Arrow stream file, read (not memory-mapped): one pass over a large
+    file leaves no mapped pages behind in this process's resident memory."""
+    with pa.OSFile(str(path)) as source:
+        for batch in pa.ipc.open_stream(source):
+            yield batch.to_pydict()
+
+
+class ArrowWriter:
+    """Rows to an Arrow stream file in record batches of WRITE_BATCH_ROWS (flat memory);
+    the file appears under its name only when closed (a crash leaves no half file)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema, self.count = path, schema, 0
+        self._tmp = path.with_suffix(".partial")
+        self._sink = pa.OSFile(str(self._tmp), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._rows: list[dict[str, Any]] = []
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= WRITE_BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(self._rows, schema=self.schema))
+            self.count += len(self._rows)
+            self._rows = []
+
+    def close(self) -> int:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        self._tmp.replace(self.path)
+        return self.count
+
+
+def _read_checked(uri: str, spec: DatasetSpec, digest: Any, path: Path) -> int:
+    """Stream `uri` into the Arrow file `path`, checking every record on the way; returns the
+    number of records."""
     fmt = spec.format if spec.format != "auto" else _format_of(uri)
-    records = list(_parse(raw, fmt, uri, spec.fields.text or "text"))
-    if not records:
-        raise DataError(f"{uri}: no records (the file is empty)")
-    errors = [f"{r.where}: {e}" for r in records if (e := _check_record(r.values, spec))]
+    try:
+        storage.filesystem(uri)  # an unknown scheme or a missing driver: no retry helps
+    except (ValueError, ImportError) as exc:
+        raise DataError(f"{uri}: cannot read dataset: {exc}") from None
+
+    def attempt() -> tuple[int, list[str], bytes]:
+        file_digest = hashlib.sha256()
+        records = _parse(uri, fmt, spec.fields.text or "text", file_digest)
+        count, errors = _write_arrow(_checked_rows(records, spec), _record_schema(spec), path)
+        if fmt == "parquet":  # read by row group, not as a byte stream: hash the bytes apart
+            _hash_file(uri, file_digest)
+        return count, errors, file_digest.digest()
+
+    try:
+        count, errors, file_digest = storage.read_with_retries(
+            f"reading dataset {uri}", attempt, fatal=(DataError,))
+    except storage.StorageError as exc:
+        if isinstance(exc.__cause__, storage.PERMANENT_ERRORS):  # retrying cannot help
+            raise DataError(f"{uri}: cannot read dataset: {exc.__cause__}") from None
+        raise
     if errors:
         more = len(errors) - MAX_REPORTED_ERRORS
         tail = [f"... and {more} more bad records"] if more > 0 else []
         raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS] + tail))
-    return records
+    if not count:
+        raise DataError(f"{uri}: no records (the file is empty)")
+    digest.update(file_digest)
+    return count
 
 
-def _read_bytes(uri: str) -> bytes:
-    """Through kubetune_trainer.storage, as checkpoints and artifacts are: the same endpoints
-    (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), credentials and retries."""
-    try:
-        return storage.read_bytes(uri)
-    except (storage.StorageError, OSError, ValueError, ImportError) as exc:
-        raise DataError(f"{uri}: cannot read dataset: {exc}") from None
+def _record_schema(spec: DatasetSpec) -> pa.Schema:
+    return pa.schema([("where", pa.string())]
+                     + [(role, pa.string()) for role in used_roles(spec)])
+
+
+def used_roles(spec: DatasetSpec) -> list[str]:
+    return [role for role in ROLES if getattr(spec.fields, role)]
+
+
+def _checked_rows(records: Iterator[Record], spec: DatasetSpec
+                  ) -> Iterator[dict[str, Any] | str]:
+    """Column values of good records; a `file:line: problem` string for each bad one."""
+    roles = used_roles(spec)
+    for record in records:
+        problem = _check_record(record.values, spec)
+        if problem:
+            yield f"{record.where}: {problem}"
+            continue
+        row: dict[str, Any] = {"where": record.where}
+        for role in roles:
+            value = record.values.get(getattr(spec.fields, role))
+            row[role] = json.dumps(value) if role in JSON_ROLES else value
+        yield row
+
+
+def _write_arrow(rows: Iterable[dict[str, Any] | str], schema: pa.Schema,
+                 path: Path) -> tuple[int, list[str]]:
+    """Write good rows to an Arrow stream file in batches; (rows written, error lines)."""
+    errors: list[str] = []
+    writer = ArrowWriter(path, schema)
+    for row in rows:
+        if isinstance(row, str):
+            errors.append(row)
+        elif not errors:  # a bad file is not trained on: only count what follows
+            writer.write(row)
+    return writer.close(), errors
 
 
 def _format_of(uri: str) -> str:
@@ -95,25 +298,12 @@ def _format_of(uri: str) -> str:
                     f"to one of jsonl, json, parquet, csv, text")
 
 
-def _parse(raw: bytes, fmt: str, uri: str, text_field: str) -> Iterator[Record]:
+def _parse(uri: str, fmt: str, text_field: str, digest: Any) -> Iterator[Record]:
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(io.BytesIO(raw)).to_pylist()
-        except Exception as exc:  # pyarrow raises many types for a corrupt file
-            raise DataError(f"{uri}: not a readable parquet file: {exc}") from None
-        yield from (Record(row, f"{uri}: row {i + 1}") for i, row in enumerate(rows))
+        yield from _parquet_records(uri)
         return
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{uri}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if fmt == "jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                yield Record(_json(line, f"{uri}:{number}"), f"{uri}:{number}")
-    elif fmt == "json":
+    if fmt == "json":  # one JSON document: it has to be read whole (use jsonl for large data)
+        text = "".join(line for _, line in _text_lines(uri, digest))
         rows = _json(text, uri)
         if isinstance(rows, dict) and isinstance(rows.get("data"), list):
             rows = rows["data"]
@@ -121,13 +311,63 @@ def _parse(raw: bytes, fmt: str, uri: str, text_field: str) -> Iterator[Record]:
             raise DataError(f"{uri}: a json dataset must be a list of records")
         yield from (Record(row, f"{uri}: record {i + 1}") for i, row in enumerate(rows))
     elif fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
+        numbered = _text_lines(uri, digest)
+        # csv reads lines lazily and counts them itself (a quoted field may span lines).
+        reader = csv.DictReader(line for _, line in numbered)
         for row in reader:
             yield Record(dict(row), f"{uri}:{reader.line_num}")
-    else:  # text: one example per non-empty line
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                yield Record({text_field: line}, f"{uri}:{number}")
+    else:
+        for number, line in _text_lines(uri, digest):
+            if not line.strip():
+                continue
+            if fmt == "jsonl":
+                yield Record(_json(line, f"{uri}:{number}"), f"{uri}:{number}")
+            else:  # text: one example per non-empty line
+                yield Record({text_field: line.rstrip("\r\n")}, f"{uri}:{number}")
+
+
+def _text_lines(uri: str, digest: Any) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file, read as a stream; hashes the raw bytes."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with _open(uri) as handle:
+        for number, raw in enumerate(handle, start=1):
+            digest.update(raw)
+            try:
+                line = decoder.decode(raw)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{uri}:{number}: not UTF-8 text ({exc.reason} at byte "
+                                f"{offset + exc.start})") from None
+            offset += len(raw)
+            yield number, line
+
+
+def _parquet_records(uri: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    with _open(uri) as handle:
+        try:
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=WRITE_BATCH_ROWS)
+            for batch in batches:
+                for values in batch.to_pylist():
+                    row += 1
+                    yield Record(values, f"{uri}: row {row}")
+        except (pa.ArrowException, ValueError) as exc:  # a corrupt or non-parquet file
+            raise DataError(f"{uri}: not a readable parquet file: {exc}") from None
+
+
+def _open(uri: str) -> Any:
+    """Through kubetune_trainer.storage, as checkpoints and artifacts are: the same endpoints
+    (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST, HF_ENDPOINT) and credentials."""
+    fs, path = storage.filesystem(uri)
+    return fs.open(path, "rb")
+
+
+def _hash_file(uri: str, digest: Any) -> None:
+    with _open(uri) as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
 
 
 def _json(text: str, where: str) -> Any:
@@ -137,14 +377,19 @@ def _json(text: str, where: str) -> Any:
         raise DataError(f"{where}: invalid JSON: {exc.msg}") from None
 
 
+# --- checks ----------------------------------------------------------------------------------
+
+
 def _check_record(row: Any, spec: DatasetSpec) -> str | None:
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
     fields = spec.fields
-    for role in ("text", "prompt", "completion", "messages", "label"):
+    for role in ROLES:
         name = getattr(fields, role)
         if name is None:
             continue
+        if role in PAIR_ROLES:
+            continue  # preference.pairs checks them, with their own messages
         if name not in row or row[name] is None or row[name] == "":
             return f"missing field {name!r} (dataset.fields.{role})"
         if role == "messages":
@@ -171,26 +416,93 @@ def _check_messages(messages: Any) -> str | None:
     return None
 
 
-def _label_names(records: list[Record], label_field: str) -> list[str] | None:
+def _label_names(files: list[Path], label_field: str) -> list[str] | None:
     """None when labels are integers; the sorted class names when they are strings."""
-    labels = [r.values[label_field] for r in records]
-    if all(isinstance(v, int) for v in labels):
+    kinds: set[type] = set()
+    names: set[str] = set()
+    for path in files:
+        for batch in record_batches(path):
+            for where, encoded in zip(batch["where"], batch["label"], strict=True):
+                value = json.loads(encoded)
+                kinds.add(type(value))
+                if len(kinds) > 1:
+                    raise DataError(f"{where}: labels in field {label_field!r} mix integers "
+                                    f"and strings")
+                if isinstance(value, str):
+                    names.add(value)
+    if not names or all(v.lstrip("-").isdigit() for v in names):  # csv gives numbers as text
         return None
-    if all(isinstance(v, str) for v in labels):
-        if all(v.lstrip("-").isdigit() for v in labels):  # csv gives numbers as strings
-            return None
-        return sorted(set(labels))
-    raise DataError(f"{records[0].where}: labels in field {label_field!r} mix integers and "
-                    f"strings")
+    return sorted(names)
+
+
+def decode_role(role: str, value: Any) -> Any:
+    """A stored column value back to the record's value (JSON roles are stored as text)."""
+    return json.loads(value) if role in JSON_ROLES else value
 
 
 def training_texts(data: LoadedData, spec: DatasetSpec) -> Iterator[str]:
-    """All text the model will see (to train a tiny model's tokenizer)."""
-    fields = spec.fields
-    for record in data.train + data.eval:
-        values = record.values
-        if fields.messages:
-            yield from (m["content"] for m in values[fields.messages])
-        for name in (fields.text, fields.prompt, fields.completion):
-            if name:
-                yield str(values[name])
+    """All text the model will see, streamed (to train a tiny model's tokenizer)."""
+    roles = [r for r in ("messages", "text", "prompt", "completion") if getattr(spec.fields, r)]
+    for _, path, _ in data.sources():
+        for batch in record_batches(path):
+            for role in roles:
+                for value in batch[role]:
+                    if role == "messages":
+                        yield from (m["content"] for m in json.loads(value))
+                    else:
+                        yield str(value)
+
+
+# --- once per node ---------------------------------------------------------------------------
+
+
+def node_once(cache_root: Path, name: str, build: Callable[[], dict[str, Any]]
+              ) -> dict[str, Any]:
+    """Run `build` on the node's first rank; the node's other ranks wait and get its result.
+
+    The result (JSON) or the error travels through a hand-off file in `cache_root`, named
+    after the torchrun agent that started this node's ranks, so a stale file of an earlier
+    launch is never read. A DataError on the first rank is a DataError on every rank (exit 2
+    everywhere, one message), any other failure a RuntimeError.
+    """
+    agent = f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    handoff = cache_root / f"handoff-{name}-{agent}.json"
+    if is_local_leader():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        try:
+            result = build()
+        except DataError as exc:
+            _write_json(handoff, {"dataError": str(exc)})
+            raise
+        except BaseException as exc:
+            _write_json(handoff, {"error": f"{type(exc).__name__}: {exc}"})
+            raise
+        _write_json(handoff, {"result": result})
+        return result
+    waited_since = time.monotonic()
+    logged = waited_since
+    while not handoff.exists():
+        if time.monotonic() - logged > NODE_WAIT_LOG_SECONDS:
+            log.info("waiting for the node's first rank to prepare the data (%.0f s)",
+                     time.monotonic() - waited_since)
+            logged = time.monotonic()
+        time.sleep(0.2)
+    message = json.loads(handoff.read_text())
+    if "dataError" in message:
+        raise DataError(message["dataError"])
+    if "error" in message:
+        raise RuntimeError(f"the node's first rank failed preparing the data: "
+                           f"{message['error']}")
+    return dict(message["result"])
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)  # atomic: a waiting rank sees all of it or nothing
+
+
+def fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path

@@ -46,15 +46,19 @@ class Precision:
 
 
 def resolve_precision(requested: str, cuda: bool) -> Precision:
-    """auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU.
+    """auto: bf16 where the GPU has it natively (Ampere and later), fp16 on older GPUs, fp32 on
+    CPU.
 
-    Never bf16 on CPU by default: with gradient checkpointing that combination trained a tiny
-    model 21x slower than fp32 here (TRL's CPU defaults).
+    `is_bf16_supported()` alone also says yes on T4/V100, where bf16 is only emulated (much
+    slower than fp16): emulation does not count. Never bf16 on CPU by default: with gradient
+    checkpointing that combination trained a tiny model 21x slower than fp32 here (TRL's CPU
+    defaults).
     """
     if requested == "auto":
         if not cuda:
             return Precision("fp32")
-        return Precision("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return Precision("bf16" if native else "fp16")
     if requested == "fp16" and not cuda:
         raise SpecError("spec.training.precision: fp16 needs a CUDA GPU; use auto, fp32 or bf16")
     return Precision(requested)
@@ -154,9 +158,11 @@ def _load_dtype(spec: FineTuneJobSpec, precision: Precision) -> torch.dtype:
 def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedModel:
     """Gradient checkpointing, k-bit preparation and the adapter, per method."""
     checkpointing = spec.training.gradient_checkpointing
-    if checkpointing:
-        model.config.use_cache = False
-    if spec.method.type == MethodType.QLORA:
+    # No KV cache in training: useless there, and with one the model ignores the position ids
+    # that keep packed documents apart (transformers detects packing only without a cache).
+    model.config.use_cache = False
+    sharded = spec.training.strategy in (Strategy.FSDP, Strategy.DEEPSPEED_ZERO3)
+    if spec.method.type == MethodType.QLORA and not sharded:
         # Casts norms to fp32, keeps lm_head/embeddings full precision, enables input grads.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
@@ -164,13 +170,21 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
     elif checkpointing:
         if spec.training.strategy != Strategy.FSDP:  # FSDP checkpoints activations itself
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
-        if spec.method.type == MethodType.LORA:
+        if spec.method.type in (MethodType.LORA, MethodType.QLORA):
             # Without it the frozen embeddings cut the graph and lora_B never trains (peft#137).
+            # Sharded QLoRA lands here too: prepare_model_for_kbit_training would upcast the
+            # norms and embeddings out of the storage dtype FSDP/ZeRO-3 flatten together, and
+            # under FSDP checkpoint activations a second time (TRL skips it for sharded QLoRA).
             model.enable_input_require_grads()
     adapter = peft_config(spec.method, spec.model.task)
     if adapter is None:
         return model
     _check_new_tokens_train(model, spec)
+    if spec.method.type == MethodType.QLORA and sharded:
+        # Adapters stay in the storage dtype: FSDP/ZeRO-3 flatten them with the base weights,
+        # which needs one dtype (peft#2016); mixed precision keeps the optimizer in fp32.
+        return get_peft_model(model, adapter,  # type: ignore[return-value]
+                              autocast_adapter_dtype=False)
     model = get_peft_model(model, adapter)  # type: ignore[assignment]
     # peft upcasts adapter layers only; a new head (modules_to_save) loaded in fp16 would make
     # the fp16 grad scaler fail and train in bf16 otherwise. Trainable weights stay fp32.

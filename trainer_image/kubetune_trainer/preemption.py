@@ -1,9 +1,14 @@
-"""SIGTERM (preemption, suspend, node drain): checkpoint at the next step, then stop.
+"""SIGTERM (preemption, suspend, node drain): checkpoint at the next micro-step, then stop.
 
-torchrun forwards the pod's SIGTERM to its workers and gives them 30 s before SIGKILL. Ranks
-may receive it at different steps (or only one node may be drained), so the ranks agree with
-an all-reduce each step: all stop at the same step and save one consistent checkpoint, instead
-of one rank leaving the others hanging in a collective.
+torchrun forwards the pod's SIGTERM to its workers and SIGKILLs them after
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which the operator sets from the pod's grace period. The stop is
+checked before every micro-batch (not only after a whole optimizer step: with 16 accumulation
+steps of a 7B model that alone can outlast the grace period). A stop in the middle of an
+accumulation drops the partial gradients and saves the state of the last optimizer step, which
+is exactly where a resumed run continues. Ranks may receive the signal at different times (or
+only one node may be drained), so they agree with an all-reduce: all stop at the same micro-step
+and save one consistent checkpoint, instead of one rank leaving the others hanging in a
+collective.
 """
 
 from __future__ import annotations
@@ -44,15 +49,14 @@ class PreemptionCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.training, self._finished = False, True
 
-    def _anyone_requested(self, device: torch.device) -> bool:
+    def stop_requested(self, device: torch.device) -> bool:
+        """Did any rank get SIGTERM? Every rank must call this at the same point."""
         if not dist.is_initialized():
             return self.requested
         flag = torch.tensor([int(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._anyone_requested(args.device):
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped_at = state.global_step
+
+class StopTraining(Exception):
+    """Raised before a micro-step when the ranks agreed to stop; the trainer catches it."""

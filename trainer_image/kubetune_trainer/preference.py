@@ -126,7 +126,7 @@ def _message_problem(messages: Any) -> str | None:
 
 def texts(data: LoadedData, fields: FieldsSpec) -> Iterator[str]:
     """All text the model will see (to train a tiny model's tokenizer)."""
-    for record in data.train + data.eval:
+    for record in data.records("train") + data.records("eval"):
         values = record.values
         if fields.prompt:
             yield str(values.get(fields.prompt, ""))

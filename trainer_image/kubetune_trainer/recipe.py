@@ -27,7 +27,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from datasets import Dataset
 from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
@@ -59,10 +61,18 @@ from kubetune_trainer import (
     storage,
     strategies,
 )
+from kubetune_trainer.chat import resolve_template
 from kubetune_trainer.checkpoints import CheckpointCallback
 from kubetune_trainer.console import Console, ProgressCallback
-from kubetune_trainer.data import DataError, LoadedData, load_records, training_texts
-from kubetune_trainer.features import collator_for, count_input_tokens, pack, tokenize
+from kubetune_trainer.data import DataError, LoadedData, read_data, training_texts
+from kubetune_trainer.features import (
+    Tokenization,
+    arrow_lengths,
+    collator_for,
+    count_input_tokens,
+    prepare_features,
+)
+from kubetune_trainer.losses import loss_function_for
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
@@ -73,7 +83,7 @@ from kubetune_trainer.modeling import (
     parameter_counts,
     resolve_precision,
 )
-from kubetune_trainer.preemption import Preempted, PreemptionCallback
+from kubetune_trainer.preemption import Preempted, PreemptionCallback, StopTraining
 from kubetune_trainer.ranks import global_rank, is_local_leader, is_rank0, local_rank, world_size
 from kubetune_trainer.samples import write_samples
 from kubetune_trainer.tiny import build_tiny_model
@@ -82,6 +92,7 @@ from kubetune_trainer.tracking import tracking_run
 TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
 TENSORBOARD_DIR = "logs"  # local event files; published under <output>/logs/
+DATA_DIR = "data"  # records and tokenized features, memory-mapped Arrow
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
 log = logging.getLogger("kubetune")
 # Raised inside transformers/peft on every run; nothing a user of kubetune can act on.
@@ -111,18 +122,27 @@ class Setup:
     tokenizer: PreTrainedTokenizerBase
     args: TrainingArguments
     model: PreTrainedModel
-    train_features: list[dict[str, Any]]
-    eval_features: list[dict[str, Any]]
+    train_features: Dataset  # memory-mapped Arrow
+    eval_features: Dataset | None
     metrics: TrainerMetrics
     tokens: TokenCounter = field(default_factory=lambda: TokenCounter())
     console: Console = field(default_factory=Console.from_env)
 
+    @property
+    def identity(self) -> str:
+        """Whose checkpoints this run may resume and prune (checkpoints.job_identity)."""
+        return checkpoints.job_identity(self.job, self.data.digest)
+
 
 class TokenCounter:
-    """Non-pad tokens fed to training (eval batches are not counted)."""
+    """Non-pad tokens fed to training (eval batches are not counted), and all positions."""
 
     def __init__(self) -> None:
-        self.total = self._reported = 0
+        self.total = self._reported = self.positions = 0
+
+    @property
+    def nonpad_fraction(self) -> float | None:
+        return round(self.total / self.positions, 4) if self.positions else None
 
     def take(self) -> int:
         """Tokens since the previous call (for per-step throughput)."""
@@ -144,7 +164,8 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
     metrics = start_metrics(job)
     preemption = PreemptionCallback()
     try:
-        ready = setup(job, output_uri or job.spec.output.uri, scratch, metrics)
+        ready = setup(job, output_uri or job.spec.output.uri, scratch, metrics,
+                      data_dir=data_dir(workdir, scratch))
         trainer = build_trainer(ready, preemption)
         resumed = resume(ready)
         started = time.monotonic()
@@ -153,8 +174,9 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
             if resumed and is_local_leader():
                 shutil.rmtree(resumed, ignore_errors=True)  # loaded; the remote copy is kept
             if preemption.stopped_at is not None:
-                raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; "
-                                f"checkpoint saved")
+                saved = ("checkpoint saved" if preemption.stopped_at
+                         else "no step to checkpoint yet")
+                raise Preempted(f"stopped by SIGTERM at step {preemption.stopped_at}; {saved}")
             evaluated = evaluate(ready, trainer)
         facts = summarize(ready, trainer, evaluated, time.monotonic() - started)
         facts["resumedFromStep"] = _step_of(resumed)
@@ -172,6 +194,17 @@ def run(job: FineTuneJob, *, output_uri: str | None = None,
         preemption.restore()
         if workdir is None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def data_dir(workdir: str | Path | None, scratch: Path) -> Path:
+    """Where the data is read and tokenized once per node: the given work directory (shared by
+    the node's ranks), else the node's temp directory when ranks share a node (the pod's /tmp),
+    else this run's scratch."""
+    if workdir is not None:
+        return Path(workdir) / DATA_DIR
+    if world_size() > 1:
+        return Path(tempfile.gettempdir()) / "kubetune-data"
+    return scratch / DATA_DIR
 
 
 def start_metrics(job: FineTuneJob) -> TrainerMetrics:
@@ -195,29 +228,31 @@ def job_metrics(job: FineTuneJob) -> TrainerMetrics:
 
 
 def setup(job: FineTuneJob, output_uri: str, workdir: Path,
-          metrics: TrainerMetrics | None = None) -> Setup:
+          metrics: TrainerMetrics | None = None, data_dir: Path | None = None) -> Setup:
     spec = job.spec
     set_seed(spec.training.seed)
-    data = load_records(spec.dataset, spec.model.task, spec.training.seed)
+    cache = data_dir or workdir / DATA_DIR
+    data = read_data(spec.dataset, spec.model.task, spec.training.seed, cache)
     precision = resolve_precision(spec.training.precision, torch.cuda.is_available())
     source = model_source(job, data, workdir)
     tokenizer = load_tokenizer(source, spec.model.revision, spec.model.task,
                                spec.dataset.add_special_tokens)
-
-    def features(records: list[Any]) -> list[dict[str, Any]]:
-        tokenized = tokenize(records, spec.dataset, spec.model.task, tokenizer,
-                             data.label_names, spec.model.num_labels)
-        return pack(tokenized, spec.dataset.max_seq_length) if spec.dataset.packing else tokenized
-
+    template = resolve_template(spec.dataset.chat_template)
+    if template:
+        tokenizer.chat_template = template  # also saved with the artifact: inference matches
     if spec.training.objective != Objective.SFT:  # pairs; TRL tokenizes them (preference.py)
-        features = partial(preference.checked_pairs, fields=spec.dataset.fields,
-                           tokenizer=tokenizer)
-    train_features, eval_features = features(data.train), features(data.eval)
-    if not train_features:
-        raise DataError(f"{spec.dataset.train}: no record has a token to learn from after "
-                        f"truncation to {spec.dataset.max_seq_length}")
+        check = partial(preference.checked_pairs, fields=spec.dataset.fields,
+                        tokenizer=tokenizer)
+        train_features, eval_features = check(data.records("train")), (
+            check(data.records("eval")) or None)
+        if not train_features:
+            raise DataError(f"{spec.dataset.train}: no preference pair to learn from")
+    else:
+        how = Tokenization(spec.dataset, spec.model.task, tokenizer, data.label_names,
+                           spec.model.num_labels)
+        train_features, eval_features = prepare_features(data, how, cache)
     # Arguments before the model: with ZeRO-3 they make from_pretrained load sharded.
-    args = training_arguments(job, precision, workdir, has_eval=bool(eval_features),
+    args = training_arguments(job, precision, workdir, has_eval=eval_features is not None,
                               cuda=torch.cuda.is_available(),
                               config=arguments_class(job))
     compute = compute_dtype(spec, precision)
@@ -271,7 +306,7 @@ def trainer_callbacks(ready: Setup, preemption: PreemptionCallback | None) -> li
         metrics_callback(ready.metrics, ready.tokens.take),
         ProgressCallback(ready.console.progress_mode(sys.stderr), ready.metrics.rates),
         CheckpointCallback(checkpoints.root_uri(spec, ready.output_uri),
-                           spec.checkpoint.keep_last, ready.metrics),
+                           spec.checkpoint.keep_last, ready.identity, ready.metrics),
     ]
     if spec.training.early_stopping:
         callbacks.append(EarlyStoppingCallback(
@@ -292,14 +327,16 @@ def sft_trainer(ready: Setup, callbacks: list[Any]) -> Trainer:
     def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         collated = collate(batch)
         if ready.model.training:
-            ready.tokens.total += count_input_tokens(collated)
+            ready.tokens.total += count_input_tokens(batch)
+            ready.tokens.positions += int(collated["input_ids"].numel())
         return collated
 
     classify = spec.model.task == Task.SEQUENCE_CLASSIFICATION
     trainer = FrozenHeapTrainer(
         model=ready.model, args=ready.args, train_dataset=ready.train_features,
-        eval_dataset=ready.eval_features or None, data_collator=counting_collator,
+        eval_dataset=ready.eval_features, data_collator=counting_collator,
         processing_class=ready.tokenizer, callbacks=callbacks,
+        compute_loss_func=loss_function_for(spec.model.task),
         compute_metrics=evaluation.classification_metrics if classify else None,
         preprocess_logits_for_metrics=evaluation.predicted_classes if classify else None)
     trainer.perplexity = spec.model.task != Task.SEQUENCE_CLASSIFICATION
@@ -322,7 +359,7 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
     """Length-grouped order that depends only on (seed, epoch). HF's sampler draws from the
     global RNG, so a run resumed inside epoch 2+ would skip other batches than it trained."""
 
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+    def __init__(self, batch_size: int, lengths: Any, seed: int):
         super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
         self.seed = seed
         self.set_epoch(0)
@@ -330,6 +367,21 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
     def set_epoch(self, epoch: int) -> None:  # accelerate calls it at every epoch start
         assert self.generator is not None
         self.generator.manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Any:
+        """HF's grouping (random mega-batches of 50 batches, each sorted longest first, the
+        longest batch first overall) on numpy arrays: HF builds it from Python lists, ~100
+        bytes a record, which made the sampler grow with the data size."""
+        lengths = np.asarray(self.lengths)
+        count = len(lengths)
+        size = max(1, min(count // (self.batch_size * 4), 50)) * self.batch_size
+        order = torch.randperm(count, generator=self.generator).numpy()
+        for start in range(0, count, size):
+            chunk = order[start:start + size]
+            order[start:start + size] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        longest = int(np.argmax(lengths[order[::size]])) * size
+        order[0], order[longest] = order[longest], order[0]
+        return map(int, order)
 
 
 class FrozenHeapTrainer(Trainer):
@@ -341,6 +393,14 @@ class FrozenHeapTrainer(Trainer):
     """
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if (self.args.train_sampling_strategy == "group_by_length"
+                and isinstance(dataset, Dataset)):
+            # Lengths straight from Arrow: HF's sampler would read every row in Python.
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                arrow_lengths(dataset), seed)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -349,10 +409,19 @@ class FrozenHeapTrainer(Trainer):
 
     perplexity = False  # language modelling: report exp(eval loss) with every evaluation
 
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        preemption = self._preemption()
+        if preemption is not None and preemption.stop_requested(self.args.device):
+            raise StopTraining
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
         gc.freeze()
         try:
             return super().train(*args, **kwargs)
+        except StopTraining:
+            self._checkpoint_and_stop()
+            return None
         finally:
             gc.unfreeze()
 
@@ -362,11 +431,26 @@ class FrozenHeapTrainer(Trainer):
             evaluation.add_perplexity(output.metrics, kwargs.get("metric_key_prefix", "eval"))
         return output
 
+    def _preemption(self) -> PreemptionCallback | None:
+        return next((c for c in self.callback_handler.callbacks
+                     if isinstance(c, PreemptionCallback)), None)
+
+    def _checkpoint_and_stop(self) -> None:
+        """Save the last complete optimizer step (the partial accumulation is dropped: a
+        resumed run redoes that step from its first micro-batch) and tell the callbacks."""
+        preemption = self._preemption()
+        assert preemption is not None
+        preemption.stopped_at = self.state.global_step
+        if self.state.global_step > 0:
+            self._save_checkpoint(self.model_wrapped, trial=None)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+
 
 def resume(ready: Setup) -> Path | None:
     """The newest complete checkpoint, downloaded, or None for a fresh start."""
     root = checkpoints.root_uri(ready.job.spec, ready.output_uri)
-    step = checkpoints.resume_step(root)
+    step = checkpoints.resume_step(root, ready.identity)
     if step is None:
         return None
     if is_rank0():
@@ -383,7 +467,7 @@ def _step_of(checkpoint: Path | None) -> int | None:
 
 def evaluate(ready: Setup, trainer: Trainer) -> dict[str, float]:
     """The final evaluation's metrics (eval_loss, eval_perplexity / eval_accuracy, eval_f1)."""
-    if not ready.eval_features:
+    if ready.eval_features is None:
         return {}
     ready.metrics.set_phase("evaluating")
     return {k: float(v) for k, v in trainer.evaluate().items()
@@ -463,8 +547,8 @@ def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float] | floa
     world = trainer.args.world_size
     return {
         "dataset": {"train": ready.job.spec.dataset.train, "eval": ready.job.spec.dataset.eval,
-                    "sha256": ready.data.digest, "trainRecords": len(ready.data.train),
-                    "evalRecords": len(ready.data.eval)},
+                    "sha256": ready.data.digest, "trainRecords": ready.data.counts["train"],
+                    "evalRecords": ready.data.counts["eval"]},
         "metrics": {"steps": trainer.state.global_step,
                     "firstTrainLoss": losses[0] if losses else None,
                     "trainLoss": losses[-1] if losses else None,
@@ -476,6 +560,7 @@ def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float] | floa
                     "trainSeconds": round(seconds, 3),
                     "tokensPerSecond": round(ready.tokens.total * world / max(seconds, 1e-9),
                                              1),
+                    "nonPadFraction": ready.tokens.nonpad_fraction,
                     **(preference.reward_facts(trainer.state.log_history)
                        if ready.job.spec.training.objective != Objective.SFT else {})},
         "parameters": {"trainable": trainable, "total": total},

@@ -62,6 +62,9 @@ _PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+PERMANENT_ERRORS = _PERMANENT_ERRORS
+
+
 class StorageError(RuntimeError):
     """A storage operation failed for good; the message names the URI and the cause."""
 
@@ -179,13 +182,18 @@ def _retry(
     attempts: int | None = None,
     base_delay: float | None = None,
     cancelled: threading.Event | None = None,
+    fatal: tuple[type[BaseException], ...] = (),
 ) -> T:
-    """Call ``fn`` until it succeeds, with exponential backoff; StorageError when it won't."""
+    """Call ``fn`` until it succeeds, with exponential backoff; StorageError when it won't.
+
+    Exceptions of the `fatal` types pass through at once (the caller's own verdicts)."""
     attempts = RETRY_ATTEMPTS if attempts is None else attempts
     base_delay = RETRY_BASE_DELAY if base_delay is None else base_delay
     for attempt in range(max(1, attempts)):
         try:
             return fn()
+        except fatal:
+            raise
         except _PERMANENT_ERRORS as e:
             raise StorageError(f"{what}: {_describe(e)}") from e
         except Exception as e:
@@ -201,6 +209,14 @@ def _retry(
             elif cancelled.wait(delay):
                 raise StorageError(f"{what}: cancelled after {_describe(e)}") from e
     raise AssertionError("unreachable")
+
+
+def read_with_retries(what: str, fn: Callable[[], T], *,
+                      fatal: tuple[type[BaseException], ...] = ()) -> T:
+    """A whole read (e.g. streaming a dataset file) retried like every other storage call: a
+    transient error restarts it from the beginning; StorageError once retries are spent (a
+    retryable failure, exit 1), with a permanent cause (missing, denied) at once."""
+    return _retry(what, fn, fatal=fatal)
 
 
 def _describe(e: BaseException) -> str:

@@ -39,7 +39,7 @@ def deepspeed_config(spec: FineTuneJobSpec, precision: Precision) -> dict[str, A
             "stage3_prefetch_bucket_size": "auto",
             "stage3_param_persistence_threshold": "auto",
         })
-    config = {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
@@ -47,7 +47,18 @@ def deepspeed_config(spec: FineTuneJobSpec, precision: Precision) -> dict[str, A
         "fp16": {"enabled": precision.name == "fp16"},
         "zero_optimization": zero,
     }
-    return deep_merge(config, spec.training.strategy_config)
+    merged = deep_merge(config, spec.training.strategy_config)
+    if _offloads_optimizer(merged) and "optimizer" not in merged:
+        # ZeRO-Offload refuses a torch optimizer built by the Trainer; it runs its own CPU Adam
+        # when the config names the optimizer ("auto" values come from the training settings).
+        merged["optimizer"] = {"type": "AdamW", "params": {
+            "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    return merged
+
+
+def _offloads_optimizer(config: dict[str, Any]) -> bool:
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
 
 
 def fsdp_arguments(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -90,8 +101,12 @@ def quant_storage(spec: FineTuneJobSpec, compute: torch.dtype) -> torch.dtype | 
 
 
 def device_map(spec: FineTuneJobSpec, local_device: str | int) -> dict[str, Any] | None:
-    """QLoRA+DDP pins each rank's quantized model to its own device (accelerate#1515); sharded
-    strategies place parameters themselves."""
-    if spec.method.type != MethodType.QLORA or shards_parameters(spec):
+    """Where each rank loads its weights. DDP/ZeRO-2 on GPUs: straight onto the rank's own GPU,
+    not first into CPU RAM on every rank (8 ranks x a 7B model otherwise); QLoRA also needs it
+    to train at all (accelerate#1515). Sharded strategies place parameters themselves (ZeRO-3
+    loads sharded, FSDP loads on rank 0's CPU and broadcasts). CPU runs load in place."""
+    if shards_parameters(spec):
         return None
-    return {"": local_device}
+    if spec.method.type == MethodType.QLORA or isinstance(local_device, int):
+        return {"": local_device}
+    return None

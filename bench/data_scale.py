@@ -1,0 +1,151 @@
+"""Trainer memory against data size: the same job on 30 MB and 300 MB of prompt/completion data.
+
+    .venv/bin/python bench/data_scale.py [--sizes-mb 30 300] [--steps 2]
+
+Generates prompt/completion JSONL of each size, then runs one process per size that does what a
+rank does before and at the start of training: `recipe.setup` (read and check every record into
+Arrow, tokenize into the memory-mapped cache, load the model) and `build_trainer`, then a few
+optimizer steps (so the sampler and dataloader over the whole dataset are included). The model
+is a tiny Llama whose tokenizer was trained on a sample of the data once (tokenizer training is
+not what is measured). Each run prints its peak RSS and the seconds spent reading and
+tokenizing; the last line is
+
+    rss_ratio=<peak RSS of the largest / of the smallest> tokenize_mb_per_s=<largest run>
+
+Target: rss_ratio <= 1.3 (memory flat in data size). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCABULARY = ("the cat sees a ball capital of France is Paris reset my password open settings "
+              "now customer asks how to export data from the dashboard answer with the menu path")
+WORDS = VOCABULARY.split()
+
+
+def generate(path: Path, size_mb: int, seed: int = 0) -> int:
+    """Prompt/completion JSONL of about `size_mb` MB; returns the record count."""
+    rng = random.Random(seed)
+    target, written, rows = size_mb * 1_000_000, 0, 0
+    with path.open("w") as out:
+        while written < target:
+            prompt = " ".join(rng.choices(WORDS, k=rng.randint(8, 40)))
+            completion = " ".join(rng.choices(WORDS, k=rng.randint(4, 30)))
+            line = json.dumps({"prompt": prompt, "completion": " " + completion}) + "\n"
+            out.write(line)
+            written += len(line)
+            rows += 1
+    return rows
+
+
+def build_model(directory: Path, sample: Path) -> None:
+    from kubetune_trainer.tiny import build_tiny_model
+
+    with sample.open() as handle:
+        texts = [t for line, _ in zip(handle, range(5000), strict=False)
+                 for t in json.loads(line).values()]
+    build_tiny_model("llama", texts, directory, max_positions=256, seed=0)
+
+
+def job_yaml(model_dir: Path, data: Path, out: Path, steps: int) -> str:
+    return json.dumps({
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "data-scale"},
+        "spec": {
+            "model": {"name": str(model_dir)},
+            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
+            "dataset": {"train": str(data), "fields": {"prompt": "prompt",
+                                                       "completion": "completion"},
+                        "maxSeqLength": 128},
+            "training": {"maxSteps": steps, "perDeviceBatchSize": 4, "logEverySteps": 1},
+            "output": {"uri": str(out)},
+        },
+    })
+
+
+def child(config: str, workdir: str) -> None:
+    """One run: setup (timed in its data parts), a few steps, then print the figures as JSON."""
+    import datasets
+
+    from kubetune_api.load import load_job
+    from kubetune_trainer import data, features, recipe
+
+    datasets.disable_progress_bars()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+        return wrapper
+
+    recipe.read_data = timed("read", data.read_data)  # type: ignore[attr-defined]
+    recipe.prepare_features = timed("tokenize", features.prepare_features)  # type: ignore[attr-defined]
+    job = load_job(config)
+    work = Path(workdir)
+    ready = recipe.setup(job, str(work / "out"), work)
+    trainer = recipe.build_trainer(ready)
+    trainer.train()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mb": round(peak_kb / 1024, 1), "rows": ready.data.counts["train"],
+                      "read_s": round(timings["read"], 2),
+                      "tokenize_s": round(timings["tokenize"], 2),
+                      "steps": trainer.state.global_step}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[30, 300])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kubetune-data-scale-") as tmp:
+        root = Path(tmp)
+        for size in args.sizes_mb:
+            data = root / f"train-{size}mb.jsonl"
+            started = time.perf_counter()
+            rows = generate(data, size)
+            print(f"{size} MB: {rows:,} records generated in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            if not (root / "model").exists():
+                build_model(root / "model", data)
+            config = root / f"job-{size}.yaml"
+            config.write_text(job_yaml(root / "model", data, root / f"out-{size}", args.steps))
+            work = root / f"work-{size}"
+            work.mkdir()
+            run = subprocess.run([sys.executable, __file__, "--child", str(config), str(work)],
+                                 capture_output=True, text=True, cwd=ROOT, check=False)
+            if run.returncode != 0:
+                sys.exit(f"run on {size} MB failed:\n{run.stderr[-4000:]}")
+            figures = json.loads(run.stdout.strip().splitlines()[-1])
+            figures["mb"] = data.stat().st_size / 1e6
+            results.append(figures)
+            print(f"{size} MB: peak RSS {figures['peak_rss_mb']:.0f} MB, "
+                  f"{figures['rows']:,} records, read+check {figures['read_s']:.1f} s, "
+                  f"tokenize {figures['tokenize_s']:.1f} s "
+                  f"({figures['mb'] / figures['tokenize_s']:.1f} MB/s)", flush=True)
+            data.unlink()
+    small, large = results[0], results[-1]
+    print(f"rss_ratio={large['peak_rss_mb'] / small['peak_rss_mb']:.2f} "
+          f"tokenize_mb_per_s={large['mb'] / large['tokenize_s']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

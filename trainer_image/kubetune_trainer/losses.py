@@ -1,0 +1,43 @@
+"""The loss, normalized right under gradient accumulation and data parallelism, for every task.
+
+transformers 5 decides from a model's `forward(**kwargs)` that the model divides its loss by
+`num_items_in_batch` (the label count of the whole optimizer step across ranks) itself; the
+Trainer then skips the division by the accumulation steps and multiplies by the world size.
+Causal-LM models do use it. Sequence-classification, masked-LM and seq2seq models take
+`**kwargs` but average over their own micro-batch, so their gradients and logged loss came out
+`gradient_accumulation_steps x world_size` too large. For them the Trainer is given this loss
+instead: a sum over the labels of the micro-batch divided by the step's label count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kubetune_api.spec import Task
+from kubetune_trainer.data import IGNORE_INDEX
+
+LossFunction = Callable[..., torch.Tensor]
+
+
+def summed_label_loss(outputs: Any, labels: torch.Tensor,
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Cross-entropy summed over the labels (classes or tokens, -100 ignored), divided by the
+    labels of the whole step (the Trainer's count across accumulation and ranks), or of this
+    batch when there is no such count (evaluation)."""
+    logits = outputs["logits"]
+    labels = labels.to(logits.device)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE_INDEX).sum()
+    if isinstance(count, torch.Tensor):
+        return total / count.to(total.device).clamp(min=1)
+    return total / max(int(count), 1)
+
+
+def loss_function_for(task: str) -> LossFunction | None:
+    """None where the model normalizes by `num_items_in_batch` itself (causal LM)."""
+    return None if task == Task.CAUSAL_LM else summed_label_loss
