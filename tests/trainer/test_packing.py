@@ -59,3 +59,13 @@ def test_no_token_attends_across_a_document_boundary(arch: str) -> None:
     with torch.no_grad():
         leaked = model(**leaky).logits[0, len(doc_a):]
     assert not torch.allclose(leaked, reference, atol=1e-5)
+
+
+def test_the_summary_reports_the_non_pad_fraction() -> None:
+    from kubetune_trainer.console import summary_text
+
+    metrics = {"steps": 3, "trainSeconds": 1.0, "tokensPerSecond": 900.0,
+               "firstTrainLoss": None, "trainLoss": None, "nonPadFraction": 0.987}
+    manifest = {"method": "lora", "task": "causal-lm", "baseModel": {"name": "m"},
+                "metrics": metrics, "parameters": {"trainable": 1, "total": 2}, "worldSize": 1}
+    assert "900 tokens/s, 99% non-pad, world size 1)" in summary_text("out", manifest)

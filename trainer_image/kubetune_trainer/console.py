@@ -85,13 +85,19 @@ def summary_text(uri: str, manifest: dict[str, Any]) -> str:
     lines = [
         f"kubetune: {manifest['method']} {manifest['task']} on {manifest['baseModel']['name']}"
         f" done in {m['steps']} steps ({m['trainSeconds']:.1f} s, "
-        f"{m['tokensPerSecond']:.0f} tokens/s, world size {manifest['worldSize']})",
+        f"{m['tokensPerSecond']:.0f} tokens/s{_nonpad(m)}, world size {manifest['worldSize']})",
         losses,
         rewards,
         f"  trainable parameters {p['trainable']:,} of {p['total']:,}",
         f"  artifact: {uri}",
     ]
     return "\n" + "\n".join(line for line in lines if line)
+
+
+def _nonpad(metrics: dict[str, Any]) -> str:
+    """The share of real tokens among the positions trained on (packing: close to 100 %)."""
+    fraction = metrics.get("nonPadFraction")
+    return f", {fraction:.0%} non-pad" if fraction is not None else ""
 
 
 EVAL_LABELS = (("evalLoss", "eval loss"), ("evalPerplexity", "eval perplexity"),
