@@ -77,8 +77,8 @@ def test_identity_follows_the_job_uid_and_the_weight_shaping_settings(
     assert local != checkpoints.job_identity(job, "other-data")
     edited = example_job("tiny-lora", tmp_path, training={"learningRate": 1e-3})
     assert local != checkpoints.job_identity(edited, "digest")
-    logged = example_job("tiny-lora", tmp_path, training={"logEverySteps": 7},
-                         checkpoint={"keepLast": 5})
+    logged = example_job("tiny-lora", tmp_path, training={"logEverySteps": 7, "maxSteps": 99},
+                         checkpoint={"keepLast": 5})  # a longer run of the same job resumes
     assert local == checkpoints.job_identity(logged, "digest")
     monkeypatch.setenv(contract.JOB_UID_ENV, "uid-1")
     first = checkpoints.job_identity(job, "digest")

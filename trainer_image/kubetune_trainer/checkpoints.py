@@ -39,13 +39,19 @@ OWNER_FILE = "kubetune-owner.json"  # written before the upload: whose partial f
 log = logging.getLogger("kubetune")
 
 
+NOT_WEIGHT_SHAPING = {"epochs", "max_steps", "log_every_steps", "eval_every_steps",
+                      "early_stopping", "load_best_at_end", "best_metric", "report_to",
+                      "compile", "liger_kernels", "gradient_checkpointing"}
+
+
 def job_identity(job: FineTuneJob, data_digest: str) -> str:
     """Who a checkpoint belongs to: the FineTuneJob's UID (absent for `kubetune run`) and the
-    settings that shape the weights. Output, checkpoint, resources, metrics and logging
-    settings are not part of it: changing them keeps resuming."""
+    settings that shape the weights learned so far. The run's length (a longer run continues),
+    evaluation, reporting, speed-only settings, output, checkpoint, resources and metrics are
+    not part of it: changing them keeps resuming."""
     shaping = job.spec.model_dump(
         mode="json", include={"model", "method", "dataset", "training"},
-        exclude={"training": {"log_every_steps", "eval_every_steps"}})
+        exclude={"training": NOT_WEIGHT_SHAPING})
     facts = {"jobUid": os.environ.get(JOB_UID_ENV) or None, "dataSha256": data_digest, **shaping}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
