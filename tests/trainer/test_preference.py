@@ -48,7 +48,7 @@ def read_pairs(tmp_path: Path, rows: list[Any], fields: dict[str, str] | None = 
                ) -> list[dict[str, Any]]:
     spec = dpo_job(tmp_path, rows, fields).spec
     data = load_records(spec.dataset, spec.model.task, spec.training.seed)
-    return preference.pairs(data.train, spec.dataset.fields)
+    return preference.pairs(data.records("train"), spec.dataset.fields)
 
 
 GOOD = {"prompt": "Q:", "chosen": " yes", "rejected": " no"}
@@ -112,7 +112,7 @@ def test_bad_conversational_pairs(tmp_path: Path, chosen: Any, rejected: Any,
 def test_conversations_need_a_chat_template(tmp_path: Path) -> None:
     row = {"chosen": [USER, answer("a")], "rejected": [USER, answer("b")]}
     spec = dpo_job(tmp_path, [row], CHAT).spec
-    records = load_records(spec.dataset, spec.model.task, spec.training.seed).train
+    records = load_records(spec.dataset, spec.model.task, spec.training.seed).records("train")
     tokenizer = train_tokenizer("llama", ["a b c"] * 4)
     assert preference.checked_pairs(records, spec.dataset.fields, tokenizer)[0]["prompt"] == [
         USER]
