@@ -291,15 +291,15 @@ def test_dpo_sigterm_checkpoints_and_the_rerun_resumes(tmp_path: Path,
     plain = recipe.trainer_callbacks
     monkeypatch.setattr(recipe, "trainer_callbacks",
                         lambda ready, pre: [*plain(ready, pre), SigtermAtStep(3)])
-    with pytest.raises(Preempted, match="at step 4"):  # seen at the next step, on all ranks
+    with pytest.raises(Preempted, match="at step 3"):  # seen before the next micro-batch
         recipe.run(job)
-    assert checkpoints.resume_step(str(output / CHECKPOINTS_SUBDIR)) == 4
+    assert checkpoints.complete_steps(str(output / CHECKPOINTS_SUBDIR)) == [3]
     assert not (output / MANIFEST_FILE).exists()
 
     monkeypatch.setattr(recipe, "trainer_callbacks", plain)
     assert recipe.run(job) is not None
     manifest = manifest_of(output)
-    assert manifest["resumedFromStep"] == 4 and manifest["metrics"]["steps"] == 12
+    assert manifest["resumedFromStep"] == 3 and manifest["metrics"]["steps"] == 12
     steps = [step for step, _ in manifest["metrics"]["lossCurve"]]
     assert steps == list(range(1, 13))  # the restored history continues, nothing repeated
     assert manifest["metrics"]["rewardAccuracy"]["final"] is not None
