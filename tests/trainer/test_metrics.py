@@ -215,7 +215,9 @@ def test_metrics_callback_drives_metrics(metrics: TrainerMetrics, clock: FakeClo
 
     port = metrics.serve(0)
     counted = iter([300, 200, 100])
-    callback = metrics_callback(metrics, count_tokens=lambda: next(counted))
+    fractions = iter([None, 0.5, 0.875])  # None: nothing fed yet, so no sample is set
+    callback = metrics_callback(metrics, count_tokens=lambda: next(counted),
+                                nonpad_fraction=lambda: next(fractions))
     assert isinstance(callback, MetricsCallback) and isinstance(callback, TrainerCallback)
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, use_cpu=True, report_to=[])
@@ -242,6 +244,7 @@ def test_metrics_callback_drives_metrics(metrics: TrainerMetrics, clock: FakeClo
     assert value(samples, contract.METRIC_TOTAL_STEPS) == 30
     assert value(samples, contract.METRIC_STEP) == 3
     assert value(samples, "kubetune_trainer_tokens_total") == 600
+    assert value(samples, "kubetune_trainer_nonpad_fraction") == 0.875
     assert value(samples, contract.METRIC_TOKENS_PER_SECOND) == pytest.approx(600 / 1.5)
     assert value(samples, "kubetune_trainer_samples_per_second") == pytest.approx(8 * 3 / 1.5)
     assert value(samples, contract.METRIC_ETA_SECONDS) == pytest.approx(27 * 0.5)

@@ -93,6 +93,10 @@ class TrainerMetrics:
         self._tokens_per_s = gauge(
             METRIC_TOKENS_PER_SECOND, f"Tokens/s of this rank over the last {window} steps."
         ).labels(**r)
+        self._nonpad = gauge(
+            "kubetune_trainer_nonpad_fraction",
+            "Share of the training positions fed so far that hold real tokens, not padding.",
+        ).labels(**r)
         self._samples_per_s = gauge(
             "kubetune_trainer_samples_per_second",
             f"Samples/s of this rank over the last {window} steps.",
@@ -190,9 +194,13 @@ class TrainerMetrics:
         self._total_steps = n
         self._total.set(n)
 
-    def on_step(self, step: int, epoch: float, *, tokens: int, samples: int) -> None:
-        """One optimizer step done: ``tokens``/``samples`` are what this rank processed in it."""
+    def on_step(self, step: int, epoch: float, *, tokens: int, samples: int,
+                nonpad_fraction: float | None = None) -> None:
+        """One optimizer step done: ``tokens``/``samples`` are what this rank processed in it;
+        ``nonpad_fraction`` is the share of real tokens among all positions fed so far."""
         now = self._clock()
+        if nonpad_fraction is not None:
+            self._nonpad.set(nonpad_fraction)
         self._step.set(step)
         self._epoch.set(epoch)
         if tokens:
@@ -299,10 +307,12 @@ def _metrics_callback_class() -> type:
             metrics: TrainerMetrics,
             count_tokens: Callable[[], int] | None = None,
             count_samples: Callable[[], int] | None = None,
+            nonpad_fraction: Callable[[], float | None] | None = None,
         ) -> None:
             self.metrics = metrics
             self.count_tokens = count_tokens
             self.count_samples = count_samples
+            self.nonpad_fraction = nonpad_fraction
             self._training = False
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -319,8 +329,9 @@ def _metrics_callback_class() -> type:
                 samples = self.count_samples()
             else:
                 samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
-            self.metrics.on_step(state.global_step, float(state.epoch or 0.0),
-                                 tokens=tokens, samples=samples)
+            self.metrics.on_step(
+                state.global_step, float(state.epoch or 0.0), tokens=tokens, samples=samples,
+                nonpad_fraction=self.nonpad_fraction() if self.nonpad_fraction else None)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kwargs: Any) -> None:
@@ -348,9 +359,11 @@ def metrics_callback(
     metrics: TrainerMetrics,
     count_tokens: Callable[[], int] | None = None,
     count_samples: Callable[[], int] | None = None,
+    nonpad_fraction: Callable[[], float | None] | None = None,
 ) -> TrainerCallback:
     """A ``MetricsCallback`` for ``Trainer(callbacks=[...])`` (see its docstring)."""
-    instance: TrainerCallback = _metrics_callback_class()(metrics, count_tokens, count_samples)
+    instance: TrainerCallback = _metrics_callback_class()(
+        metrics, count_tokens, count_samples, nonpad_fraction)
     return instance
 
 

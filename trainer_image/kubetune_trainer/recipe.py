@@ -303,7 +303,8 @@ def trainer_callbacks(ready: Setup, preemption: PreemptionCallback | None) -> li
     the same for every objective."""
     spec = ready.job.spec
     callbacks: list[Any] = [
-        metrics_callback(ready.metrics, ready.tokens.take),
+        metrics_callback(ready.metrics, ready.tokens.take,
+                         nonpad_fraction=lambda: ready.tokens.nonpad_fraction),
         ProgressCallback(ready.console.progress_mode(sys.stderr), ready.metrics.rates),
         CheckpointCallback(checkpoints.root_uri(spec, ready.output_uri),
                            spec.checkpoint.keep_last, ready.identity, ready.metrics),
