@@ -8,12 +8,13 @@ import datetime
 import json
 from typing import Any
 
+import kopf
 import pytest
 
 from kubetune_api.crd import Phase
-from kubetune_operator import builders, slim
+from kubetune_operator import builders, handlers, main, slim
 from kubetune_operator import status as st
-from kubetune_operator.builders import Owner
+from kubetune_operator.builders import LABEL_JOB, Owner
 from kubetune_operator.handlers import pod_unread
 from kubetune_operator.settings import Settings
 from support.jobs import example_job
@@ -207,3 +208,15 @@ def test_finished_pods_of_finished_finetunejobs_leave_the_index(
         pod_phase: str, owners: list[Any], dropped: bool) -> None:
     pod = {"metadata": {"name": "p"}, "status": {"phase": pod_phase}}
     assert pod_unread(pod, [{"name": "tiny-lora", "phase": p} for p in owners]) is dropped
+
+
+def test_kopf_watches_only_trainer_objects_and_drops_idle_workers_quickly() -> None:
+    settings = kopf.OperatorSettings()
+    main.configure_kopf(settings)
+    selectors = {(s.group, s.version, s.any_name): label
+                 for s, label in settings.watching.label_selectors.items()}
+    assert selectors == {handlers.PODS: LABEL_JOB, handlers.JOBS: LABEL_JOB}
+    assert settings.watching.chunk_size == main.LIST_PAGE_SIZE
+    # An idle per-object worker holds its last whole body: kopf's 5 s default, times
+    # thousands of pods, was tens of MB (bench/operator_scale.py).
+    assert settings.queueing.idle_timeout == main.WORKER_IDLE_SECONDS < 5.0
