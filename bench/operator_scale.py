@@ -17,6 +17,9 @@ compare the RSS with and without.
 
     .venv/bin/python bench/operator_scale.py [--sizes 50 200 1000] [--rate 20]
     .venv/bin/python bench/operator_scale.py --jobs 1000 --pods-per-job 8 [--unrelated-pods 10000]
+
+`--heap-top K` runs the operator under tracemalloc (slower, more memory: its figures are not
+the benchmark's) and prints the K largest allocation sites left at the end.
 """
 
 from __future__ import annotations

@@ -217,6 +217,6 @@ def test_kopf_watches_only_trainer_objects_and_drops_idle_workers_quickly() -> N
                  for s, label in settings.watching.label_selectors.items()}
     assert selectors == {handlers.PODS: LABEL_JOB, handlers.JOBS: LABEL_JOB}
     assert settings.watching.chunk_size == main.LIST_PAGE_SIZE
-    # An idle per-object worker holds its last whole body: kopf's 5 s default, times
-    # thousands of pods, was tens of MB (bench/operator_scale.py).
+    # An idle per-object worker holds its object's last whole body (kopf's queueing.worker):
+    # with thousands of pods changing, kopf's 5 s default keeps thousands of them alive.
     assert settings.queueing.idle_timeout == main.WORKER_IDLE_SECONDS < 5.0
