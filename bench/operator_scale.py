@@ -17,18 +17,24 @@ compare the RSS with and without.
 
     .venv/bin/python bench/operator_scale.py [--sizes 50 200 1000] [--rate 20]
     .venv/bin/python bench/operator_scale.py --jobs 1000 --pods-per-job 8 [--unrelated-pods 10000]
+
+`--heap-top K` runs the operator under tracemalloc (slower, more memory: its figures are not
+the benchmark's) and prints the K largest allocation sites left at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import os
 import queue
+import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +160,21 @@ def all_children(emulator: TimedEmulator, names: list[str]) -> bool:
     return all(len(emulator.children_at.get(n, {})) == len(CHILD_KINDS) for n in names)
 
 
+def heap_top(pid: int, snapshot: Path, count: int) -> None:
+    """Where the operator's Python memory is at the end (tracemalloc, by file and line)."""
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(snapshot.exists, 300, interval=0.5, what="heap snapshot")
+    stats = tracemalloc.Snapshot.load(str(snapshot)).statistics("lineno")
+    total = sum(s.size for s in stats)
+    print(f"  traced Python heap {total / 2**20:.1f} MB; top {count} allocation sites:")
+    for stat in stats[:count]:
+        frame = stat.traceback[0]
+        where = "/".join(Path(frame.filename).parts[-3:])
+        print(f"  {stat.size / 2**20:7.1f} MB {stat.count:8d} blocks  {where}:{frame.lineno}")
+
+
 def run_size(count: int, timeout: float, rate: float, pods_per_job: int = 0,
-             unrelated: int = 0) -> tuple[list[float], float, int]:
+             unrelated: int = 0, heap: int = 0) -> tuple[list[float], float, int]:
     emulator = make_emulator(pods_per_job)
     nodes = pods_per_job or 2
     with EmulatorThread(emulator) as api, tempfile.TemporaryDirectory() as tmp:
@@ -165,8 +184,12 @@ def run_size(count: int, timeout: float, rate: float, pods_per_job: int = 0,
         if emulator.new_jobs is not None:
             controller = JobController(api, emulator.new_jobs)
             controller.start()
+        snapshot = Path(tmp) / "heap.snapshot"
+        profiling = {"KUBETUNE_HEAP_SNAPSHOT": str(snapshot), "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "bench" / "heapprobe"), os.environ.get("PYTHONPATH", "")])} \
+            if heap else {}
         operator = OperatorProcess(api, Path(tmp), KUBETUNE_PROGRESS_INTERVAL="60",
-                                   KUBETUNE_LOG_LEVEL="WARNING")
+                                   KUBETUNE_LOG_LEVEL="WARNING", **profiling)
         with operator:
             api.create(FTJ, finetunejob("warmup", nodes))
             wait_for(lambda: all_children(emulator, ["warmup"]), 120, what="operator ready")
@@ -185,6 +208,8 @@ def run_size(count: int, timeout: float, rate: float, pods_per_job: int = 0,
             time.sleep(1.0)  # let status writes settle before reading the peak
             assert operator.process is not None
             rss = peak_rss_mb(operator.process.pid)
+            if heap:
+                heap_top(operator.process.pid, snapshot, heap)
         pods = controller.pods if controller is not None else 0
         if controller is not None:
             controller.stop.set()
@@ -214,6 +239,9 @@ def main() -> int:
     parser.add_argument("--unrelated-pods", type=int, default=0,
                         help="pods of another team created first; also runs without them")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--heap-top", type=int, default=0, metavar="K",
+                        help="trace the operator's allocations (tracemalloc: slower, more "
+                        "memory) and print its K largest allocation sites at the end")
     args = parser.parse_args()
     sizes = [args.jobs] if args.jobs else args.sizes
     results: dict[int, tuple[float, float, float, int]] = {}
@@ -221,7 +249,7 @@ def main() -> int:
         for unrelated in sorted({0, args.unrelated_pods}):
             started = time.monotonic()
             latencies, rss, pods = run_size(count, args.timeout, args.rate, args.pods_per_job,
-                                            unrelated)
+                                            unrelated, args.heap_top)
             p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
             if unrelated == 0:
                 results[count] = (p50, p99, rss, pods)

@@ -21,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from kubetune_api.crd import Phase
+from kubetune_api.crd import TERMINAL_PHASES, Phase
 from kubetune_api.spec import GROUP, PLURAL, VERSION
 from kubetune_operator import slim
 from kubetune_operator.builders import LABEL_JOB, base_name
@@ -47,6 +47,15 @@ def children_lookup(pods_index: kopf.Index[Any, Any],
     return lookup
 
 
+def pod_unread(body: Any, owners: Any) -> bool:
+    """A finished pod whose FineTuneJob(s) of that name all finished: the status logic of a
+    finished FineTuneJob reads no pod (status._Planner.finished), so the index need not keep
+    it. A pod that is still running, or whose owner is unknown yet, is always kept."""
+    owners = list(owners)
+    return (body.get("status") or {}).get("phase") in slim.FINISHED_POD_PHASES \
+        and bool(owners) and all(o["phase"] in TERMINAL_PHASES for o in owners)
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
              settings: Settings) -> None:
     @kopf.index(*FTJ, id="finetunejobs", registry=registry)
@@ -56,7 +65,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
 
     @kopf.index(*PODS, labels=TRAINER_LABELS, id="trainer_pods", registry=registry)
     def trainer_pods(**kw: Any) -> dict[Any, Any]:
-        return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.pod(kw["body"])}
+        key = (kw["namespace"], kw["labels"][LABEL_JOB])
+        if pod_unread(kw["body"], kw["finetunejobs"].get(key, [])):
+            return {}  # dropped from the index (kopf discards the keys not returned)
+        return {key: slim.pod(kw["body"])}
 
     @kopf.index(*JOBS, labels=TRAINER_LABELS, id="trainer_jobs", registry=registry)
     def trainer_jobs(**kw: Any) -> dict[Any, Any]:

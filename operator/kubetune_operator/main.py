@@ -36,6 +36,7 @@ from kubetune_operator.settings import Settings  # noqa: E402
 logger = logging.getLogger("kubetune_operator")
 
 PREFIX = "kubetune.dev"
+WORKER_IDLE_SECONDS = 0.5
 LIST_PAGE_SIZE = 500  # objects per page of kopf's initial lists
 CLUSTER_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
 NAMESPACED_PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings")
@@ -84,6 +85,10 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     for resource in (handlers.PODS, handlers.JOBS):
         settings.watching.label_selectors[resource] = LABEL_JOB
     settings.watching.chunk_size = LIST_PAGE_SIZE
+    # kopf's per-object worker keeps the object's last raw event (a whole body) while it
+    # waits for the next one: with thousands of pods changing, the default 5 s wait holds
+    # thousands of whole pod bodies. A new event simply starts a new worker.
+    settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
 
 
 def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Reconciler, KubeApi]:

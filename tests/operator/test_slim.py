@@ -4,14 +4,18 @@ exactly as on whole bodies, with a fraction of the memory."""
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 from typing import Any
 
+import kopf
 import pytest
 
-from kubetune_operator import builders, slim
+from kubetune_api.crd import Phase
+from kubetune_operator import builders, handlers, main, slim
 from kubetune_operator import status as st
-from kubetune_operator.builders import Owner
+from kubetune_operator.builders import LABEL_JOB, Owner
+from kubetune_operator.handlers import pod_unread
 from kubetune_operator.settings import Settings
 from support.jobs import example_job
 from support.operator_process import job_pod
@@ -90,3 +94,129 @@ def test_slim_bodies_drop_the_pod_spec_template_and_managed_fields() -> None:
     assert "template" not in thin_job["spec"] and thin_job["spec"]["completions"] == 2
     assert "managedFields" not in thin_job["metadata"] and "managedFields" in job["metadata"]
     assert len(json.dumps(thin_pod)) < len(json.dumps(pod)) / 3
+
+
+# What a kubelet writes besides what the status logic reads: more containers (a sidecar first),
+# timestamps, ids, readiness conditions. Finished pods keep only the fields slim.py names.
+KUBELET_CONDITIONS = [
+    {"type": t, "status": "True" if t != "Ready" else "False",
+     "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    for t in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady")]
+NOW = datetime.datetime(2026, 1, 1, 0, 10, tzinfo=datetime.UTC)
+
+
+def kubelet_pod(job: dict[str, Any], rank: int, phase: str, terminated: dict[str, Any] | None,
+                attempt: int = 1, conditions: list[dict[str, Any]] | None = None,
+                deleting: bool = False, **status: Any) -> dict[str, Any]:
+    state = {"terminated": {"containerID": "containerd://abc", "startedAt": "2026-01-01T00:00:00Z",
+                            "finishedAt": "2026-01-01T00:05:00Z", **terminated}} \
+        if terminated is not None else RUNNING
+    pod = pod_body(job, rank, state, phase, **status)
+    pod["metadata"]["labels"][builders.LABEL_ATTEMPT] = str(attempt)
+    pod["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    if deleting:
+        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:06:00Z"
+    pod["status"].update(hostIP="192.168.0.1", qosClass="Burstable",
+                         startTime="2026-01-01T00:00:00Z",
+                         conditions=[*KUBELET_CONDITIONS, *(conditions or [])])
+    pod["status"]["containerStatuses"][0].update(image="trainer:1", imageID="sha256:1",
+                                                 containerID="containerd://abc", started=False)
+    pod["status"]["containerStatuses"].insert(0, {"name": "proxy", "state": {"terminated": {
+        "exitCode": 0}}, "image": "proxy:1"})
+    return pod
+
+
+SUMMARY = json.dumps({"uri": "s3://bucket/out", "manifestSha256": "f00d"})
+FINISHED = {
+    "all-succeeded": (1, None, [("Succeeded", {"exitCode": 0, "message": SUMMARY}, {}),
+                                ("Succeeded", {"exitCode": 0}, {})]),
+    "one-succeeded-one-running": (1, None, [("Succeeded", {"exitCode": 0, "message": SUMMARY},
+                                             {}), ("Running", None, {})]),
+    "oom": (1, None, [("Failed", {"exitCode": 137, "reason": "OOMKilled"}, {}),
+                      ("Running", None, {})]),
+    "permanent": (1, None, [("Failed", {"exitCode": 2, "message": "bad config"}, {}),
+                            ("Failed", {"exitCode": 143, "message": "SIGTERM"}, {})]),
+    "disrupted": (1, None, [("Failed", {"exitCode": 143}, {"conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+         "message": "preempted"}]}), ("Running", None, {})]),
+    "evicted": (1, None, [("Failed", None, {"reason": "Evicted", "message": "disk"}),
+                          ("Running", None, {})]),
+    "deleted-succeeded": (1, None, [("Succeeded", {"exitCode": 0}, {"deleting": True}),
+                                    ("Running", None, {})]),
+    # Attempt 2 runs; attempt 1's pods (a permanent exit among them) are stale.
+    "stale-attempt": (2, None, [("Failed", {"exitCode": 2, "message": "bad"}, {"attempt": 1}),
+                                ("Failed", {"exitCode": 1}, {"attempt": 1, "deleting": True})]),
+    "finished-job": (1, Phase.SUCCEEDED, [("Succeeded", {"exitCode": 0, "message": SUMMARY},
+                                          {}), ("Succeeded", {"exitCode": 0}, {})]),
+}
+
+
+def _pods(job: dict[str, Any], states: list[Any]) -> list[dict[str, Any]]:
+    pods = []
+    for rank, (phase, terminated, extra) in enumerate(states):
+        extra = dict(extra)
+        pods.append(kubelet_pod(job, rank, phase, terminated, attempt=extra.pop("attempt", 1),
+                                deleting=extra.pop("deleting", False), **extra))
+    return pods
+
+
+@pytest.mark.parametrize("scenario", FINISHED)
+def test_the_planner_decides_the_same_with_finished_pods_compacted(scenario: str) -> None:
+    attempt, phase, states = FINISHED[scenario]
+    job = job_body()
+    job["metadata"]["ownerReferences"] = [{"kind": "FineTuneJob", "name": OWNER.name,
+                                           "uid": OWNER.uid}]
+    job["metadata"]["name"] = builders.attempt_job_name(OWNER.name, attempt)
+    pods = _pods(job, states)
+    raw = {"attempt": attempt, "phase": phase,
+           "startTime": "2026-01-01T00:00:00Z", "attemptStartTime": "2026-01-01T00:00:00Z"}
+
+    def decide(jobs: list[Any], pods: list[Any]) -> st.Plan:
+        children = st.owned_children(jobs, pods, OWNER.uid, OWNER.name)
+        return st.plan(OWNER.name, SPEC, 1, st.parse_status(raw), children, NOW)
+
+    full = decide(copy.deepcopy([job]), copy.deepcopy(pods))
+    thin = decide([slim.job(job)], [slim.pod(p) for p in pods])
+    assert thin == full
+    finished = [slim.pod(p) for p in pods if p["status"]["phase"] != "Running"]
+    assert all("spec" not in p and "containerID" not in json.dumps(p) for p in finished)
+
+
+def test_a_finished_pod_keeps_only_what_the_status_logic_reads() -> None:
+    pod = kubelet_pod(job_body(), 0, "Succeeded", {"exitCode": 0, "message": SUMMARY})
+    thin = slim.pod(pod)
+    assert thin["status"]["containerStatuses"] == [
+        {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": SUMMARY}}}]
+    assert thin["status"]["podIP"] == pod["status"]["podIP"]
+    assert "conditions" not in thin["status"]  # only the conditions that explain a failure
+    assert set(thin["metadata"]["annotations"]) == {builders.ANNOTATION_COMPLETION_INDEX}
+    assert st.pod_rank(thin) == 0 and st.pod_attempt(thin) == 1
+    assert st.success_output([thin], SPEC) == st.success_output([pod], SPEC)
+    assert len(json.dumps(thin)) < len(json.dumps(slim.pod(
+        kubelet_pod(job_body(), 0, "Running", None)))) * 0.7
+
+
+@pytest.mark.parametrize(("pod_phase", "owners", "dropped"), [
+    ("Succeeded", [Phase.SUCCEEDED], True),
+    ("Failed", [Phase.FAILED], True),
+    ("Succeeded", [Phase.RUNNING], False),  # the running attempt reads its finished pods
+    ("Running", [Phase.FAILED], False),  # still running: the operator must see it go
+    ("Succeeded", [], False),  # owner not indexed yet (start-up listing order)
+    ("Succeeded", [Phase.SUCCEEDED, None], False),  # a re-created FineTuneJob of that name
+])
+def test_finished_pods_of_finished_finetunejobs_leave_the_index(
+        pod_phase: str, owners: list[Any], dropped: bool) -> None:
+    pod = {"metadata": {"name": "p"}, "status": {"phase": pod_phase}}
+    assert pod_unread(pod, [{"name": "tiny-lora", "phase": p} for p in owners]) is dropped
+
+
+def test_kopf_watches_only_trainer_objects_and_drops_idle_workers_quickly() -> None:
+    settings = kopf.OperatorSettings()
+    main.configure_kopf(settings)
+    selectors = {(s.group, s.version, s.any_name): label
+                 for s, label in settings.watching.label_selectors.items()}
+    assert selectors == {handlers.PODS: LABEL_JOB, handlers.JOBS: LABEL_JOB}
+    assert settings.watching.chunk_size == main.LIST_PAGE_SIZE
+    # An idle per-object worker holds its object's last whole body (kopf's queueing.worker):
+    # with thousands of pods changing, kopf's 5 s default keeps thousands of them alive.
+    assert settings.queueing.idle_timeout == main.WORKER_IDLE_SECONDS < 5.0
