@@ -98,6 +98,9 @@ EXIT_CODE_HINTS = {
 }
 MESSAGE_TAIL = 400  # characters of a termination message quoted in a condition
 FAILED_CREATE = "FailedCreate"  # the Job controller's event reason: a pod it could not create
+# A Job short of pods changes no watched object when the Job controller fails to create one
+# (it only posts an event): look again this often for its FailedCreate events.
+POD_CREATION_RECHECK_SECONDS = 10.0
 
 
 # --- one attempt --------------------------------------------------------------------------------
@@ -274,18 +277,21 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
     running = [p for p in live if p.get("status", {}).get("phase") == "Running"]
     if len(running) + len(succeeded) >= nodes:
         return AttemptState("running", REASON_ALL_RANKS_RUNNING, f"{nodes}/{nodes} ranks running")
-    refused = pod_creation_failure(failed_creates or [], pods) if len(live) < nodes else None
+    # Pods still to be created: their creation may fail with nothing but an event.
+    again = POD_CREATION_RECHECK_SECONDS if job is not None and len(live) < nodes else None
+    refused = pod_creation_failure(failed_creates or [], pods) if again else None
     if job is not None and refused is not None:  # the user must act (quota, PriorityClass)
         return AttemptState("waiting", REASON_POD_CREATION_FAILED, f"Job "
                             f"{job['metadata']['name']} cannot create pods: {refused} "
-                            f"({waiting_for_pods_message(len(live), nodes)})")
+                            f"({waiting_for_pods_message(len(live), nodes)})",
+                            recheck_after=again)
     waiting = sorted(filter(None, map(pod_waiting_reason, live)), key=_waiting_rank)
     if waiting:
         reason, message = waiting[0]
         return AttemptState("waiting", reason, f"{message} ({len(running)}/{nodes} ranks "
-                            "running)")
+                            "running)", recheck_after=again)
     return AttemptState("waiting", REASON_WAITING_FOR_PODS,
-                        waiting_for_pods_message(len(live), nodes))
+                        waiting_for_pods_message(len(live), nodes), recheck_after=again)
 
 
 def queued_by_others(job: Manifest) -> bool:

@@ -807,3 +807,12 @@ def test_events_are_read_only_while_the_job_is_short_of_pods() -> None:
     assert st.failed_create_selector(sized_job()) == (
         "involvedObject.kind=Job,involvedObject.name=llama-a1,involvedObject.uid=job-uid,"
         "reason=FailedCreate")
+
+
+def test_a_job_short_of_pods_is_looked_at_again() -> None:
+    """A failed pod creation changes no watched object: only a recheck can see its event."""
+    short = run(spec(), status(Phase.PENDING), children([job()], [pod(0)]))
+    assert short.recheck_after == st.POD_CREATION_RECHECK_SECONDS
+    full = run(spec(), status(Phase.PENDING), children([job()], [
+        pod(0), pod(1, "Pending", waiting="ContainerCreating")]))
+    assert full.recheck_after is None or full.recheck_after > st.POD_CREATION_RECHECK_SECONDS
