@@ -52,6 +52,7 @@ CONFIG_MAPS = Resource("", "v1", "configmaps")
 SERVICES = Resource("", "v1", "services")
 JOBS = Resource("batch", "v1", "jobs")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies")
+EVENTS = Resource("", "v1", "events")
 
 
 class ApiError(Exception):
@@ -127,6 +128,13 @@ class KubeApi:
 
     async def get(self, resource: Resource, namespace: str, name: str) -> Manifest | None:
         return await self.request("GET", resource.path(namespace, name))
+
+    async def list(self, resource: Resource, namespace: str, field_selector: str,
+                   limit: int) -> list[Manifest]:
+        """One page of at most `limit` objects the API server selected by `field_selector`."""
+        result = await self.request("GET", resource.path(namespace), params={
+            "fieldSelector": field_selector, "limit": str(limit)})
+        return list((result or {}).get("items") or [])
 
     async def create(self, resource: Resource, namespace: str, body: Manifest) -> bool:
         """Create unless it exists; True when this call created it."""

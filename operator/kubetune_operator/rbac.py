@@ -29,8 +29,9 @@ RULES: list[dict[str, Any]] = [
      "verbs": ["get", "create", "delete"]},
     # Pods: read; a finished attempt's pods deleted, force-deleted when their node is gone.
     {"apiGroups": [""], "resources": ["pods"], "verbs": [*WATCH, "delete"]},
-    # Events for every transition (kopf posts them).
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # Events for every transition (kopf posts them); the Job controller's FailedCreate events
+    # of a Job short of pods are listed (quota, missing PriorityClass: the Pending condition).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
     # kopf: peering between replicas, CRD discovery, namespaces when watching patterns.
     {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
      "verbs": [*WATCH, "patch"]},

@@ -38,6 +38,7 @@ from kubetune_operator.builders import (
 )
 from kubetune_operator.kube import (
     CONFIG_MAPS,
+    EVENTS,
     JOBS,
     NETWORK_POLICIES,
     PODS,
@@ -62,6 +63,7 @@ CREATION_GRACE_SECONDS = 30.0  # how long a just-created Job may be missing from
 RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
 ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → labelled ones
 SCRAPE_CONCURRENCY = 32  # rank-0 scrapes in flight at once per tick
+FAILED_CREATE_EVENTS = 20  # at most this many FailedCreate events read per reconcile
 
 
 class InvalidSpec(Exception):
@@ -186,7 +188,9 @@ class Reconciler:
                 message = policy.summary(problems)
                 await self._reject(body, status, message, reason=policy.REASON_POLICY_VIOLATION)
                 raise InvalidSpec(message)
-        plan = st.plan(name, job.spec, generation, status, self._children_of(owner),
+        children = await self._with_failed_creates(self._children_of(owner), namespace,
+                                                   attempt_job_name(name, status.attempt or 1))
+        plan = st.plan(name, job.spec, generation, status, children,
                        self.clock(), queue_managed=is_queue_managed(owner),
                        limits=st.Limits(runtime_of(self.settings),
                                         self.settings.force_delete_after))
@@ -207,6 +211,22 @@ class Reconciler:
         seen = self._seen_jobs[key][1]
         seen.update(j["metadata"]["name"] for j in children.jobs)
         return dataclasses.replace(children, seen=frozenset(seen))
+
+    async def _with_failed_creates(self, children: st.Children, namespace: str,
+                                   job_name: str) -> st.Children:
+        """The Job controller's FailedCreate events of the current Job, read (one bounded,
+        server-side filtered list) only while it has fewer pods than ranks."""
+        job = st.creating_pods(children, job_name)
+        if job is None:
+            return children
+        try:
+            events = await self.api.list(EVENTS, namespace, st.failed_create_selector(job),
+                                         limit=FAILED_CREATE_EVENTS)
+        except ApiError as exc:  # e.g. RBAC without events/list: the rest still works
+            logger.warning("%s/%s: cannot read its pod-creation events (%s)", namespace,
+                           job_name, exc)
+            return children
+        return dataclasses.replace(children, failed_creates=events)
 
     async def _reject(self, body: dict[str, Any], status: st.FineTuneJobStatus,
                       message: str, reason: str = st.REASON_INVALID_SPEC) -> None:

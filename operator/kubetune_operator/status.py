@@ -76,6 +76,7 @@ REASON_SCHEDULING_TIMEOUT = "SchedulingTimeout"
 REASON_STALLED = "Stalled"
 REASON_FORCE_DELETED = "ForceDeletedPods"
 REASON_JOB_FAILED_PENDING = "WaitingForRankExits"
+REASON_POD_CREATION_FAILED = "PodCreationFailed"  # the Job controller's FailedCreate events
 
 # A Job missing this long after its creation was written to status was deleted (or never
 # created: the operator died in between); before that, the watch may simply lag.
@@ -88,7 +89,7 @@ EXIT_REPORT_GRACE_SECONDS = 30.0
 # in a Pending message; ContainerCreating is just slow.
 ERROR_WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                          "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
-                         "RunContainerError")
+                         "RunContainerError", REASON_POD_CREATION_FAILED)
 
 EXIT_CODE_HINTS = {
     contract.EXIT_INVALID_SPEC: "bad spec or data; restarting cannot help",
@@ -96,6 +97,10 @@ EXIT_CODE_HINTS = {
     137: "killed (SIGKILL)",
 }
 MESSAGE_TAIL = 400  # characters of a termination message quoted in a condition
+FAILED_CREATE = "FailedCreate"  # the Job controller's event reason: a pod it could not create
+# A Job short of pods changes no watched object when the Job controller fails to create one
+# (it only posts an event): look again this often for its FailedCreate events.
+POD_CREATION_RECHECK_SECONDS = 10.0
 
 
 # --- one attempt --------------------------------------------------------------------------------
@@ -235,8 +240,10 @@ def success_output(pods: list[Manifest], spec: FineTuneJobSpec) -> Output:
 
 def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJobSpec,
                     queue_managed: bool = False,
-                    now: datetime.datetime | None = None) -> AttemptState:
-    """The state of one attempt from its Job and its pods (terminating ones included)."""
+                    now: datetime.datetime | None = None,
+                    failed_creates: list[Manifest] | None = None) -> AttemptState:
+    """The state of one attempt from its Job and its pods (terminating ones included), and
+    the Job controller's FailedCreate events of that Job (pods it could not create)."""
     # The Job's own size: a spec edited behind the API server's back must not change it.
     nodes = int((job or {}).get("spec", {}).get("completions") or spec.resources.nodes)
     pods = [p for p in pods if not _before_resume(p, job)]
@@ -270,13 +277,21 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
     running = [p for p in live if p.get("status", {}).get("phase") == "Running"]
     if len(running) + len(succeeded) >= nodes:
         return AttemptState("running", REASON_ALL_RANKS_RUNNING, f"{nodes}/{nodes} ranks running")
+    # Pods still to be created: their creation may fail with nothing but an event.
+    again = POD_CREATION_RECHECK_SECONDS if job is not None and len(live) < nodes else None
+    refused = pod_creation_failure(failed_creates or [], pods) if again else None
+    if job is not None and refused is not None:  # the user must act (quota, PriorityClass)
+        return AttemptState("waiting", REASON_POD_CREATION_FAILED, f"Job "
+                            f"{job['metadata']['name']} cannot create pods: {refused} "
+                            f"({waiting_for_pods_message(len(live), nodes)})",
+                            recheck_after=again)
     waiting = sorted(filter(None, map(pod_waiting_reason, live)), key=_waiting_rank)
     if waiting:
         reason, message = waiting[0]
         return AttemptState("waiting", reason, f"{message} ({len(running)}/{nodes} ranks "
-                            "running)")
+                            "running)", recheck_after=again)
     return AttemptState("waiting", REASON_WAITING_FOR_PODS,
-                        waiting_for_pods_message(len(live), nodes))
+                        waiting_for_pods_message(len(live), nodes), recheck_after=again)
 
 
 def queued_by_others(job: Manifest) -> bool:
@@ -318,6 +333,48 @@ def _job_failed(failed: Manifest, pods: list[Manifest],
     verb = "failed" if failed.get("type") == "Failed" else "completed"
     return AttemptState("waiting", REASON_JOB_FAILED_PENDING, f"the Job {verb}; waiting for "
                         f"rank(s) {ranks} to report their exit", recheck_after=left)
+
+
+def _event_time(event: Manifest) -> datetime.datetime | None:
+    """When an event last happened: core/v1 (lastTimestamp) or events.k8s.io (series)."""
+    series = event.get("series") or {}
+    return parse_time(series.get("lastObservedTime") or event.get("lastTimestamp")
+                      or event.get("eventTime") or event["metadata"].get("creationTimestamp"))
+
+
+def pod_creation_failure(events: list[Manifest], pods: list[Manifest]) -> str | None:
+    """The latest FailedCreate message of the Job controller (quota exceeded, a missing
+    PriorityClass, an admission webhook's denial), redacted and capped; None when a pod of the
+    attempt was created after it (the cause is gone: the index merely lags)."""
+    dated = [(moment, e) for e in events if e.get("reason") == FAILED_CREATE
+             and (moment := _event_time(e)) is not None]
+    if not dated:
+        return None
+    moment, latest = max(dated, key=lambda pair: pair[0])
+    created = [t for p in pods if (t := parse_time(p["metadata"].get("creationTimestamp")))]
+    if created and max(created) > moment:
+        return None
+    text = redact(str(latest.get("message") or FAILED_CREATE).strip())
+    return text if len(text) <= MESSAGE_TAIL else text[:MESSAGE_TAIL] + "…"
+
+
+def creating_pods(children: Children, job_name: str) -> Manifest | None:
+    """The current attempt's Job while it has fewer pods than ranks and is neither suspended
+    nor finished: only then is reading its FailedCreate events worth an API call."""
+    job = children.job_of(job_name)
+    if job is None or job.get("spec", {}).get("suspend") or job["metadata"].get(
+            "deletionTimestamp") or _condition(job, "Complete") or _condition(job, "Failed"):
+        return None
+    pods = [p for p in children.pods if _owner_uids(p) & {job["metadata"].get("uid")}
+            and not p["metadata"].get("deletionTimestamp")]
+    return job if len(pods) < int(job.get("spec", {}).get("completions") or 1) else None
+
+
+def failed_create_selector(job: Manifest) -> str:
+    """A server-side field selector for the Job controller's FailedCreate events of `job`."""
+    meta = job["metadata"]
+    return ",".join(["involvedObject.kind=Job", f"involvedObject.name={meta['name']}",
+                     f"involvedObject.uid={meta.get('uid', '')}", f"reason={FAILED_CREATE}"])
 
 
 def waiting_for_pods_message(created: int, nodes: int) -> str:
@@ -382,6 +439,9 @@ class Children:
     # Names of this object's Jobs the operator has seen since it started: one of them
     # missing now was deleted (not merely not yet in the watch).
     seen: frozenset[str] = frozenset()
+    # The Job controller's FailedCreate events of the current attempt's Job (read only while
+    # it has fewer pods than ranks: creating_pods).
+    failed_creates: list[Manifest] = field(default_factory=list)
 
     def job_of(self, name: str) -> Manifest | None:
         return next((j for j in self.jobs if j["metadata"]["name"] == name), None)
@@ -526,7 +586,7 @@ class _Planner:
             return self.job_missing()
         self.resume_if_needed(job)
         state = observe_attempt(job, self.children.pods_of(self.attempt), self.spec,
-                                self.queue_managed, self.now)
+                                self.queue_managed, self.now, self.children.failed_creates)
         return self.follow(state, job)
 
     # --- transitions ----------------------------------------------------------------------

@@ -100,7 +100,8 @@ def test_rbac_can_be_left_to_the_cluster_admin() -> None:
 
 # --- RULES against the calls the operator's code makes --------------------------------------
 
-VERBS = {"get": "get", "create": "create", "patch": "patch", "delete": "delete"}
+VERBS = {"get": "get", "list": "list", "create": "create", "patch": "patch",
+         "delete": "delete"}
 
 
 def resources_of(node: ast.expr, namespace: dict[str, Any]) -> list[kube.Resource]:
@@ -202,6 +203,7 @@ def test_reconciler_audit_sees_the_operators_writes() -> None:
     calls = reconciler_calls()
     assert ("batch", "jobs", "create") in calls and ("", "configmaps", "create") in calls
     assert ("kubetune.dev", "finetunejobs/status", "patch") in calls
+    assert ("", "events", "list") in calls  # the Job controller's FailedCreate events
 
 
 def test_aggregated_roles_give_namespace_users_finetunejobs() -> None:

@@ -24,6 +24,8 @@ from support.operator_process import (
     FTJ,
     JOBS,
     PODS,
+    PRIORITY_CLASSES,
+    QUOTAS,
     OperatorProcess,
     free_port,
     set_pod_state,
@@ -400,3 +402,48 @@ def test_a_kueue_preemption_resumes_on_readmission(
     assert second["spec"]["suspend"] is True  # queued again; Kueue admits it
     assert kueue.admit() == ["queued-a2"]
     world.running("queued", 2)
+
+
+# --- pods the Job controller cannot create ----------------------------------------------------
+
+def pending_reason(world: World, namespace: str, name: str) -> tuple[str, str] | None:
+    status = (world.api.get(FTJ, namespace, name) or {}).get("status", {})
+    running = next((c for c in status.get("conditions") or [] if c["type"] == "Running"), None)
+    return (running["reason"], running["message"]) if running else None
+
+
+def test_pods_refused_by_quota_or_priority_class_show_in_pending_then_clear(
+        world: World) -> None:
+    api, ns = world.api, "quota"  # a namespace of its own: the quota counts its pods only
+    api.create(QUOTAS, {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {
+        "name": "gpus", "namespace": ns}, "spec": {"hard": {"pods": "1"}}})
+    api.create(FTJ, ftj_body("capped", namespace=ns, resources={"nodes": 2}))
+    job = world.wait(lambda: api.get(JOBS, ns, "capped-a1"), "Job capped-a1")
+    assert len(start_job_pods(api, job)) == 1  # the quota admits one of two ranks
+    _, message = world.wait(
+        lambda: (r := pending_reason(world, ns, "capped")) and r[0] == "PodCreationFailed"
+        and r, "PodCreationFailed in the Pending condition")
+    assert message.startswith('Job capped-a1 cannot create pods: Error creating: pods '
+                              '"capped-a1-1" is forbidden: exceeded quota: gpus')
+    assert message.endswith("(1/2 pods created)")
+    assert (api.get(FTJ, ns, "capped") or {})["status"]["phase"] == "Pending"
+    assert any(e["reason"] == "PodCreationFailed" and e["type"] == "Warning"
+               for e in api.find("v1/events", ns) if e["involvedObject"]["name"] == "capped")
+    api.delete(QUOTAS, ns, "gpus")  # the admin raises the quota: the controller retries
+    assert len(start_job_pods(api, job)) == 1
+    world.wait(lambda: (api.get(FTJ, ns, "capped") or {}).get("status", {}).get("phase")
+               == "Running", "capped Running once every pod is created")
+    assert pending_reason(world, ns, "capped") == ("AllRanksRunning", "2/2 ranks running")
+
+    api.create(FTJ, ftj_body("urgent", namespace=ns, pod={"priorityClassName": "gpu-high"}))
+    job = world.wait(lambda: api.get(JOBS, ns, "urgent-a1"), "Job urgent-a1")
+    assert start_job_pods(api, job) == []
+    world.wait(lambda: (r := pending_reason(world, ns, "urgent")) and "no PriorityClass with "
+               "name gpu-high was found" in r[1] and r[0] == "PodCreationFailed",
+               "the missing PriorityClass in the Pending condition")
+    api.create(PRIORITY_CLASSES, {"apiVersion": "scheduling.k8s.io/v1", "kind":
+                                  "PriorityClass", "metadata": {"name": "gpu-high"},
+                                  "value": 1000})
+    assert len(start_job_pods(api, job)) == 1
+    world.wait(lambda: (r := pending_reason(world, ns, "urgent")) and r[0] == "AllRanksRunning",
+               "urgent Running once its PriorityClass exists")

@@ -719,3 +719,100 @@ def test_success_waits_for_rank0s_own_report_of_the_artifact() -> None:
                                          pod(1, "Succeeded", exit_code=0)], spec(), now=NOW)
     assert done.kind == "succeeded" and done.output is not None
     assert done.output.manifest_sha256 == "abc123"
+
+
+# --- pods the Job controller could not create (FailedCreate events) -------------------------
+
+QUOTA = ('Error creating: pods "llama-a1-1" is forbidden: exceeded quota: gpus, requested: '
+         'pods=1, used: pods=1, limited: pods=1')
+
+
+def failed_create(message: str = QUOTA, at: str = STAMP, reason: str = "FailedCreate",
+                  job_name: str = "llama-a1") -> dict[str, Any]:
+    return {"metadata": {"name": f"{job_name}.1", "creationTimestamp": at},
+            "involvedObject": {"kind": "Job", "name": job_name, "uid": "job-uid"},
+            "reason": reason, "type": "Warning", "message": message, "lastTimestamp": at}
+
+
+def created_at(obj: dict[str, Any], stamp: str) -> dict[str, Any]:
+    obj["metadata"]["creationTimestamp"] = stamp
+    return obj
+
+
+def test_pods_the_job_controller_cannot_create_show_in_pending() -> None:
+    kids = st.Children([job()], [created_at(pod(0), ago(60))],
+                       failed_creates=[failed_create(at=ago(30))])
+    plan = run(spec(), status(Phase.PENDING), kids)
+    running = condition(plan, st.COND_RUNNING)
+    assert plan.status.phase == Phase.PENDING
+    assert running.reason == st.REASON_POD_CREATION_FAILED
+    assert running.message == f"Job llama-a1 cannot create pods: {QUOTA} (1/2 pods created)"
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "PodCreationFailed")]
+    # The cause before a pod's own waiting reason: the user has to act.
+    unschedulable = st.observe_attempt(job(), [pod(0, "Pending", unschedulable="no gpu")],
+                                       spec(), failed_creates=[failed_create()])
+    assert unschedulable.reason == st.REASON_POD_CREATION_FAILED
+
+
+def test_the_latest_failed_create_is_quoted_capped_and_masked() -> None:
+    older = failed_create('Error creating: pods "x" is forbidden: no PriorityClass with name '
+                          'gpu-high was found', at=ago(90))
+    latest = failed_create("Error creating: admission webhook denied: token=s3cr3tvalue "
+                           + "x" * 1000, at=ago(10))
+    message = st.pod_creation_failure([latest, older], [])
+    assert message is not None and "s3cr3tvalue" not in message and "token=***" in message
+    assert message.startswith("Error creating: admission webhook") and message.endswith("…")
+    assert len(message) == st.MESSAGE_TAIL + 1
+    assert st.pod_creation_failure([older], []) is not None
+    assert st.pod_creation_failure([failed_create(reason="SuccessfulCreate")], []) is None
+
+
+def test_a_failed_create_older_than_a_pod_is_history() -> None:
+    """Once pods are created the cause is gone; the index may still lag behind a pod."""
+    event = failed_create(at=ago(30))
+    assert st.pod_creation_failure([event], [created_at(pod(0), ago(5))]) is None
+    state = st.observe_attempt(job(), [created_at(pod(0), ago(5))], spec(),
+                               failed_creates=[event])
+    assert state.reason == st.REASON_WAITING_FOR_PODS
+    # Every rank created: the events no longer matter, whatever their time.
+    full = st.observe_attempt(job(), [pod(0), pod(1)], spec(), failed_creates=[failed_create()])
+    assert full.reason == st.REASON_ALL_RANKS_RUNNING
+
+
+def sized_job(uid: str = "job-uid", completions: int = 2, **fields: Any) -> dict[str, Any]:
+    obj = job(**fields)
+    obj["metadata"]["uid"] = uid
+    obj["spec"]["completions"] = completions
+    return obj
+
+
+def pod_of(obj: dict[str, Any], uid: str = "job-uid") -> dict[str, Any]:
+    obj["metadata"]["ownerReferences"] = [{"kind": "Job", "uid": uid}]
+    return obj
+
+
+def test_events_are_read_only_while_the_job_is_short_of_pods() -> None:
+    short = st.Children([sized_job()], [pod_of(pod(0))])
+    assert st.creating_pods(short, "llama-a1") is not None
+    assert st.creating_pods(short, "llama-a2") is None  # not the current attempt's Job
+    full = st.Children([sized_job()], [pod_of(pod(0)), pod_of(pod(1))])
+    assert st.creating_pods(full, "llama-a1") is None
+    others = st.Children([sized_job()], [pod_of(pod(0)), pod_of(pod(1), "another-job")])
+    assert st.creating_pods(others, "llama-a1") is not None
+    terminating = st.Children([sized_job()], [pod_of(pod(0)), pod_of(pod(1, terminating=True))])
+    assert st.creating_pods(terminating, "llama-a1") is not None
+    for idle in (sized_job(suspend=True), sized_job(condition="Complete"),
+                 sized_job(condition="Failed")):
+        assert st.creating_pods(st.Children([idle], []), "llama-a1") is None
+    assert st.failed_create_selector(sized_job()) == (
+        "involvedObject.kind=Job,involvedObject.name=llama-a1,involvedObject.uid=job-uid,"
+        "reason=FailedCreate")
+
+
+def test_a_job_short_of_pods_is_looked_at_again() -> None:
+    """A failed pod creation changes no watched object: only a recheck can see its event."""
+    short = run(spec(), status(Phase.PENDING), children([job()], [pod(0)]))
+    assert short.recheck_after == st.POD_CREATION_RECHECK_SECONDS
+    full = run(spec(), status(Phase.PENDING), children([job()], [
+        pod(0), pod(1, "Pending", waiting="ContainerCreating")]))
+    assert full.recheck_after is None or full.recheck_after > st.POD_CREATION_RECHECK_SECONDS

@@ -3,6 +3,7 @@ controllers the emulator lacks (the Job controller and kubelet) in tests."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -21,6 +22,9 @@ FTJ = "kubetune.dev/v1alpha1/finetunejobs"
 JOBS = "batch/v1/jobs"
 PODS = "v1/pods"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+EVENTS = "v1/events"
+QUOTAS = "v1/resourcequotas"
+PRIORITY_CLASSES = "scheduling.k8s.io/v1/priorityclasses"
 
 
 
@@ -90,14 +94,54 @@ class OperatorProcess:
 
 def start_job_pods(api: EmulatorThread, job: dict[str, Any], phase: str = "Running",
                    ip: str = "127.0.0.1") -> list[dict[str, Any]]:
-    """Create one pod per completion index of an Indexed Job, as the Job controller would,
-    and give them `phase` as a kubelet would."""
+    """Create the missing pod of each completion index of an Indexed Job, as the Job
+    controller would, and give them `phase` as a kubelet would. A pod the API server's
+    admission refuses (a ResourceQuota's pod count, a missing PriorityClass) is not created:
+    the Job controller records a FailedCreate event on the Job instead."""
     pods = []
     for index in range(job["spec"]["completions"]):
-        pod = api.create(PODS, job_pod(job, index))
-        pods.append(set_pod_state(api, pod["metadata"]["namespace"], pod["metadata"]["name"],
-                                  phase, ip=ip))
+        pod = job_pod(job, index)
+        meta = pod["metadata"]
+        if api.get(PODS, meta["namespace"], meta["name"]) is not None:
+            continue
+        refusal = admission_refusal(api, pod)
+        if refusal is not None:
+            record_failed_create(api, job, refusal)
+            continue
+        api.create(PODS, pod)
+        pods.append(set_pod_state(api, meta["namespace"], meta["name"], phase, ip=ip))
     return pods
+
+
+def admission_refusal(api: EmulatorThread, pod: dict[str, Any]) -> str | None:
+    """What the API server's admission answers for creating `pod` (its Priority and
+    ResourceQuota plugins, pod count only), as the Job controller quotes it; None if allowed."""
+    meta = pod["metadata"]
+    forbidden = f'pods "{meta["name"]}" is forbidden'
+    priority = pod["spec"].get("priorityClassName")
+    if priority and api.get(PRIORITY_CLASSES, None, priority) is None:
+        return f"{forbidden}: no PriorityClass with name {priority} was found"
+    used = len([p for p in api.find(PODS, meta["namespace"])
+                if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")])
+    for quota in api.find(QUOTAS, meta["namespace"]):
+        limit = int(quota["spec"].get("hard", {}).get("pods", used + 1))
+        if used + 1 > limit:
+            return (f"{forbidden}: exceeded quota: {quota['metadata']['name']}, requested: "
+                    f"pods=1, used: pods={used}, limited: pods={limit}")
+    return None
+
+
+def record_failed_create(api: EmulatorThread, job: dict[str, Any], refusal: str) -> None:
+    """The Job controller's event for a pod it could not create (reason FailedCreate)."""
+    meta = job["metadata"]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    api.create(EVENTS, {"apiVersion": "v1", "kind": "Event", "metadata": {
+        "generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta["uid"]},
+        "reason": "FailedCreate", "type": "Warning", "message": f"Error creating: {refusal}",
+        "source": {"component": "job-controller"}, "count": 1, "firstTimestamp": now,
+        "lastTimestamp": now})
 
 
 def job_pod(job: dict[str, Any], index: int) -> dict[str, Any]:

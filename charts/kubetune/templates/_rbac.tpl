@@ -32,10 +32,10 @@
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, delete]
-# Events for every transition.
+# Events for every transition; the Job controller's FailedCreate events listed (Pending).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end }}
 
 {{/* kopf discovers and watches CRDs (a CRD installed later is noticed). */}}
