@@ -190,7 +190,7 @@ def test_later_attempts_train_what_the_first_one_accepted(cluster: Cluster) -> N
 
 
 def test_restart_waits_for_old_pods_to_terminate(cluster: Cluster) -> None:
-    cluster.api.emulator.pod_grace_seconds = 1.5
+    cluster.api.emulator.pod_grace_seconds = 5.0  # a window no slow poll misses
     try:
         cluster.api.create(FTJ, finetunejob("graceful"))
         start_job_pods(cluster.api, cluster.job("graceful-a1"))
