@@ -9,9 +9,9 @@ from __future__ import annotations
 import datetime
 import http.server
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -26,43 +26,21 @@ from support.operator_process import (
     PODS,
     PRIORITY_CLASSES,
     QUOTAS,
+    OperatorCluster,
     OperatorProcess,
     free_port,
     set_pod_state,
     start_job_pods,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 NS = "default"
 CONFIG_MAPS = "v1/configmaps"
-TIMEOUT = 60.0  # generous: the operator, the emulator and the tests share two busy cores
 FORCE_DELETE_AFTER = "1"
 
 
-class World:
-    def __init__(self, api: EmulatorThread, operator: OperatorProcess) -> None:
-        self.api, self.operator = api, operator
-
-    def wait(self, probe: Callable[[], T | None], what: str, timeout: float = TIMEOUT) -> T:
-        try:
-            return wait_for(probe, timeout, interval=0.1, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- operator log ---\n"
-                                 f"{self.operator.logs()[-5000:]}") from None
-
-    def status(self, name: str) -> dict[str, Any]:
-        return (self.api.get(FTJ, NS, name) or {}).get("status", {})
-
-    def wait_phase(self, name: str, phase: str) -> dict[str, Any]:
-        return self.wait(lambda: self.status(name).get("phase") == phase and self.status(name),
-                         f"{name} phase {phase} (now {self.status(name).get('phase')})")
-
-    def job(self, name: str) -> dict[str, Any]:
-        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}")
-
+class World(OperatorCluster):
     def running(self, name: str, attempt: int = 1) -> dict[str, Any]:
         job = self.job(f"{name}-a{attempt}")
         start_job_pods(self.api, job)
@@ -72,10 +50,6 @@ class World:
 
     def condition(self, name: str, type_: str) -> dict[str, Any]:
         return next(c for c in self.status(name)["conditions"] if c["type"] == type_)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.api.find("v1/events", NS)
-                if e["involvedObject"]["name"] == name]
 
     def event(self, name: str, reason: str) -> dict[str, Any]:
         """The first event `reason` of `name` (kopf posts events in the background)."""

@@ -11,9 +11,9 @@ import datetime
 import http.server
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import requests
@@ -27,6 +27,7 @@ from support.operator_process import (
     FTJ,
     JOBS,
     PODS,
+    OperatorCluster,
     OperatorProcess,
     free_port,
     set_pod_state,
@@ -37,7 +38,6 @@ from support.strict_emulator import DROP, StrictEmulator
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 NS = "default"
 
@@ -51,33 +51,7 @@ def finetunejob(name: str, **spec_overrides: Any) -> dict[str, Any]:
     return body
 
 
-class Cluster:
-    def __init__(self, api: EmulatorThread, operator: OperatorProcess) -> None:
-        self.api, self.operator = api, operator
-
-    def wait(self, probe: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-        try:
-            return wait_for(probe, timeout, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- operator log ---\n"
-                                 f"{self.operator.logs()[-4000:]}") from None
-
-    def ftj(self, name: str) -> dict[str, Any] | None:
-        return self.api.get(FTJ, NS, name)
-
-    def status(self, name: str) -> dict[str, Any]:
-        return (self.ftj(name) or {}).get("status", {})
-
-    def wait_phase(self, name: str, phase: str, timeout: float = 15.0) -> dict[str, Any]:
-        return self.wait(lambda: self.status(name).get("phase") == phase and self.status(name),
-                         f"{name} phase {phase} (now {self.status(name).get('phase')})",
-                         timeout)
-
-    def job(self, name: str, timeout: float = 15.0) -> dict[str, Any]:
-        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}", timeout)
-
-    def owned(self, resource: str, base: str) -> list[dict[str, Any]]:
-        return self.api.find(resource, NS, labels=f"kubetune.dev/finetunejob={base}")
+Cluster = OperatorCluster
 
 
 @pytest.fixture(scope="module")

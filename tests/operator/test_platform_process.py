@@ -26,10 +26,10 @@ from support.operator_process import (
     FTJ,
     JOBS,
     PODS,
+    OperatorCluster,
     OperatorProcess,
     set_pod_state,
     start_job_pods,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -53,30 +53,7 @@ def finetunejob(name: str, labels: dict[str, str] | None = None,
     return body
 
 
-class Cluster:
-    def __init__(self, api: EmulatorThread, operator: OperatorProcess) -> None:
-        self.api, self.operator = api, operator
-
-    def wait(self, probe: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-        try:
-            return wait_for(probe, timeout, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- operator log ---\n"
-                                 f"{self.operator.logs()[-4000:]}") from None
-
-    def status(self, name: str) -> dict[str, Any]:
-        return (self.api.get(FTJ, NS, name) or {}).get("status", {})
-
-    def wait_phase(self, name: str, phase: str) -> dict[str, Any]:
-        return self.wait(lambda: self.status(name).get("phase") == phase and self.status(name),
-                         f"{name} phase {phase} (now {self.status(name).get('phase')})")
-
-    def job(self, name: str) -> dict[str, Any]:
-        return self.wait(lambda: self.api.get(JOBS, NS, name), f"Job {name}")
-
-    def owned(self, resource: str, base: str) -> list[dict[str, Any]]:
-        return self.api.find(resource, NS, labels=f"kubetune.dev/finetunejob={base}")
-
+class Cluster(OperatorCluster):
     def admit_and_run(self, name: str) -> list[dict[str, Any]]:
         """Kueue admits the queued gang; the Job controller starts its pods."""
         job = self.job(f"{name}-a1")
@@ -84,10 +61,6 @@ class Cluster:
         pods = start_job_pods(self.api, job)
         self.wait_phase(name, "Running")
         return pods
-
-    def events_of(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.api.find("v1/events", NS)
-                if e["involvedObject"]["name"] == name]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +90,7 @@ def test_a_violating_job_fails_before_any_child_exists(cluster: Cluster) -> None
                   "spec.pod.tolerations[0]", "(allowedTolerations: none)",
                   "2 nodes x 8 GPUs = 16 GPUs (maxGpusPerJob: 8)"):
         assert words in failed["message"], failed["message"]
-    cluster.wait(lambda: any(e["reason"] == "PolicyViolation" for e in cluster.events_of("rogue")),
+    cluster.wait(lambda: any(e["reason"] == "PolicyViolation" for e in cluster.events("rogue")),
                  "PolicyViolation event")
     # kopf records the permanent failure in its annotations once; after that nothing may
     # touch the job again (no retries), over more than two timer intervals.
@@ -164,7 +137,7 @@ def test_the_hub_token_reaches_only_the_trainer(cluster: Cluster) -> None:
                   message=f"Traceback ...\nenviron={{'HF_TOKEN': '{CANARY}'}}\n"
                           f"huggingface_hub: 401 for token {CANARY}\nRuntimeError: boom")
     cluster.wait(lambda: cluster.status("gated").get("restarts", 0) >= 1, "a restart")
-    cluster.wait(lambda: any("boom" in e.get("message", "") for e in cluster.events_of("gated")),
+    cluster.wait(lambda: any("boom" in e.get("message", "") for e in cluster.events("gated")),
                  "the failure's event")
     # The pods reference the key by name, as a file for the Hub client.
     template = cluster.job("gated-a2")["spec"]["template"]["spec"]
@@ -183,7 +156,7 @@ def test_the_hub_token_reaches_only_the_trainer(cluster: Cluster) -> None:
     assert [leak for leak in leaks if not leak.startswith(PODS)] == [], leaks
     assert set(failed_pods) <= {pod["metadata"]["name"]}
     assert CANARY not in cluster.operator.logs()
-    failure = next(e["message"] for e in cluster.events_of("gated") if "boom" in e["message"])
+    failure = next(e["message"] for e in cluster.events("gated") if "boom" in e["message"])
     assert "***" in failure, failure  # what was masked, visibly
 
 

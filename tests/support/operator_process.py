@@ -181,3 +181,45 @@ def set_pod_state(api: EmulatorThread, namespace: str, name: str, phase: str, *,
     if conditions:
         status["conditions"] = conditions
     return api.patch(PODS, namespace, name, {"status": status}, subresource="status")
+
+
+class OperatorCluster:
+    """The emulated API plus the operator process that a test drives in one namespace. Its
+    waits poll for a state and, when one times out, show the end of the operator's log."""
+
+    def __init__(self, api: EmulatorThread, operator: OperatorProcess, *,
+                 namespace: str = "default", timeout: float = 60.0) -> None:
+        # The timeout only bounds a failing wait: generous, since the operator, the emulator
+        # and the tests share two busy cores.
+        self.api, self.operator = api, operator
+        self.namespace, self.timeout = namespace, timeout
+
+    def wait(self, probe: Callable[[], T | None], what: str, timeout: float | None = None) -> T:
+        try:
+            return wait_for(probe, timeout or self.timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- operator log ---\n"
+                                 f"{self.operator.logs()[-5000:]}") from None
+
+    def ftj(self, name: str) -> dict[str, Any] | None:
+        return self.api.get(FTJ, self.namespace, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.ftj(name) or {}).get("status", {})
+
+    def wait_phase(self, name: str, phase: str, timeout: float | None = None) -> dict[str, Any]:
+        return self.wait(lambda: self.status(name).get("phase") == phase and self.status(name),
+                         f"{name} phase {phase} (now {self.status(name).get('phase')})",
+                         timeout)
+
+    def job(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        return self.wait(lambda: self.api.get(JOBS, self.namespace, name), f"Job {name}",
+                         timeout)
+
+    def owned(self, resource: str, base: str) -> list[dict[str, Any]]:
+        return self.api.find(resource, self.namespace,
+                             labels=f"kubetune.dev/finetunejob={base}")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.api.find("v1/events", self.namespace)
+                if e["involvedObject"]["name"] == name]
