@@ -404,13 +404,21 @@ def _check_record(row: Any, spec: DatasetSpec) -> str | None:
     return None
 
 
-def _check_messages(messages: Any) -> str | None:
+def message_list_problem(messages: Any) -> str | None:
+    """What is wrong with a conversation's shape (None when it is a list of string
+    {role, content} messages); also checks each side of a preference pair."""
     if not isinstance(messages, list) or not messages:
-        return "must be a non-empty list of {role, content}"
+        return "must be a non-empty list of {role, content} messages"
     for i, message in enumerate(messages):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
             return f"message {i} must have string role and content"
+    return None
+
+
+def _check_messages(messages: Any) -> str | None:
+    if problem := message_list_problem(messages):
+        return problem
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message to learn from"
     return None

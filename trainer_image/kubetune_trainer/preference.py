@@ -27,7 +27,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from kubetune_api.spec import FieldsSpec, FineTuneJobSpec, MethodType, Objective
-from kubetune_trainer.data import MAX_REPORTED_ERRORS, DataError, LoadedData, Record
+from kubetune_trainer.data import (
+    MAX_REPORTED_ERRORS,
+    DataError,
+    LoadedData,
+    Record,
+    message_list_problem,
+)
 from kubetune_trainer.ranks import is_rank0
 
 if TYPE_CHECKING:
@@ -90,7 +96,7 @@ def _conversational_pair(chosen: Any, rejected: Any, chosen_key: str,
                          rejected_key: str) -> Pair:
     """Split two conversations into their shared prompt turns and differing answers."""
     for key, messages in ((chosen_key, chosen), (rejected_key, rejected)):
-        problem = _message_problem(messages)
+        problem = message_list_problem(messages)
         if problem:
             raise ValueError(f"field {key!r}: {problem}")
     if chosen == rejected:
@@ -112,16 +118,6 @@ def _conversational_pair(chosen: Any, rejected: Any, chosen_key: str,
                              f"the assistant's, got {answer[0]['role']!r}")
     return {"prompt": chosen[:shared], "chosen": chosen[shared:],
             "rejected": rejected[shared:]}
-
-
-def _message_problem(messages: Any) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "must be a non-empty list of {role, content} messages"
-    for i, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            return f"message {i} must have string role and content"
-    return None
 
 
 def texts(data: LoadedData, fields: FieldsSpec) -> Iterator[str]:
