@@ -7,8 +7,6 @@ stalls (docs/operator.md, "Failure semantics"). Tests play the Job controller an
 from __future__ import annotations
 
 import datetime
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from support.operator_process import (
     QUOTAS,
     OperatorCluster,
     OperatorProcess,
-    free_port,
+    rank0_metrics,
     set_pod_state,
     start_job_pods,
 )
@@ -282,33 +280,15 @@ def test_a_partial_gang_is_torn_down_after_the_scheduling_timeout(world: World) 
     assert world.status("partial")["preemptions"] == 0
 
 
-class _FrozenRank0(http.server.BaseHTTPRequestHandler):
-    """Rank 0's /metrics, stuck at one step while training."""
-
-    def do_GET(self) -> None:
-        body = (f'{contract.METRIC_STEP}{{rank="0"}} 37\n'
-                f'{contract.METRIC_TOTAL_STEPS}{{rank="0"}} 100\n'
-                'kubetune_trainer_phase{rank="0",phase="training"} 1\n').encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_the_stall_watchdog_restarts_a_frozen_gang(world: World) -> None:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _FrozenRank0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    frozen_at_37 = (f'{contract.METRIC_STEP}{{rank="0"}} 37\n'
+                    f'{contract.METRIC_TOTAL_STEPS}{{rank="0"}} 100\n'
+                    'kubetune_trainer_phase{rank="0",phase="training"} 1\n')
+    with rank0_metrics(frozen_at_37) as port:
         world.api.create(FTJ, ftj_body("frozen", metrics={"port": port},
                                        runPolicy={"stallTimeoutSeconds": 3}))
         world.running("frozen")
         world.job("frozen-a2")
-    finally:
-        server.shutdown()
     assert "stalled at step 37" in world.event("frozen", "Stalled")["message"]
     assert world.status("frozen")["preemptions"] == 0  # a hang counts against backoffLimit
 

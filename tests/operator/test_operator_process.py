@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +28,7 @@ from support.operator_process import (
     OperatorCluster,
     OperatorProcess,
     free_port,
+    rank0_metrics,
     set_pod_state,
     start_job_pods,
     wait_for,
@@ -234,38 +233,18 @@ def test_invalid_spec_fails_once_without_children(cluster: Cluster) -> None:
         assert cluster.owned(resource, "invalid") == []
 
 
-class _Metrics(http.server.BaseHTTPRequestHandler):
-    text = ""
-
-    def do_GET(self) -> None:
-        body = self.text.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_progress_from_rank0_then_success_output(cluster: Cluster) -> None:
-    port = free_port()
-    _Metrics.text = (f"{contract.METRIC_STEP}{{rank=\"0\"}} 30\n"
-                     f"{contract.METRIC_TOTAL_STEPS}{{rank=\"0\"}} 120\n"
-                     f"{contract.METRIC_LOSS}{{rank=\"0\"}} 0.75\n"
-                     f"{contract.METRIC_ETA_SECONDS}{{rank=\"0\"}} 90\n")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    text = (f"{contract.METRIC_STEP}{{rank=\"0\"}} 30\n"
+            f"{contract.METRIC_TOTAL_STEPS}{{rank=\"0\"}} 120\n"
+            f"{contract.METRIC_LOSS}{{rank=\"0\"}} 0.75\n"
+            f"{contract.METRIC_ETA_SECONDS}{{rank=\"0\"}} 90\n")
+    with rank0_metrics(text) as port:
         cluster.api.create(FTJ, finetunejob("progress", metrics={"port": port}))
         start_job_pods(cluster.api, cluster.job("progress-a1"))
         status = cluster.wait(lambda: cluster.status("progress").get("progress"),
                               "status.progress")
         assert status == {**status, "step": 30, "totalSteps": 120, "percent": 25.0,
                           "loss": 0.75, "etaSeconds": 90, "eta": "1m30s"}
-    finally:
-        server.shutdown()
     summary = '{"uri": "s3://bucket/out", "manifestSha256": "f00d"}'
     set_pod_state(cluster.api, NS, "progress-a1-0", "Succeeded", exit_code=0, message=summary)
     status = cluster.wait_phase("progress", "Succeeded")

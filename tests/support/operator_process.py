@@ -4,12 +4,15 @@ controllers the emulator lacks (the Job controller and kubelet) in tests."""
 from __future__ import annotations
 
 import datetime
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -223,3 +226,29 @@ class OperatorCluster:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.api.find("v1/events", self.namespace)
                 if e["involvedObject"]["name"] == name]
+
+
+@contextmanager
+def rank0_metrics(text: str) -> Iterator[int]:
+    """A stand-in for rank 0's /metrics on loopback that always answers `text`; yields its
+    port (a job's spec.metrics.port makes the operator scrape it)."""
+    body = text.encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
