@@ -801,6 +801,10 @@ class _Planner:
         self.set_phase(Phase.RESTARTING, Event("Warning", state.reason, message))
         self.condition(COND_RESTARTING, True, state.reason, message)
         self.condition(COND_RUNNING, False, state.reason, state.message)
+        # The next reconcile starts the next attempt (or waits for the old pods): it must not
+        # wait for an event, since the old Job and pods may all be gone already (a Job deleted
+        # together with its pods, whose events arrived in one batch).
+        self.recheck(0)
         return self.plan
 
     def succeed(self, state: AttemptState) -> Plan:

@@ -455,6 +455,17 @@ def test_a_job_deleted_mid_run_starts_a_new_attempt_never_the_same_name() -> Non
     assert gone.create_attempt is None and gone.status.attempt == 2
 
 
+def test_a_restart_whose_old_gang_is_already_gone_wakes_the_next_attempt_itself() -> None:
+    """The Job and its pods were deleted together: no later event of theirs will come, so
+    the restart asks for the next reconcile, which starts attempt 2."""
+    seen = st.Children([], [], seen=frozenset({"llama-a1"}))
+    plan = run(spec(), status(Phase.RUNNING, attempt_start_time=ago(120)), seen)
+    assert plan.status.phase == Phase.RESTARTING and plan.recheck_after is not None
+    assert plan.recheck_after < 1
+    started = run(spec(), plan.status, seen)
+    assert started.create_attempt == 2 and started.status.phase == Phase.PENDING
+
+
 # --- node loss, disruption, preemptions -------------------------------------------------------
 
 DISRUPTIONS = [
