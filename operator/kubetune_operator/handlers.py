@@ -2,14 +2,18 @@
 status.py, manifests in builders.py, API calls in reconciler.py.
 
 - FineTuneJob created / resumed (operator start) / updated → reconcile it.
-- A trainer pod or Job changed → reconcile its FineTuneJob (found through an index).
+- A trainer pod or Job changed → reconcile its FineTuneJob (found through an index) a moment
+  later, once for all the events of that moment.
 - Every progress interval, a task (not a kopf timer: timers put finalizers on the objects,
   and after an uninstall nothing would remove them) resyncs the Running FineTuneJobs and
   scrapes rank 0's progress. Deadlines and TTLs wake the reconciler at the exact moment.
 
 kopf's indexes keep the children in memory, so a reconcile lists nothing; kopf starts the
 handlers only once every index has its initial listing, so a restarted operator sees all
-existing pods and Jobs before it decides anything (and so duplicates nothing).
+existing pods and Jobs before it decides anything (and so duplicates nothing). The index
+functions are `async` so that kopf calls them on the event loop: a plain function goes through
+a thread pool for every event of every trainer pod. Child events are batched per FineTuneJob
+(Reconciler.reconcile_soon): a gang's pods change together.
 """
 
 from __future__ import annotations
@@ -59,19 +63,19 @@ def pod_unread(body: Any, owners: Any) -> bool:
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
              settings: Settings) -> None:
     @kopf.index(*FTJ, id="finetunejobs", registry=registry)
-    def finetunejobs(**kw: Any) -> dict[Any, Any]:
+    async def finetunejobs(**kw: Any) -> dict[Any, Any]:
         return {(kw["namespace"], base_name(kw["name"])): {"name": kw["name"],
                                                            "phase": kw["status"].get("phase")}}
 
     @kopf.index(*PODS, labels=TRAINER_LABELS, id="trainer_pods", registry=registry)
-    def trainer_pods(**kw: Any) -> dict[Any, Any]:
+    async def trainer_pods(**kw: Any) -> dict[Any, Any]:
         key = (kw["namespace"], kw["labels"][LABEL_JOB])
         if pod_unread(kw["body"], kw["finetunejobs"].get(key, [])):
             return {}  # dropped from the index (kopf discards the keys not returned)
         return {key: slim.pod(kw["body"])}
 
     @kopf.index(*JOBS, labels=TRAINER_LABELS, id="trainer_jobs", registry=registry)
-    def trainer_jobs(**kw: Any) -> dict[Any, Any]:
+    async def trainer_jobs(**kw: Any) -> dict[Any, Any]:
         return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.job(kw["body"])}
 
     ticker: list[asyncio.Task[None]] = []
@@ -122,4 +126,4 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     async def child_changed(**kw: Any) -> None:
         namespace, parents = kw["namespace"], kw["finetunejobs"]
         for owner in list(parents.get((namespace, kw["labels"][LABEL_JOB]), [])):
-            await reconciler.reconcile_or_retry(namespace, owner["name"])
+            reconciler.reconcile_soon(namespace, owner["name"])

@@ -61,6 +61,9 @@ CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES,
 Key = tuple[str, str]  # (namespace, name)
 CREATION_GRACE_SECONDS = 30.0  # how long a just-created Job may be missing from the index
 RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
+# A gang's pods change together (its 8 pods are created, start, finish or are deleted within
+# milliseconds of each other): child events wait this long, and one reconcile reads them all.
+CHILD_EVENT_WINDOW_SECONDS = 0.1
 ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → labelled ones
 SCRAPE_CONCURRENCY = 32  # rank-0 scrapes in flight at once per tick
 FAILED_CREATE_EVENTS = 20  # at most this many FailedCreate events read per reconcile
@@ -130,6 +133,7 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._queued: set[Key] = set()
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
+        self._batched: dict[Key, asyncio.TimerHandle] = {}  # child events waiting, per object
         # (object uid, attempt) created, monotonic time: a re-created object of the same name
         # is another object.
         self._created: dict[Key, tuple[str, int, float]] = {}
@@ -166,6 +170,15 @@ class Reconciler:
             logger.warning("%s/%s: reconcile failed (%s); retrying in %.0fs", namespace, name,
                            exc, RETRY_SECONDS)
             self._recheck_later((namespace, name), RETRY_SECONDS)
+
+    def reconcile_soon(self, namespace: str, name: str) -> None:
+        """For child events: one reconcile CHILD_EVENT_WINDOW_SECONDS after the first event,
+        for every event of the object in that window (each still wakes the reconciler; none
+        is lost). Errors are retried as in reconcile_or_retry."""
+        key = (namespace, name)
+        if key not in self._batched:
+            self._batched[key] = asyncio.get_running_loop().call_later(
+                CHILD_EVENT_WINDOW_SECONDS, self._spawn, key, self._batched)
 
     async def _reconcile(self, namespace: str, name: str) -> None:
         body = await self.api.get(FINETUNEJOBS, namespace, name)
@@ -385,17 +398,18 @@ class Reconciler:
         if key in self._rechecks:
             self._rechecks.pop(key).cancel()
         loop = asyncio.get_running_loop()
-        self._rechecks[key] = loop.call_later(max(delay, 0.05), self._spawn_recheck, key)
+        self._rechecks[key] = loop.call_later(max(delay, 0.05), self._spawn, key, self._rechecks)
 
-    def _spawn_recheck(self, key: Key) -> None:
-        self._rechecks.pop(key, None)
+    def _spawn(self, key: Key, timers: dict[Key, asyncio.TimerHandle]) -> None:
+        timers.pop(key, None)  # the timer that fired
         task = asyncio.create_task(self.reconcile_or_retry(*key))
         self._tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(self._tasks.discard)
 
     def forget(self, key: Key) -> None:
-        if key in self._rechecks:
-            self._rechecks.pop(key).cancel()
+        for timers in (self._rechecks, self._batched):
+            if key in timers:
+                timers.pop(key).cancel()
         self._created.pop(key, None)
         self._seen_jobs.pop(key, None)
         lock = self._locks.get(key)
