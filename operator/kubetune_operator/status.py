@@ -307,11 +307,15 @@ def queued_by_others(job: Manifest) -> bool:
 
 
 def _before_resume(pod: Manifest, job: Manifest | None) -> bool:
-    """A pod from before the Job's last resume (its startTime): stopped by the suspension,
-    not a failure of the gang running now."""
+    """A pod from before the Job's last resume (its startTime) that the suspension stopped
+    (deleted, or failed): not a failure of the gang running now. A live pod is never one:
+    the Job controller writes the new startTime after creating the resumed pods, so with
+    one-second timestamps they can look older than it."""
     started = parse_time(((job or {}).get("status") or {}).get("startTime"))
     created = parse_time(pod["metadata"].get("creationTimestamp"))
-    return started is not None and created is not None and created < started
+    stopped = bool(pod["metadata"].get("deletionTimestamp")) \
+        or pod.get("status", {}).get("phase") == "Failed"
+    return stopped and started is not None and created is not None and created < started
 
 
 def _job_failed(failed: Manifest, pods: list[Manifest],

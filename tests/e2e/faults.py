@@ -40,7 +40,8 @@ import s3fs  # noqa: E402
 
 from kubetune_api import contract  # noqa: E402
 from kubetune_operator.status import parse_progress  # noqa: E402
-from support.e2e_cluster import LocalCluster, s3_example  # noqa: E402
+from support.e2e_cluster import NAMESPACE, LocalCluster, s3_example  # noqa: E402
+from support.kueue import QUEUE_LABEL, KueueModel  # noqa: E402
 from support.operator_process import JOBS  # noqa: E402
 from support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, create_bucket  # noqa: E402
 
@@ -74,11 +75,14 @@ class Run:
     def output(self) -> str:
         return f"s3://{self.bucket}/{self.name}"
 
-    def apply(self, **sections: dict[str, Any]) -> None:
+    def apply(self, labels: dict[str, str] | None = None,
+              **sections: dict[str, Any]) -> None:
         sections = {"training": {"maxSteps": STEPS, "logEverySteps": 10},
                     "checkpoint": {"everySteps": EVERY, "keepLast": 2}, **sections}
         self.manifest = s3_example("tiny-lora", name=self.name, bucket=self.bucket,
                                    endpoint=self.endpoint, nodes=2, **sections)
+        if labels:
+            self.manifest["metadata"]["labels"] = labels
         self.cluster.apply(self.manifest)
 
     def rank0_step(self) -> int:
@@ -107,7 +111,8 @@ class Run:
 
     def judge(self, status: dict[str, Any], step_at_fault: int | None, *,
               phase: str = "Succeeded", reason: str | None = None,
-              min_restarts: int = 1) -> Outcome:
+              min_restarts: int = 1, resumed: bool = False) -> Outcome:
+        """`resumed`: the same attempt resumed from a checkpoint (no restart counted)."""
         outcome = Outcome(False, status.get("restarts", 0), status.get("preemptions", 0))
         if status.get("phase") != phase:
             failed: dict[str, Any] = next(
@@ -128,7 +133,7 @@ class Run:
                 outcome.artifacts_lost = 1
                 outcome.problem = "artifact missing or not the one status.output names"
                 return outcome
-            if step_at_fault is not None and outcome.restarts:
+            if step_at_fault is not None and (outcome.restarts or resumed):
                 outcome.steps_lost = max(0, step_at_fault - manifest.get("resumedFromStep", 0))
             if manifest["metrics"]["steps"] != STEPS:
                 outcome.problem = f"trained {manifest['metrics']['steps']} steps, not {STEPS}"
@@ -261,6 +266,45 @@ def operator_killed(run: Run) -> Outcome:
     return run.judge(run.finish(), step)
 
 
+def kueue_preempted(run: Run) -> Outcome:
+    """Kueue admits the queued gang, preempts it once it has a checkpoint (suspends the Job:
+    the Job controller deletes the pods, the ranks checkpoint on SIGTERM and exit 75), and
+    admits it again: the same attempt resumes (docs/operator.md, Kueue)."""
+    cluster, kueue = run.cluster, KueueModel(run.cluster.api, quota=2)
+    job = f"{run.name}-a1"
+    # The Job is created suspended in the queue; a preemption must not use up backoffLimit.
+    run.apply({QUEUE_LABEL: "team-a"}, runPolicy={"backoffLimit": 0})
+    cluster.wait(lambda: kueue.admit() == [job], "Kueue to admit the gang", 60)
+    step = run.checkpointed()
+    kueue.preempt(job)
+    cluster.wait(lambda: cluster.status(run.name).get("preemptions") == 1,
+                 "the preemption counted", 120)
+    assert cluster.runner is not None
+    cluster.wait(lambda: not cluster.api.find("v1/pods", NAMESPACE, f"job-name={job}"),
+                 "the preempted pods gone", 120)
+    exits = [cluster.runner.exit_codes.get(run.pod(rank)) for rank in (0, 1)]
+    status = cluster.status(run.name)
+    if cluster.api.find("v1/pods", NAMESPACE, f"job-name={job}"):
+        return Outcome(False, problem="pods came back while the Job was suspended")
+    if status.get("phase") != "Pending" or status.get("attempt") != 1:
+        return Outcome(False, problem=f"while preempted: {status.get('phase')}, attempt "
+                       f"{status.get('attempt')} (expected Pending, attempt 1)")
+    cluster.wait(lambda: kueue.admit() == [job], "Kueue to admit the gang again", 60)
+    outcome = run.judge(run.finish(), step, min_restarts=0, resumed=True)
+    final = cluster.status(run.name)
+    problems = [
+        f"{what}: {got}, expected {want}" for what, got, want in (
+            ("restarts", final.get("restarts"), 0), ("preemptions", final.get("preemptions"), 1),
+            ("attempt", final.get("attempt"), 1),
+            ("ranks' exit codes on preemption", exits, [75, 75]))
+        if got != want]
+    if cluster.api.get(JOBS, NAMESPACE, f"{run.name}-a2") is not None:
+        problems.append("a second attempt's Job was created")
+    if outcome.passed and problems:
+        outcome.passed, outcome.problem = False, "; ".join(problems)
+    return outcome
+
+
 SCENARIOS: list[tuple[str, int, Callable[[Run], Outcome]]] = [
     ("rank killed mid-run", 3, rank_killed),
     ("node lost (pod stuck Terminating)", 1, node_lost),
@@ -271,6 +315,7 @@ SCENARIOS: list[tuple[str, int, Callable[[Run], Outcome]]] = [
     ("rank 0 frozen (SIGSTOP), watchdog on", 1, rank0_frozen),
     ("permanent exit code racing the Job's Failed", 1, permanent_exit),
     ("operator SIGKILLed after each kind of write", 1, operator_killed),
+    ("Kueue preemption and re-admission", 1, kueue_preempted),
 ]
 
 

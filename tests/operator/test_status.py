@@ -670,6 +670,23 @@ def test_a_kueue_preemption_resumes_the_same_attempt_on_readmission() -> None:
     assert (resumed.status.phase, resumed.status.attempt) == (Phase.RUNNING, 1)
 
 
+
+def test_pods_created_in_the_resume_sync_before_the_new_start_time_are_the_gang() -> None:
+    # The Job controller creates the pods of a resumed Job, then writes its new startTime in
+    # the same sync: with one-second timestamps the pods can look a second older. Only pods
+    # the suspension stopped (deleted or failed) are from before the resume.
+    admitted = kueue_job()
+    admitted["status"]["startTime"] = STAMP
+    old_pod = pod(1, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True)
+    old_pod["metadata"]["creationTimestamp"] = ago(200)
+    new_pods = [pod(0), pod(1)]
+    for new in new_pods:
+        new["metadata"]["creationTimestamp"] = ago(1)
+    queued = status(Phase.PENDING, preemptions=1, active_seconds=100)
+    resumed = run(spec(backoffLimit=0), queued, children([admitted], [old_pod, *new_pods]))
+    assert (resumed.status.phase, resumed.status.attempt) == (Phase.RUNNING, 1)
+    assert (resumed.status.restarts, resumed.status.preemptions) == (0, 1)
+
 def test_suspending_a_queued_job_stops_its_attempt_instead_of_fighting_kueue() -> None:
     plan = run(spec(suspend=True), status(Phase.RUNNING, start_time=ago(10)),
                children([kueue_job()], [pod(0), pod(1)]))

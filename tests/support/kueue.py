@@ -8,8 +8,11 @@ then sets the Job's `status.startTime` and creates the pods); it preempts an adm
 suspending it again (the Job controller deletes its pods, which get SIGTERM).
 
 This model keeps a quota in pods (one per completion), admits in creation order, and leaves
-the Job controller's part to the caller (tests create and delete pods). What it does not model:
-Workload objects, cohorts and borrowing, fair sharing, priorities, WaitForPodsReady.
+the Job controller's part to the caller (the operator-process tests create and delete pods;
+in the e2e harness tests/support/pod_runner.py deletes a suspended Job's pods and creates them
+again on re-admission). It acts only when called (`webhook`, `admit`, `preempt`), not on a
+timer. What it does not model: Workload objects, cohorts and borrowing, fair sharing,
+priorities, WaitForPodsReady.
 """
 
 from __future__ import annotations

@@ -2,9 +2,14 @@
 
 `PodRunner` polls the emulated API server (a background thread, every `interval` seconds):
 
-- Job controller: for each Indexed Job it creates one pod per completion index (once: a
-  deleted pod is not replaced, as with `backoffLimit: 0`) and keeps the Job's status
-  (active/succeeded/failed, Complete/Failed conditions);
+- Job controller: for each Indexed Job it creates one pod per completion index (once per
+  run of the Job: a pod that fails or is deleted is not replaced, as with `backoffLimit: 0`)
+  and keeps the Job's status (active/succeeded/failed, Complete/Failed conditions).
+  Suspension as the real controller does it: `spec.suspend` true deletes the Job's active
+  pods gracefully (SIGTERM; not counted as failed) and sets the `Suspended` condition
+  (`JobSuspended`); false again sets it False (`JobResumed`), resets `status.startTime` and
+  creates pods again for every index without a succeeded pod, once the old ones are gone
+  (`podReplacementPolicy: Failed` waits for terminating pods);
 - kubelet: each pod runs its container's real command as a process in the repository root
   (the image's working directory), with the pod's environment — `$(VAR)` expansion, fieldRefs
   (the completion index annotation), values and `envFrom` of Secrets and ConfigMaps — and its
@@ -125,6 +130,7 @@ class PodRunner:
     errors: list[BaseException] = field(default_factory=list)
     lost: set[str] = field(default_factory=set)  # uids of pods whose node is gone
     _master_ports: dict[str, int] = field(default_factory=dict)  # Job uid -> torchrun port
+    exit_codes: dict[str, int] = field(default_factory=dict)  # pod name -> its last exit code
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -219,9 +225,15 @@ class PodRunner:
         spec, meta = job["spec"], job["metadata"]
         if spec.get("completionMode") != "Indexed" or _job_finished(job):
             return
-        if not spec.get("suspend"):
+        pods = self.api.find(PODS, meta["namespace"], labels=f"job-name={meta['name']}")
+        if spec.get("suspend"):
+            self._suspend(job, pods)
+        elif not any(p["metadata"].get("deletionTimestamp") for p in pods):
+            # podReplacementPolicy: Failed: no new pod while an old one still terminates.
+            succeeded = {_completion_index(p) for p in pods
+                         if p.get("status", {}).get("phase") == "Succeeded"}
             for index in range(int(spec["completions"])):
-                if (meta["uid"], index) not in self._created:
+                if (meta["uid"], index) not in self._created and index not in succeeded:
                     self._created.add((meta["uid"], index))
                     self.api.create(PODS, job_pod(job, index))
         status = job_status(job, self.api.find(PODS, meta["namespace"],
@@ -229,6 +241,18 @@ class PodRunner:
         if status != job.get("status", {}):
             self.api.patch(JOBS, meta["namespace"], meta["name"], {"status": status},
                            subresource="status")
+
+    def _suspend(self, job: JsonDict, pods: list[JsonDict]) -> None:
+        """The real controller's manageJob for a suspended Job: delete its active pods
+        (it drops their tracking finalizer first, so they never count as failed); a resume
+        creates every index without a succeeded pod again."""
+        meta = job["metadata"]
+        for pod in pods:
+            if pod["metadata"].get("deletionTimestamp") or pod.get("status", {}).get(
+                    "phase") in ("Succeeded", "Failed"):
+                continue
+            self.api.delete(PODS, meta["namespace"], pod["metadata"]["name"])  # graceful
+        self._created -= {key for key in self._created if key[0] == meta["uid"]}
 
     # --- kubelet ---------------------------------------------------------------------------------
 
@@ -407,6 +431,7 @@ class PodRunner:
         kill_container(pod["metadata"]["uid"], proc.process)  # no orphans outlive the container
         code = proc.process.returncode
         code = 128 - code if code < 0 else code
+        self.exit_codes[pod["metadata"]["name"]] = code
         message = termination_message(proc, pod, code)
         terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
                       "message": message, "finishedAt": _now()}
@@ -429,21 +454,35 @@ class PodRunner:
 # --- pure helpers ------------------------------------------------------------------------------
 
 def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
-    """Counts and the Complete/Failed condition of an Indexed Job with backoffLimit 0."""
+    """Counts, the Suspended condition and the Complete/Failed condition of an Indexed Job
+    with backoffLimit 0 (pods being deleted count as neither active nor failed)."""
     phases = [p.get("status", {}).get("phase") for p in pods
               if not p["metadata"].get("deletionTimestamp")]
     succeeded, failed = phases.count("Succeeded"), phases.count("Failed")
     status: JsonDict = {"active": phases.count("Running") + phases.count("Pending") +
                         phases.count(None), "succeeded": succeeded, "failed": failed}
     status = {k: v for k, v in status.items() if v}
+    old_status = job.get("status") or {}
+    old = {c["type"]: c for c in old_status.get("conditions") or []}
+    if "startTime" in old_status:
+        status["startTime"] = old_status["startTime"]
+    conditions = []
+    if job["spec"].get("suspend"):
+        conditions.append(_condition("Suspended", "JobSuspended", "Job suspended"))
+    elif "Suspended" in old:
+        conditions.append(_condition("Suspended", "JobResumed", "Job resumed", "False"))
+        if old["Suspended"]["status"] == "True":
+            status["startTime"] = _now()  # a resumed Job's clock starts again
     if failed > int(job["spec"].get("backoffLimit", 6)):
-        status["conditions"] = [_condition("Failed", "BackoffLimitExceeded",
-                                           "Job has reached the specified backoff limit")]
+        conditions.append(_condition("Failed", "BackoffLimitExceeded",
+                                     "Job has reached the specified backoff limit"))
     elif succeeded >= int(job["spec"]["completions"]):
-        status["conditions"] = [_condition("Complete", "", "")]
-    old = {c["type"]: c for c in job.get("status", {}).get("conditions") or []}
-    for cond in status.get("conditions", []):  # keep the first transition time
-        cond["lastTransitionTime"] = old.get(cond["type"], cond)["lastTransitionTime"]
+        conditions.append(_condition("Complete", "", ""))
+    for cond in conditions:  # the time moves only when the status flips
+        if cond["type"] in old and old[cond["type"]]["status"] == cond["status"]:
+            cond["lastTransitionTime"] = old[cond["type"]]["lastTransitionTime"]
+    if conditions:
+        status["conditions"] = conditions
     return status
 
 
@@ -490,8 +529,8 @@ def _completion_index(pod: JsonDict) -> int:
     return int((pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX, 0))
 
 
-def _condition(type_: str, reason: str, message: str) -> JsonDict:
-    return {"type": type_, "status": "True", "reason": reason, "message": message,
+def _condition(type_: str, reason: str, message: str, status: str = "True") -> JsonDict:
+    return {"type": type_, "status": status, "reason": reason, "message": message,
             "lastTransitionTime": _now()}
 
 
