@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubetune_api import contract
 from kubetune_operator.builders import network_policy_name
@@ -235,6 +236,62 @@ def test_uninstalled_operator_leaves_nothing_that_blocks_deletion(tmp_path: Path
             assert api.get(FTJ, NS, name) is None, name
         assert api.find(JOBS, NS) == [] and api.find(PODS, NS) == []
 
+
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.dev.yaml"
+CRDS = "apiextensions.k8s.io/v1/customresourcedefinitions"
+NAMESPACES = "v1/namespaces"
+
+
+def crd_world(api: EmulatorThread, *namespaces: str) -> dict[str, Any]:
+    """The FineTuneJob CRD as `kubectl apply -f crds/` creates it, and `namespaces`."""
+    crd = api.create(CRDS, yaml.safe_load(CRD_FILE.read_text()))
+    for namespace in namespaces:
+        api.create(NAMESPACES, {"metadata": {"name": namespace}})
+    return crd
+
+
+def test_namespace_then_crd_delete_to_completion_with_the_operator_gone(
+        tmp_path: Path) -> None:
+    with EmulatorThread() as api:
+        crd = crd_world(api, "team", "other")
+        with OperatorProcess(api, tmp_path) as operator:
+            for namespace in ("team", "other"):
+                world = World(api, operator, namespace=namespace)
+                api.create(FTJ, ftj_body("gone", namespace))
+                world.running("gone")
+        assert api.find(JOBS, "team") and api.find(CONFIG_MAPS, "team")
+        # helm uninstall: the operator is gone; `kubectl delete namespace team` completes.
+        api.delete(NAMESPACES, None, "team")
+        world = World(api, operator, namespace="team")
+        world.wait(lambda: api.get(NAMESPACES, None, "team") is None, "namespace team gone")
+        for resource in (FTJ, JOBS, PODS, CONFIG_MAPS, "v1/services"):
+            assert api.find(resource, "team") == [], resource
+        assert api.get(FTJ, "other", "gone") is not None  # another namespace's job stays
+        # `kubectl delete crd`: the remaining jobs go, their children with them, then the CRD.
+        api.delete(CRDS, None, crd["metadata"]["name"])
+        world.wait(lambda: api.get(CRDS, None, crd["metadata"]["name"]) is None, "CRD gone")
+        for resource in (JOBS, PODS, CONFIG_MAPS):
+            assert api.find(resource, "other") == [], resource
+        assert api.get(FTJ, "other", "gone") is None  # no longer served at all
+
+
+def test_a_finalizer_nobody_removes_keeps_namespace_and_crd_terminating() -> None:
+    """What the operator must never leave behind (the emulator can show a wedge)."""
+    with EmulatorThread() as api:
+        crd = crd_world(api, "wedged")
+        held = ftj_body("held", "wedged")
+        held["metadata"]["finalizers"] = ["kubetune.dev/finalizer"]  # an old operator's
+        api.create(FTJ, held)
+        api.delete(NAMESPACES, None, "wedged")
+        api.delete(CRDS, None, crd["metadata"]["name"])
+        namespace = api.get(NAMESPACES, None, "wedged")
+        assert namespace is not None and namespace["status"]["phase"] == "Terminating"
+        assert api.get(CRDS, None, crd["metadata"]["name"]) is not None
+        assert api.get(FTJ, "wedged", "held")["metadata"]["deletionTimestamp"]
+        api.patch(FTJ, "wedged", "held", {"metadata": {"finalizers": None}})
+        assert api.get(NAMESPACES, None, "wedged") is None
+        assert api.get(CRDS, None, crd["metadata"]["name"]) is None
 
 # --- attempts pin their runtime ------------------------------------------------------------------
 

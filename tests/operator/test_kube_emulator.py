@@ -176,3 +176,47 @@ def test_delete_preconditions_and_lost_pods(api: EmulatorThread) -> None:
     assert marked is not None and marked["metadata"]["deletionTimestamp"]
     api.delete("v1/pods", "ns", "stuck", grace_seconds=0)  # force
     assert api.get("v1/pods", "ns", "stuck") is None
+
+
+def test_namespace_deletion_empties_it_and_waits_for_finalizers() -> None:
+    with EmulatorThread() as api:
+        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
+        ns_url, cms = "/api/v1/namespaces/gone", "/api/v1/namespaces/gone/configmaps"
+        ftjs = "/apis/kubetune.dev/v1alpha1/namespaces/gone/finetunejobs"
+        assert call(api, "POST", "/api/v1/namespaces", {"metadata": {"name": "gone"}}).ok
+        call(api, "POST", cms, {"metadata": {"name": "plain"}})
+        call(api, "POST", ftjs, {"metadata": {"name": "held", "finalizers": ["x/y"]}})
+        call(api, "POST", CM_URL, {"metadata": {"name": "elsewhere"}})
+        terminating = call(api, "DELETE", ns_url).json()
+        assert terminating["metadata"]["deletionTimestamp"]
+        assert terminating["status"]["phase"] == "Terminating"
+        assert call(api, "GET", cms + "/plain").status_code == 404
+        assert call(api, "GET", ftjs + "/held").json()["metadata"]["deletionTimestamp"]
+        assert call(api, "GET", ns_url).json()["status"]["phase"] == "Terminating"
+        refused = call(api, "POST", cms, {"metadata": {"name": "late"}})
+        assert refused.status_code == 403 and "being terminated" in refused.json()["message"]
+        call(api, "PATCH", ftjs + "/held", {"metadata": {"finalizers": None}}, headers=MERGE)
+        assert call(api, "GET", ns_url).status_code == 404  # empty: gone
+        assert call(api, "GET", CM_URL + "/elsewhere").status_code == 200
+
+
+def test_crd_deletion_removes_its_resources_then_stops_serving_them() -> None:
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": "widgets.example.dev"}, "spec": {
+               "group": "example.dev", "scope": "Namespaced",
+               "names": {"kind": "Widget", "plural": "widgets", "singular": "widget"},
+               "versions": [{"name": "v1", "served": True, "storage": True}]}}
+    crd_url = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    widgets = "/apis/example.dev/v1/namespaces/ns/widgets"
+    with EmulatorThread() as api:
+        assert call(api, "POST", crd_url, crd).status_code == 201  # registers the resource
+        call(api, "POST", widgets, {"metadata": {"name": "w1"}})
+        call(api, "POST", widgets, {"metadata": {"name": "w2", "finalizers": ["x/y"]}})
+        terminating = call(api, "DELETE", f"{crd_url}/widgets.example.dev").json()
+        assert terminating["status"]["conditions"][0]["type"] == "Terminating"
+        assert call(api, "GET", widgets + "/w1").status_code == 404
+        assert call(api, "POST", widgets, {"metadata": {"name": "w3"}}).status_code == 405
+        assert call(api, "GET", f"{crd_url}/widgets.example.dev").ok  # w2 holds it
+        call(api, "PATCH", widgets + "/w2", {"metadata": {"finalizers": None}}, headers=MERGE)
+        assert call(api, "GET", f"{crd_url}/widgets.example.dev").status_code == 404
+        assert call(api, "GET", widgets).status_code == 404  # no longer served

@@ -15,6 +15,11 @@ API-server semantics an operator depends on:
   preconditions (409 on conflict), 409 AlreadyExists on create;
 - finalizers (deletionTimestamp until they are removed) and owner-reference garbage collection
   (background cascade; `propagationPolicy: Orphan` drops the reference instead);
+- Namespace and CRD deletion: the Namespace (phase Terminating) or CRD (condition Terminating)
+  gets a deletionTimestamp, everything in it (its namespaced objects; its custom resources)
+  is deleted as a DELETE of each would (finalizers honoured), nothing new may be created in
+  it, and it disappears once it is empty (a CRD's resource is then no longer served). A
+  created CRD registers its served versions;
 - optional graceful pod deletion (`pod_grace_seconds`): a deleted pod keeps a
   deletionTimestamp for that long before it disappears, as a kubelet would make it.
 
@@ -55,6 +60,8 @@ T = TypeVar("T")
 StoreKey = tuple[kmock.resource, str | None, str]
 
 EVENT_LOG_SIZE = 10_000  # watch resume window per resource, in events
+NAMESPACES = kmock.resource("v1/namespaces")
+CRDS = kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions")
 WATCH_QUEUE_POLL = 1.0  # seconds between checks of a watch's own timeout
 
 
@@ -264,6 +271,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _revision: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _last_revision: int = attrs.field(default=0, init=False)
     _terminating: set[StoreKey] = attrs.field(factory=set, init=False)
+    _emptying: set[StoreKey] = attrs.field(factory=set, init=False)  # Namespaces and CRDs
 
     _builtin_reactions: int = attrs.field(default=0, init=False)
     _faults: list[list[Any]] = attrs.field(factory=list, init=False)
@@ -338,12 +346,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def declare(self, resource: str, kind: str, *, namespaced: bool = True,
                 status: bool = True, shortnames: Iterable[str] = ()) -> None:
-        """Declare a custom resource (POSTing a CRD does not register one)."""
+        """Declare a custom resource (what creating its CRD does: register_crd)."""
         self.resources[resource] = kmock.ResourceInfo(
             kind=kind, namespaced=namespaced, singular=kind.lower(),
             verbs={"create", "delete", "get", "list", "patch", "update", "watch",
                    "deletecollection"},
             subresources={"status"} if status else set(), shortnames=set(shortnames))
+
+    def register_crd(self, crd: JsonDict) -> None:
+        """Serve the versions a CustomResourceDefinition defines."""
+        spec, names = crd["spec"], crd["spec"]["names"]
+        for resource in _crd_resources(crd):
+            path = f"{resource.group}/{resource.version}/{resource.plural}"
+            self.declare(path, names["kind"], namespaced=spec.get("scope") == "Namespaced",
+                         status=any("status" in (v.get("subresources") or {})
+                                    for v in spec["versions"]),
+                         shortnames=names.get("shortNames", ()))
 
     def _info(self, resource: kmock.resource) -> kmock.ResourceInfo:
         if resource not in self.resources:
@@ -390,6 +408,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         key = (res, namespace, name)
         if key in self._store:
             raise _error(409, "AlreadyExists", f'{res.plural} "{name}" already exists')
+        self._refuse_in_terminating(res, namespace)
         if namespace is not None:
             meta["namespace"] = namespace
         meta.pop("deletionTimestamp", None)
@@ -401,6 +420,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._store[key] = obj
         self._index_owners(key, obj)
         self._emit(res, "ADDED", obj, None)
+        if res == CRDS:
+            self.register_crd(obj)
         return obj
 
     def patch_object(self, resource: str | kmock.resource, namespace: str | None, name: str,
@@ -434,6 +455,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj = self.get_object(res, namespace, name)
         meta = obj["metadata"]
         grace = self.pod_grace_seconds if grace_seconds is None else grace_seconds
+        if res in (NAMESPACES, CRDS):
+            return self._delete_container(res, key, obj)
         if propagation == "Orphan":
             self._orphan_dependents(obj)
         lost = res.plural == "pods" and grace_seconds != 0 \
@@ -455,6 +478,53 @@ class KubeEmulator(kmock.KubernetesEmulator):
             return marked
         self._remove(res, key)
         return obj
+
+    # --- Namespace and CRD deletion -----------------------------------------------------------
+
+    def _delete_container(self, res: kmock.resource, key: StoreKey, obj: JsonDict) -> JsonDict:
+        """A Namespace (the namespace controller's part) or a CRD (its cleanup finalizer):
+        Terminating at once, its contents deleted, gone once they all are."""
+        if not obj["metadata"].get("deletionTimestamp"):
+            status: JsonDict = {"phase": "Terminating"} if res == NAMESPACES else {"conditions": [{
+                "type": "Terminating", "status": "True", "reason": "InstanceDeletionInProgress",
+                "message": "CustomResource deletion is in progress",
+                "lastTransitionTime": _now()}]}
+            obj = merge_patch(obj, {"metadata": {"deletionTimestamp": _now()},
+                                    "status": status})
+            self._commit(res, key, self._store[key], obj)
+            self._emptying.add(key)
+            for content in self._contents(key):
+                with contextlib.suppress(kmock.KubernetesError):
+                    self.delete_object(*content)
+        self._finish_emptied()
+        return obj
+
+    def _contents(self, container: StoreKey) -> list[StoreKey]:
+        res, _, name = container
+        if res == NAMESPACES:
+            return [k for k in self._store if k[1] == name]
+        served = set(_crd_resources(self._store[container]))
+        return [k for k in self._store if k[0] in served]
+
+    def _finish_emptied(self) -> None:
+        """Remove the terminating Namespaces and CRDs that nothing is left in (a CRD's
+        resource then stops being served)."""
+        while key := next((k for k in self._emptying if not self._contents(k)), None):
+            self._emptying.discard(key)
+            crd = self._store[key]
+            self._remove(key[0], key)
+            if key[0] == CRDS:
+                for resource in _crd_resources(crd):
+                    self.resources.pop(resource, None)
+
+    def _refuse_in_terminating(self, res: kmock.resource, namespace: str | None) -> None:
+        for key in self._emptying:
+            if key[0] == NAMESPACES and key[2] == namespace:
+                raise _error(403, "Forbidden", f"unable to create new content in namespace "
+                             f"{namespace} because it is being terminated")
+            if key[0] == CRDS and res in _crd_resources(self._store[key]):
+                raise _error(405, "MethodNotAllowed", "create not allowed while custom "
+                             "resource definition is terminating")
 
     def _update(self, res: kmock.resource, old: JsonDict, new: JsonDict,
                 subresource: str | None) -> JsonDict:
@@ -530,6 +600,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         uid = obj["metadata"]["uid"]
         for dep_key in sorted(self._dependents.pop(uid, set()), key=str):
             self._collect_garbage(dep_key)
+        if self._emptying and key not in self._emptying:
+            self._finish_emptied()
 
     def _remove_later(self, res: kmock.resource, key: StoreKey, seconds: float) -> None:
         self._terminating.add(key)
@@ -702,6 +774,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
             with contextlib.suppress(kmock.KubernetesError):
                 self.delete_object(request.resource, meta.get("namespace"), meta["name"])
         return {"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {}}
+
+
+def _crd_resources(crd: JsonDict) -> list[kmock.resource]:
+    spec = crd["spec"]
+    return [kmock.resource(f"{spec['group']}/{v['name']}/{spec['names']['plural']}")
+            for v in spec["versions"] if v.get("served", True)]
 
 
 def default_emulator(emulator_class: type[KubeEmulator] = KubeEmulator,
