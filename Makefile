@@ -162,13 +162,13 @@ kind-e2e: venv helm kubectl
 .PHONY: flake-check
 FLAKE_RUNS ?= 5
 FLAKE_TESTS ?= tests/operator/test_operator_process.py tests/operator/test_failure_semantics.py \
-  tests/operator/test_start_paths.py tests/e2e --ignore=tests/e2e/test_fault_table.py
+  tests/operator/test_start_paths.py tests/e2e
 # Set up the venv only when there is none (a shared checkout may hold one already).
 NEEDS_VENV := $(if $(wildcard $(BIN)/.installed),,venv)
 
 # The operator-process and e2e tests FLAKE_RUNS times while a CPU hog keeps another core busy:
-# tests must wait for states, never for the machine to be fast. Not the fault table's test
-# (it runs every scenario once itself; 5 times would add half an hour).
+# tests must wait for states, never for the machine to be fast. The fault table's test lives in
+# tests/faults, not here (it runs every scenario once itself; 5 times would add half an hour).
 flake-check: $(NEEDS_VENV)
 	@$(BIN)/python -c 'while True: pass' & hog=$$!; trap "kill $$hog" EXIT; \
 	passed=0; for run in $$(seq $(FLAKE_RUNS)); do \
@@ -178,7 +178,7 @@ flake-check: $(NEEDS_VENV)
 	echo "flake-check: $$passed/$(FLAKE_RUNS) runs passed"; test $$passed -eq $(FLAKE_RUNS)
 
 # The fault table (tests/e2e/faults.py): each scenario through the e2e harness, one row each.
-# `make test` runs it too (tests/e2e/test_fault_table.py).
+# `make test` runs it too (tests/faults/test_fault_table.py).
 .PHONY: faults
 faults: $(NEEDS_VENV)
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/python tests/e2e/faults.py $(FAULTS_ARGS)
