@@ -261,6 +261,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     keep_requests: bool = True  # kmock keeps every request for assertions; benchmarks opt out
 
     _store: dict[StoreKey, JsonDict] = attrs.field(factory=dict, init=False)
+    # The same objects by resource: a list reads its resource's objects only, not every
+    # object of the cluster (bench/operator_scale.py fills it with 10,000 unrelated pods).
+    _by_resource: dict[kmock.resource, dict[StoreKey, JsonDict]] = attrs.field(
+        factory=lambda: collections.defaultdict(dict), init=False)
     _dependents: dict[str, set[StoreKey]] = attrs.field(
         factory=lambda: collections.defaultdict(set), init=False)
     _log: dict[kmock.resource, collections.deque[tuple[int, JsonDict]]] = attrs.field(
@@ -417,7 +421,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj.setdefault("kind", info.kind)
         if self._has_status(res):
             obj.pop("status", None)  # set through the status subresource only
-        self._store[key] = obj
+        self._store[key] = self._by_resource[res][key] = obj
         self._index_owners(key, obj)
         self._emit(res, "ADDED", obj, None)
         if res == CRDS:
@@ -587,13 +591,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _commit(self, res: kmock.resource, key: StoreKey, old: JsonDict | None,
                 new: JsonDict) -> None:
-        self._store[key] = new
+        self._store[key] = self._by_resource[res][key] = new
         self._index_owners(key, new)
         self._emit(res, "MODIFIED", new, old)
 
     def _remove(self, res: kmock.resource, key: StoreKey) -> None:
         self._terminating.discard(key)
         obj = self._store.pop(key, None)
+        self._by_resource[res].pop(key, None)
         if obj is None:
             return
         self._emit(res, "DELETED", obj, obj)
@@ -662,8 +667,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return {"type": kind, "object": obj}
 
     def _select(self, res: kmock.resource, selection: Selection) -> list[JsonDict]:
-        objs = [o for (r, _, _), o in self._store.items()
-                if r == res and selection.matches(o)]
+        objs = [o for o in self._by_resource[res].values() if selection.matches(o)]
         return sorted(objs, key=lambda o: (o["metadata"].get("namespace") or "",
                                            o["metadata"]["name"]))
 
