@@ -658,34 +658,32 @@ def test_a_kueue_preemption_resumes_the_same_attempt_on_readmission() -> None:
     again = run(spec(backoffLimit=0), plan.status, children([kueue_job(suspend=True)], []))
     assert again.status.preemptions == 1 and again.events == []  # counted once
     # Re-admitted: the Job's startTime moves; the old stretch's pods are not failures.
+    resumed = run(spec(backoffLimit=0), again.status, readmitted(old_rank=0, new_created=STAMP))
+    assert (resumed.status.phase, resumed.status.attempt) == (Phase.RUNNING, 1)
+
+
+def readmitted(old_rank: int, new_created: str) -> st.Children:
+    """A re-admitted Kueue Job (startTime now), a pod its suspension stopped, and the
+    resumed gang created at `new_created`."""
     admitted = kueue_job()
     admitted["status"]["startTime"] = STAMP
-    old_pod = pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True)
+    old_pod = pod(old_rank, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True)
     old_pod["metadata"]["creationTimestamp"] = ago(200)
     new_pods = [pod(0), pod(1)]
     for new in new_pods:
-        new["metadata"]["creationTimestamp"] = STAMP
-    resumed = run(spec(backoffLimit=0), again.status, children([admitted],
-                                                               [old_pod, *new_pods]))
-    assert (resumed.status.phase, resumed.status.attempt) == (Phase.RUNNING, 1)
-
+        new["metadata"]["creationTimestamp"] = new_created
+    return children([admitted], [old_pod, *new_pods])
 
 
 def test_pods_created_in_the_resume_sync_before_the_new_start_time_are_the_gang() -> None:
     # The Job controller creates the pods of a resumed Job, then writes its new startTime in
     # the same sync: with one-second timestamps the pods can look a second older. Only pods
     # the suspension stopped (deleted or failed) are from before the resume.
-    admitted = kueue_job()
-    admitted["status"]["startTime"] = STAMP
-    old_pod = pod(1, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True)
-    old_pod["metadata"]["creationTimestamp"] = ago(200)
-    new_pods = [pod(0), pod(1)]
-    for new in new_pods:
-        new["metadata"]["creationTimestamp"] = ago(1)
     queued = status(Phase.PENDING, preemptions=1, active_seconds=100)
-    resumed = run(spec(backoffLimit=0), queued, children([admitted], [old_pod, *new_pods]))
+    resumed = run(spec(backoffLimit=0), queued, readmitted(old_rank=1, new_created=ago(1)))
     assert (resumed.status.phase, resumed.status.attempt) == (Phase.RUNNING, 1)
     assert (resumed.status.restarts, resumed.status.preemptions) == (0, 1)
+
 
 def test_suspending_a_queued_job_stops_its_attempt_instead_of_fighting_kueue() -> None:
     plan = run(spec(suspend=True), status(Phase.RUNNING, start_time=ago(10)),
