@@ -11,18 +11,7 @@ import pytest
 
 from kubetune_api.load import SpecError, load_job, parse_job
 from kubetune_api.spec import FineTuneJob
-
-VALID = """\
-apiVersion: kubetune.dev/v1alpha1
-kind: FineTuneJob
-metadata: {name: t}
-spec:
-  model: {name: "tiny://llama"}
-  method: {type: lora}
-  dataset:
-    train: data.jsonl
-  output: {uri: out}
-"""
+from support.jobs import MINIMAL_JOB_YAML as VALID
 
 
 def test_defaults_fill_a_minimal_job() -> None:

@@ -9,17 +9,8 @@ import pytest
 
 from kubetune_api.cli import main
 from kubetune_api.load import SpecError, load_job, parse_job
+from support.jobs import MINIMAL_JOB_YAML as BASE
 
-BASE = """\
-apiVersion: kubetune.dev/v1alpha1
-kind: FineTuneJob
-metadata: {name: t}
-spec:
-  model: {name: "tiny://llama"}
-  method: {type: lora}
-  dataset: {train: data.jsonl}
-  output: {uri: out}
-"""
 NO_OUTPUT = BASE.replace("  output: {uri: out}\n", "")
 
 
@@ -113,8 +104,8 @@ def test_attention_and_samples_rules() -> None:
         parse_job(BASE.replace('"tiny://llama"}', '"tiny://llama", attention: flash3}'))
     classify = BASE.replace('{name: "tiny://llama"}',
                             '{name: "tiny://bert", task: sequence-classification, numLabels: 2}'
-                            ).replace("{train: data.jsonl}",
-                                      "{train: data.jsonl, fields: {text: t, label: l}}")
+                            ).replace("    train: data.jsonl\n",
+                                      "    train: data.jsonl\n    fields: {text: t, label: l}\n")
     assert "output.samples generates text" in error_of("", classify.replace(
         "{uri: out}", "{uri: out, samples: {prompts: [hi]}}"))
     assert "prompts" in error_of("", BASE.replace("{uri: out}",

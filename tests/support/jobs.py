@@ -13,6 +13,20 @@ from kubetune_api.spec import FineTuneJob
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
+# The smallest FineTuneJob the contract accepts, as a user writes it (tests check file:line
+# errors against its lines).
+MINIMAL_JOB_YAML = """\
+apiVersion: kubetune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: t}
+spec:
+  model: {name: "tiny://llama"}
+  method: {type: lora}
+  dataset:
+    train: data.jsonl
+  output: {uri: out}
+"""
+
 
 def example_dict(name: str) -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
