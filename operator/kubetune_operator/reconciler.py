@@ -23,7 +23,7 @@ import kopf
 from kubetune_api import contract
 from kubetune_api.crd import Phase, Runtime
 from kubetune_api.load import SpecError, parse_job, validate_job
-from kubetune_api.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob
+from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
 from kubetune_operator import policy
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
@@ -59,7 +59,6 @@ CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES,
                    "NetworkPolicy": NETWORK_POLICIES, "Job": JOBS}
 
 Key = tuple[str, str]  # (namespace, name)
-CREATION_GRACE_SECONDS = 30.0  # how long a just-created Job may be missing from the index
 RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
 # A gang's pods change together (its 8 pods are created, start, finish or are deleted within
 # milliseconds of each other): child events wait this long, and one reconcile reads them all.
@@ -101,17 +100,6 @@ def pinned(settings: Settings, runtime: Runtime | None) -> Settings:
                                service_account=runtime.service_account)
 
 
-def owned_by(obj: dict[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
-
-
-def left_by_namesake(obj: dict[str, Any], owner: Owner) -> bool:
-    """Owned by an earlier FineTuneJob of the same name (deleted; the GC is on its way)."""
-    return any(ref.get("kind") == KIND and ref.get("name") == owner.name
-               and ref.get("uid") != owner.uid
-               for ref in obj["metadata"].get("ownerReferences") or [])
-
-
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -130,6 +118,7 @@ class Reconciler:
                  clock: Callable[[], datetime.datetime] = utcnow) -> None:
         self.api, self.settings, self.metrics, self.clock = api, settings, metrics, clock
         self.children: ChildrenLookup = no_children  # kopf's indexes, once handlers run
+        self.limits = st.Limits(runtime_of(settings), settings.force_delete_after)
         self._locks: dict[Key, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._queued: set[Key] = set()
         self._rechecks: dict[Key, asyncio.TimerHandle] = {}
@@ -205,8 +194,7 @@ class Reconciler:
                                                    attempt_job_name(name, status.attempt or 1))
         plan = st.plan(name, job.spec, generation, status, children,
                        self.clock(), queue_managed=is_queue_managed(owner),
-                       limits=st.Limits(runtime_of(self.settings),
-                                        self.settings.force_delete_after))
+                       limits=self.limits)
         await self._execute(plan, job, owner, body, status)
 
     def _admitted_owner(self, body: dict[str, Any]) -> Owner:
@@ -310,9 +298,9 @@ class Reconciler:
             if await self.api.create(CHILD_RESOURCES[kind], ns, manifest):
                 return
             existing = await self.api.get(CHILD_RESOURCES[kind], ns, name)
-            if existing is None or owned_by(existing, owner.uid):
+            if existing is None or owner.uid in st.owner_uids(existing):
                 return  # ours (a retry after a lost answer), or gone: the next pass sees
-            if not left_by_namesake(existing, owner):
+            if not st.left_by_namesake(existing, owner.name, owner.uid):
                 owners = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in
                                    existing["metadata"].get("ownerReferences") or []) \
                     or "no owner"
@@ -347,7 +335,7 @@ class Reconciler:
         back (the CRD forbids such changes; old servers do not enforce CEL)."""
         config_map = await self.api.get(CONFIG_MAPS, owner.namespace,
                                          config_map_name(owner.name))
-        if config_map is None or not owned_by(config_map, owner.uid):
+        if config_map is None or owner.uid not in st.owner_uids(config_map):
             return job
         text = (config_map.get("data") or {}).get(contract.CONFIG_FILE)
         if not text:
@@ -363,7 +351,7 @@ class Reconciler:
         """Created moments ago but not in the index yet: creating again would only 409."""
         created = self._created.get((owner.namespace, owner.name))
         return created is not None and created[:2] == (owner.uid, attempt) \
-            and time.monotonic() - created[2] < CREATION_GRACE_SECONDS
+            and time.monotonic() - created[2] < st.CREATION_GRACE_SECONDS
 
     async def _write_status(self, namespace: str, name: str, old: st.FineTuneJobStatus,
                             new: st.FineTuneJobStatus) -> None:

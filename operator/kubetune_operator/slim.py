@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kubetune_operator.builders import ANNOTATION_COMPLETION_INDEX, TRAINER_CONTAINER
+from kubetune_operator.builders import ANNOTATION_COMPLETION_INDEX
+from kubetune_operator.status import trainer_status
 
 Manifest = dict[str, Any]
 
@@ -56,18 +57,11 @@ def finished_pod(body: Mapping[str, Any]) -> Manifest:
                   if c.get("type") in FINISHED_CONDITIONS]
     if conditions:
         kept["conditions"] = conditions
-    if trainer := _trainer_status(status):
+    if trainer := trainer_status(dict(body)):
         kept["containerStatuses"] = [{"name": trainer.get("name"),
                                       "state": _state(trainer.get("state") or {})}]
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
             "metadata": kept_meta, "status": kept}
-
-
-def _trainer_status(status: Mapping[str, Any]) -> Manifest | None:
-    # The same choice as status._trainer_status: the trainer container, else the first.
-    statuses = status.get("containerStatuses") or []
-    return next((s for s in statuses if s.get("name") == TRAINER_CONTAINER),
-                statuses[0] if statuses else None)
 
 
 def _state(state: Mapping[str, Any]) -> Manifest:

@@ -129,14 +129,14 @@ def pod_attempt(pod_or_job: Manifest) -> int | None:
     return int(value) if value is not None and str(value).isdigit() else None
 
 
-def _trainer_status(pod: Manifest) -> Manifest:
+def trainer_status(pod: Manifest) -> Manifest:
     statuses = pod.get("status", {}).get("containerStatuses") or []
     return next((s for s in statuses if s.get("name") == TRAINER_CONTAINER),
                 statuses[0] if statuses else {})
 
 
 def _terminated(pod: Manifest) -> Manifest | None:
-    return _trainer_status(pod).get("state", {}).get("terminated")
+    return trainer_status(pod).get("state", {}).get("terminated")
 
 
 def _tail(text: str | None) -> str:
@@ -206,7 +206,7 @@ def _condition(obj: Manifest, type_: str) -> Manifest | None:
 def pod_waiting_reason(pod: Manifest) -> tuple[str, str] | None:
     """(reason, message) for a pod that is not running yet."""
     rank = pod_rank(pod)
-    waiting = _trainer_status(pod).get("state", {}).get("waiting")
+    waiting = trainer_status(pod).get("state", {}).get("waiting")
     if waiting and waiting.get("reason"):
         message = waiting.get("message") or waiting["reason"]
         return waiting["reason"], f"rank {rank}: {message}"
@@ -369,7 +369,7 @@ def creating_pods(children: Children, job_name: str) -> Manifest | None:
     if job is None or job.get("spec", {}).get("suspend") or job["metadata"].get(
             "deletionTimestamp") or _condition(job, "Complete") or _condition(job, "Failed"):
         return None
-    pods = [p for p in children.pods if _owner_uids(p) & {job["metadata"].get("uid")}
+    pods = [p for p in children.pods if owner_uids(p) & {job["metadata"].get("uid")}
             and not p["metadata"].get("deletionTimestamp")]
     return job if len(pods) < int(job.get("spec", {}).get("completions") or 1) else None
 
@@ -454,8 +454,16 @@ class Children:
         return [p for p in self.pods if pod_attempt(p) == attempt]
 
 
-def _owner_uids(obj: Manifest) -> set[str]:
+def owner_uids(obj: Manifest) -> set[str]:
     return {str(ref.get("uid")) for ref in obj["metadata"].get("ownerReferences") or []}
+
+
+def left_by_namesake(obj: Manifest, name: str, uid: str) -> bool:
+    """Owned by an earlier FineTuneJob of the same name, not by ours (deleted; the GC is on
+    its way)."""
+    return uid not in owner_uids(obj) and any(
+        ref.get("kind") == KIND and ref.get("name") == name
+        for ref in obj["metadata"].get("ownerReferences") or [])
 
 
 def owned_children(jobs: list[Manifest], pods: list[Manifest], uid: str,
@@ -466,16 +474,14 @@ def owned_children(jobs: list[Manifest], pods: list[Manifest], uid: str,
     our uid (the pods of a Job already deleted). Leftovers: Jobs owned by a FineTuneJob of our
     name with another uid, and their pods. Anything else with our label is someone else's:
     never deleted, never waited for."""
-    ours = [j for j in jobs if uid in _owner_uids(j)]
-    earlier = [j for j in jobs if uid not in _owner_uids(j) and any(
-        ref.get("kind") == KIND and ref.get("name") == name
-        for ref in j["metadata"].get("ownerReferences") or [])]
+    ours = [j for j in jobs if uid in owner_uids(j)]
+    earlier = [j for j in jobs if left_by_namesake(j, name, uid)]
     our_jobs = {j["metadata"].get("uid") for j in ours}
     earlier_jobs = {j["metadata"].get("uid") for j in earlier}
     our_pods, earlier_pods = [], []
     for pod in pods:
         label = (pod["metadata"].get("labels") or {}).get(LABEL_OWNER_UID)
-        owners = _owner_uids(pod)
+        owners = owner_uids(pod)
         if label == uid or owners & our_jobs:
             our_pods.append(pod)
         elif owners & earlier_jobs or label:
