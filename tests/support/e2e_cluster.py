@@ -119,13 +119,10 @@ class LocalCluster:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
 
-    def wait_finished(self, name: str, timeout: float,
-                      on_poll: Callable[[JsonDict], None] | None = None) -> JsonDict:
-        """The status once the phase is Succeeded or Failed; `on_poll` sees every status."""
+    def wait_finished(self, name: str, timeout: float) -> JsonDict:
+        """The status once the phase is Succeeded or Failed."""
         def finished() -> JsonDict | None:
             status = self.status(name)
-            if on_poll is not None:
-                on_poll(status)
             return status if status.get("phase") in ("Succeeded", "Failed") else None
         return self.wait(finished, f"{name} to finish", timeout)
 

@@ -239,7 +239,7 @@ def _error(code: int, reason: str, message: str) -> kmock.KubernetesError:
                                  details={"causes": []})
 
 
-def _now(later: float = 0.0) -> str:
+def now_stamp(later: float = 0.0) -> str:
     moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=later)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -416,7 +416,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if namespace is not None:
             meta["namespace"] = namespace
         meta.pop("deletionTimestamp", None)
-        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_stamp(), generation=1)
         obj.setdefault("apiVersion", self._api_version(res))
         obj.setdefault("kind", info.kind)
         if self._has_status(res):
@@ -472,7 +472,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             # As the API server: a pod's deletionTimestamp is the deadline its grace period
             # gives the kubelet (now + grace), other objects' the moment of the request.
             marked = merge_patch(obj, {"metadata": {
-                "deletionTimestamp": _now(grace if graceful else 0.0),
+                "deletionTimestamp": now_stamp(grace if graceful else 0.0),
                 "deletionGracePeriodSeconds": int(grace)}})
             self._commit(res, key, obj, marked)
             if lost:
@@ -492,8 +492,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             status: JsonDict = {"phase": "Terminating"} if res == NAMESPACES else {"conditions": [{
                 "type": "Terminating", "status": "True", "reason": "InstanceDeletionInProgress",
                 "message": "CustomResource deletion is in progress",
-                "lastTransitionTime": _now()}]}
-            obj = merge_patch(obj, {"metadata": {"deletionTimestamp": _now()},
+                "lastTransitionTime": now_stamp()}]}
+            obj = merge_patch(obj, {"metadata": {"deletionTimestamp": now_stamp()},
                                     "status": status})
             self._commit(res, key, self._store[key], obj)
             self._emptying.add(key)

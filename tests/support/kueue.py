@@ -17,19 +17,15 @@ priorities, WaitForPodsReady.
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from support.kube_emulator import EmulatorThread
+from support.kube_emulator import EmulatorThread, now_stamp
+from support.operator_process import JOBS
 
-JOBS = "batch/v1/jobs"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ADMITTED = "kueue.emulated/admitted"  # an annotation of the model: this Job holds quota
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -77,7 +73,7 @@ class KueueModel:
             name = job["metadata"]["name"]
             self.api.patch(JOBS, self.namespace, name, {
                 "metadata": {"annotations": {ADMITTED: "true"}}, "spec": {"suspend": False}})
-            self.api.patch(JOBS, self.namespace, name, {"status": {"startTime": _now()}},
+            self.api.patch(JOBS, self.namespace, name, {"status": {"startTime": now_stamp()}},
                            subresource="status")
             admitted.append(name)
         return admitted

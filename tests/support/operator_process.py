@@ -3,7 +3,6 @@ controllers the emulator lacks (the Job controller and kubelet) in tests."""
 
 from __future__ import annotations
 
-import datetime
 import http.server
 import os
 import signal
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from support.kube_emulator import EmulatorThread
+from support.kube_emulator import EmulatorThread, now_stamp
 from support.net import free_port
 
 T = TypeVar("T")
@@ -137,7 +136,7 @@ def admission_refusal(api: EmulatorThread, pod: dict[str, Any]) -> str | None:
 def record_failed_create(api: EmulatorThread, job: dict[str, Any], refusal: str) -> None:
     """The Job controller's event for a pod it could not create (reason FailedCreate)."""
     meta = job["metadata"]
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = now_stamp()
     api.create(EVENTS, {"apiVersion": "v1", "kind": "Event", "metadata": {
         "generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
         "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
@@ -224,7 +223,7 @@ class OperatorCluster:
                              labels=f"kubetune.dev/finetunejob={base}")
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.api.find("v1/events", self.namespace)
+        return [e for e in self.api.find(EVENTS, self.namespace)
                 if e["involvedObject"]["name"] == name]
 
 

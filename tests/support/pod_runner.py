@@ -45,7 +45,7 @@ from pathlib import Path
 import psutil
 
 from kubetune_api import contract
-from support.kube_emulator import EmulatorThread, JsonDict
+from support.kube_emulator import EmulatorThread, JsonDict, now_stamp
 from support.net import free_port
 from support.operator_process import COMPLETION_INDEX, JOBS, PODS, job_pod
 
@@ -167,14 +167,14 @@ class PodRunner:
 
     def crash(self, pod_name: str) -> None:
         """SIGKILL every process of the pod's container, as an OOM kill would."""
-        pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
+        pod = self._pod(pod_name)
         kill_container(pod["metadata"]["uid"], self.processes[pod["metadata"]["uid"]].process)
 
     def lose_node(self, pod_name: str) -> None:
         """The pod's node goes away: its processes vanish without a word (the peers see a
         dead connection), its status is what the node controller writes for an unreachable
         node, and a deletion of it never completes (only a force delete removes it)."""
-        pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
+        pod = self._pod(pod_name)
         uid = pod["metadata"]["uid"]
         self.lost.add(uid)
         kill_container(uid, self.processes[uid].process)
@@ -186,11 +186,11 @@ class PodRunner:
 
     def evict(self, pod_name: str) -> None:
         """An eviction (drain, preemption): DisruptionTarget, then a graceful delete."""
-        pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
+        pod = self._pod(pod_name)
         namespace = pod["metadata"]["namespace"]
         conditions = [*pod.get("status", {}).get("conditions", []), {
             "type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
-            "message": "Eviction API: evicting", "lastTransitionTime": _now()}]
+            "message": "Eviction API: evicting", "lastTransitionTime": now_stamp()}]
         self.api.patch(PODS, namespace, pod_name, {"status": {"conditions": conditions}},
                        subresource="status")
         self.api.delete(PODS, namespace, pod_name)
@@ -203,8 +203,12 @@ class PodRunner:
     def unpause(self, pod_name: str) -> None:
         self._signal_container(pod_name, signal.SIGCONT)
 
+    def _pod(self, name: str) -> JsonDict:
+        """The pod called `name`, whatever its namespace (fault injection by name)."""
+        return next(p for p in self.api.find(PODS) if p["metadata"]["name"] == name)
+
     def _signal_container(self, pod_name: str, signum: int) -> None:
-        pod = next(p for p in self.api.find(PODS) if p["metadata"]["name"] == pod_name)
+        pod = self._pod(pod_name)
         uid = pod["metadata"]["uid"]
         for process in container_processes(uid, self.processes[uid].process):
             with contextlib.suppress(psutil.Error):
@@ -305,7 +309,7 @@ class PodRunner:
                                        stderr=subprocess.STDOUT, )
         grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
         self.processes[meta["uid"]] = PodProcess(process, log_path, termination_log, grace)
-        self._write_status(pod, "Running", {"running": {"startedAt": _now()}})
+        self._write_status(pod, "Running", {"running": {"startedAt": now_stamp()}})
 
     def _container_env(self, pod: JsonDict, container: JsonDict, mounts: Mounts,
                        ip: str) -> dict[str, str]:
@@ -434,7 +438,7 @@ class PodRunner:
         self.exit_codes[pod["metadata"]["name"]] = code
         message = termination_message(proc, pod, code)
         terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                      "message": message, "finishedAt": _now()}
+                      "message": message, "finishedAt": now_stamp()}
         self._write_status(pod, "Succeeded" if code == 0 else "Failed",
                            {"terminated": terminated})
 
@@ -472,7 +476,7 @@ def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
     elif "Suspended" in old:
         conditions.append(_condition("Suspended", "JobResumed", "Job resumed", "False"))
         if old["Suspended"]["status"] == "True":
-            status["startTime"] = _now()  # a resumed Job's clock starts again
+            status["startTime"] = now_stamp()  # a resumed Job's clock starts again
     if failed > int(job["spec"].get("backoffLimit", 6)):
         conditions.append(_condition("Failed", "BackoffLimitExceeded",
                                      "Job has reached the specified backoff limit"))
@@ -531,8 +535,6 @@ def _completion_index(pod: JsonDict) -> int:
 
 def _condition(type_: str, reason: str, message: str, status: str = "True") -> JsonDict:
     return {"type": type_, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": _now()}
+            "lastTransitionTime": now_stamp()}
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
