@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from transformers import TrainerCallback
 
+from kubetune_trainer.evaluation import REPORTED
 from kubetune_trainer.launch import PROGRESS_ENV, SUMMARY_ENV
 
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
@@ -149,7 +150,7 @@ class ProgressCallback(TrainerCallback):
             if key in logs:
                 self.last[key] = float(logs[key])
         evals = {k.removeprefix("eval_"): v for k, v in logs.items()
-                 if self.training and k.removeprefix("eval_") in EVAL_KEYS
+                 if self.training and k.removeprefix("eval_") in REPORTED
                  and k.startswith("eval_")}
         if self.bar is not None:
             if evals:
@@ -180,9 +181,6 @@ class ProgressCallback(TrainerCallback):
         parts.append(f"tokens/s{sep}{tokens_per_s:.0f}")
         parts.append(f"eta{sep}{format_duration(eta)}")
         return ", ".join(parts) if sep == "=" else " ".join(parts)
-
-
-EVAL_KEYS = ("loss", "perplexity", "accuracy", "f1")
 
 
 def _pairs(values: dict[str, Any]) -> str:

@@ -57,6 +57,13 @@ class DataError(SpecError):
     """The data cannot be trained on; the message names the file and line or row."""
 
 
+def bad_records(errors: list[str]) -> DataError:
+    """One error for the bad records found: the first MAX_REPORTED_ERRORS, then a count."""
+    more = len(errors) - MAX_REPORTED_ERRORS
+    tail = [f"... and {more} more bad records"] if more > 0 else []
+    return DataError("\n".join(errors[:MAX_REPORTED_ERRORS] + tail))
+
+
 @dataclass
 class Record:
     """One raw record (the user's field names) and where it came from."""
@@ -242,9 +249,7 @@ def _read_checked(uri: str, spec: DatasetSpec, digest: Any, path: Path) -> int:
             raise DataError(f"{uri}: cannot read dataset: {exc.__cause__}") from None
         raise
     if errors:
-        more = len(errors) - MAX_REPORTED_ERRORS
-        tail = [f"... and {more} more bad records"] if more > 0 else []
-        raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS] + tail))
+        raise bad_records(errors)
     if not count:
         raise DataError(f"{uri}: no records (the file is empty)")
     digest.update(file_digest)

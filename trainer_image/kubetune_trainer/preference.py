@@ -28,10 +28,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 
 from kubetune_api.spec import FieldsSpec, FineTuneJobSpec, MethodType, Objective
 from kubetune_trainer.data import (
-    MAX_REPORTED_ERRORS,
     DataError,
     LoadedData,
     Record,
+    bad_records,
     message_list_problem,
 )
 from kubetune_trainer.ranks import is_rank0
@@ -67,9 +67,7 @@ def pairs(records: Sequence[Record], fields: FieldsSpec) -> list[Pair]:
         except ValueError as exc:
             errors.append(f"{record.where}: {exc}")
     if errors:
-        more = len(errors) - MAX_REPORTED_ERRORS
-        tail = [f"... and {more} more bad records"] if more > 0 else []
-        raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS] + tail))
+        raise bad_records(errors)
     return out
 
 

@@ -54,15 +54,12 @@ GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 S3_PART_CONCURRENCY = 4
 
 # Errors no retry can fix: a missing bucket or source file, denied access.
-_PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     PermissionError,
     IsADirectoryError,
     NotADirectoryError,
 )
-
-
-PERMANENT_ERRORS = _PERMANENT_ERRORS
 
 
 class StorageError(RuntimeError):
@@ -194,7 +191,7 @@ def _retry(
             return fn()
         except fatal:
             raise
-        except _PERMANENT_ERRORS as e:
+        except PERMANENT_ERRORS as e:
             raise StorageError(f"{what}: {_describe(e)}") from e
         except Exception as e:
             if attempt + 1 >= attempts or (cancelled is not None and cancelled.is_set()):
@@ -260,11 +257,6 @@ def exists(uri: str) -> bool:
 def read_text(uri: str) -> str:
     fs, path = filesystem(uri)
     return _retry(f"reading {uri}", lambda: fs.cat_file(path).decode("utf-8"))
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    return _retry(f"reading {uri}", lambda: bytes(fs.cat_file(path)))
 
 
 def write_text(uri: str, text: str) -> None:
