@@ -14,7 +14,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.optimization import Adafactor
 
 from kubetune_api.load import SpecError
@@ -372,20 +372,44 @@ def test_load_best_at_end_saves_at_evaluations_and_on_every_node(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_best_checkpoint_survives_pruning_and_a_restart(tmp_path: Path) -> None:
+class ScriptedEvalLoss(TrainerCallback):
+    """Makes one chosen step the best evaluation of training, whatever the machine's
+    floating-point path does to the real losses: the Trainer picks the best checkpoint from the
+    metrics dict that on_evaluate receives (after logging the real value). The final evaluation,
+    after training, is left real."""
+
+    def __init__(self, best_step: int) -> None:
+        self.best_step, self.training = best_step, False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training = False
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float],
+                    **kwargs: Any) -> None:
+        if self.training:
+            metrics["eval_loss"] = 1.0 if state.global_step == self.best_step else 100.0
+
+
+def test_best_checkpoint_survives_pruning_and_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """keepLast 1 must not prune the best checkpoint, and a resumed attempt (a new pod: other
     local disk) still publishes it."""
+    best_step = 2
+    callbacks = recipe.trainer_callbacks
+    monkeypatch.setattr(recipe, "trainer_callbacks", lambda ready, preemption: [
+        *callbacks(ready, preemption), ScriptedEvalLoss(best_step)])
     output = tmp_path / "out"
-    training = {"evalEverySteps": 2, "loadBestAtEnd": True, "learningRate": 2.0,
-                "logEverySteps": 2}
+    training = {"evalEverySteps": 2, "loadBestAtEnd": True, "logEverySteps": 2}
     first = example_job("tiny-lora", output, training={**training, "maxSteps": 6},
                         checkpoint={"keepLast": 1})
     ready = recipe.setup(first, str(output), tmp_path / "pod-1")
     trainer = recipe.build_trainer(ready)
     trainer.train()  # stops at 6 without publishing, as a preempted attempt would
     evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
-    best_step = trainer.state.best_global_step
-    assert best_step is not None and best_step < 6, evals
+    assert trainer.state.best_global_step == best_step, evals
     remote = output / "checkpoints"
     assert sorted(p.name for p in remote.iterdir()) == [f"checkpoint-{best_step}",
                                                         "checkpoint-6"]
@@ -396,8 +420,9 @@ def test_best_checkpoint_survives_pruning_and_a_restart(tmp_path: Path) -> None:
                          checkpoint={"keepLast": 1})
     result = recipe.run(second, workdir=tmp_path / "pod-2")
     assert result is not None and result.manifest["resumedFromStep"] == 6
-    # The learning rate makes the later steps diverge (NaN), so the first attempt's best stays
-    # the best; without fetching it on resume the last (diverged) weights would be published.
+    # Step 8 scores worse than step 2, so the first attempt's best stays the best: without
+    # fetching it on resume, the last weights would be published. The final evaluation is of
+    # the published (best) weights: the real loss logged at that step.
     assert result.manifest["metrics"]["evalLoss"] == pytest.approx(evals[best_step], rel=1e-5)
     published = load_file(str(output / "adapter_model.safetensors"))
     assert all(torch.equal(published[k], best[k]) for k in best)
