@@ -22,6 +22,7 @@ from support.cluster_api import cluster_emulator
 from support.e2e_cluster import CRD_FILE
 from support.jobs import ftj_body as finetunejob
 from support.kube_emulator import EmulatorThread
+from support.net import private_network
 from support.operator_process import FTJ, JOBS, wait_for
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,10 @@ def user_env(kubeconfig: Path, **documented: str) -> dict[str, str]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[EmulatorThread, Path]]:
-    with EmulatorThread(cluster_emulator(CRD_FILE)) as api:  # the CRD applied, nothing else
+    """The emulated API with the CRD applied, nothing else, in a network namespace of the test's
+    own: the operator started in it gets its documented fixed ports whatever else this machine
+    listens on."""
+    with private_network(), EmulatorThread(cluster_emulator(CRD_FILE)) as api:
         yield api, api.write_kubeconfig(tmp_path / "kubeconfig")
 
 
