@@ -144,6 +144,22 @@ def test_builtin_templates_mark_assistant_turns(
     assert learned_spans(CONVERSATION, tok) == [f"Paris{closing}", f"Round and red{closing}"]
 
 
+# Marks the content alone as the assistant's: the end token is outside the generation block.
+# The two ways of finding assistant tokens differ on it (the rendered-text way would add the
+# turn's closing text), so this shows which one runs.
+CONTENT_ONLY_GENERATION = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}")
+
+
+def test_a_template_with_generation_blocks_uses_the_tokenizers_assistant_mask(
+        base_tokenizer: PreTrainedTokenizerFast) -> None:
+    tok = with_template(base_tokenizer, CONTENT_ONLY_GENERATION)
+    assert learned_spans(CONVERSATION, tok) == ["Paris", "Round and red"]
+
+
 def test_chat_template_setting_is_checked() -> None:
     base = {"train": "x.jsonl", "fields": {"messages": "m"}}
     assert DatasetSpec.model_validate({**base, "chatTemplate": "chatml"}).chat_template
