@@ -46,7 +46,9 @@ class FakeHub(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self) -> None:
+        self.files = FILES  # the gated repo's files, by name
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.authorized: Counter[tuple[str, str]] = Counter()  # those that carried the token
         self.heads: list[float] = []  # when each HEAD of the model file arrived
         self.body_done: list[float] = []  # when each GET of it finished
         self.hold_until_heads = 0  # the first GET's body waits for this many HEADs
@@ -81,12 +83,14 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if not self.path.startswith(prefix) or name not in FILES:
+        with self.server.lock:
+            self.server.authorized[(self.command, name)] += 1
+        if not self.path.startswith(prefix) or name not in self.server.files:
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        data = FILES[name]
+        data = self.server.files[name]
         self.send_response(200)
         self.send_header("X-Repo-Commit", COMMIT)
         self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
@@ -192,26 +196,44 @@ def test_the_token_file_authenticates_and_nothing_else_does(tmp_path: Path,
     assert TOKEN not in err
 
 
-def test_a_training_run_with_the_token_file_writes_the_token_nowhere(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
-    """The trainer as a pod runs it (HF_TOKEN_PATH set, tokenSecret in its config): the token
-    appears in no output file (artifact, manifest), no log line and no printed text."""
-    from kubetune_trainer import recipe
-    from support.jobs import example_job
+def test_a_training_run_reads_a_gated_model_with_the_token_file_and_writes_it_nowhere(
+        tmp_path: Path, hub: FakeHub) -> None:
+    """The trainer as a pod runs it (HF_TOKEN_PATH set, tokenSecret in its config), training a
+    gated model that only the token opens: the Hub client reads the token file and sends it,
+    and the token appears in no output file (artifact, manifest) and no printed text. Without
+    the token file the same run is refused at the download."""
+    import json as json_
 
-    secret = tmp_path / "secret" / "HF_TOKEN"
-    secret.parent.mkdir()
-    secret.write_text(TOKEN)
-    monkeypatch.setenv("HF_TOKEN_PATH", str(secret))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    job = example_job("tiny-lora", tmp_path / "out", model={"tokenSecret": {"name": "hf"}},
-                      training={"maxSteps": 3})
-    assert job.spec.model.token_secret is not None
-    caplog.set_level("DEBUG")
-    assert recipe.run(job) is not None
-    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert written and not [p for p in written if TOKEN.encode() in p.read_bytes()]
-    printed = capfd.readouterr()
-    assert TOKEN not in printed.out + printed.err + caplog.text
+    import yaml as yaml_
+
+    from kubetune_trainer.tiny import build_tiny_model
+    from support.jobs import example_dict
+
+    model_dir = build_tiny_model("llama", ["the ball the cat sees is round and red"] * 50,
+                                 tmp_path / "model", max_positions=64, seed=0)
+    served = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    hub.files = served
+    body = example_dict("tiny-lora")
+    body["spec"]["model"] = {"name": REPO, "task": "causal-lm", "tokenSecret": {"name": "hf"}}
+    body["spec"]["training"] = {**body["spec"]["training"], "epochs": 1, "maxSteps": 2}
+    for name, token in (("with-token", True), ("without-token", False)):
+        out = tmp_path / name / "out"
+        body["spec"]["output"] = {"uri": str(out)}
+        job_file = tmp_path / name / "job.yaml"
+        job_file.parent.mkdir()
+        job_file.write_text(yaml_.safe_dump(body))
+        env = pod_env(tmp_path / name, hub, token=token)
+        result = subprocess.run([str(Path(sys.executable).parent / "kubetune"), "run",
+                                 str(job_file)], env=env, capture_output=True, text=True,
+                                cwd=tmp_path, timeout=600)
+        printed = result.stdout + result.stderr
+        assert TOKEN not in printed
+        if not token:
+            assert result.returncode != 0 and "config.json" in printed, printed[-3000:]
+            continue
+        assert result.returncode == 0, printed[-3000:]
+        assert hub.authorized[("GET", "model.safetensors")] == 1, hub.authorized
+        written = [p for p in out.rglob("*") if p.is_file()]
+        assert written and not [p for p in written if TOKEN.encode() in p.read_bytes()]
+        manifest = json_.loads((out / contract.MANIFEST_FILE).read_text())
+        assert manifest["baseModel"]["name"] == REPO, manifest["baseModel"]
