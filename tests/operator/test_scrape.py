@@ -128,11 +128,9 @@ async def test_an_announced_huge_answer_is_refused_before_reading(
 
 
 async def test_an_answer_that_never_finishes_times_out(session: aiohttp.ClientSession) -> None:
-    async with Endpoint(stall) as endpoint:
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
+    async with Endpoint(stall) as endpoint:  # headers, then silence for good
+        with pytest.raises(TimeoutError):  # without the deadline, the read waits forever
             await scrape_progress(session, endpoint.url, 0.5, NOW)
-        assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize("body", [
