@@ -73,3 +73,9 @@ IMAGE_HOME_DIR = "/home/kubetune"  # the trainer images' HOME (in the image: ~/.
 HOME_CACHE_DIR = f"{IMAGE_HOME_DIR}/.cache"  # emptyDir: what libraries write under HOME
 RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR, SHM_DIR, HF_HOME_DIR, SECRETS_DIR,
                         IMAGE_OUTPUT_DIR, HOME_CACHE_DIR, DEFAULT_TERMINATION_LOG)
+
+# What the operator puts on every trainer pod and clients (the SDK, `kubetune logs`) select by:
+# the FineTuneJob's UID as a label (a name may be reused; a UID never), and the container name.
+POD_LABEL_JOB_UID = "kubetune.dev/finetunejob-uid"
+TRAINER_CONTAINER = "trainer"
+POD_LABEL_ATTEMPT = "kubetune.dev/attempt"  # the gang attempt (status.attempt) of a Job/pod

@@ -12,7 +12,12 @@ from kubetune_api.spec import KIND, FineTuneJob
 
 
 class SpecError(ValueError):
-    """A FineTuneJob that cannot run; the message names the file, line and field."""
+    """A FineTuneJob that cannot run; the message names the file, line and field, and
+    `fields` lists the dotted field paths (`spec.method.quantization`) it found at fault."""
+
+    def __init__(self, message: str, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 def load_job(path: str | Path, output_uri: str | None = None) -> FineTuneJob:
@@ -59,15 +64,26 @@ def validate_job(data: dict[str, Any], source: str = "<object>",
     try:
         return FineTuneJob.model_validate(data)
     except ValidationError as exc:
-        raise SpecError("\n".join(_describe(err, source, node) for err in exc.errors())) from None
+        errors = exc.errors()
+        raise SpecError("\n".join(_describe(err, source, node) for err in errors),
+                        fields=tuple(dict.fromkeys(_field(err) for err in errors))) from None
 
 
-def _describe(err: Any, source: str, node: yaml.Node | None) -> str:
+def _location(err: Any) -> list[str]:
     loc = [str(p) for p in err["loc"]]
     # Literal/union errors carry a tag as the last loc element (e.g. 'list[str]'); drop it.
     while loc and not _is_key(loc[-1]):
         loc.pop()
-    field = ".".join(loc) or "(document)"
+    return loc
+
+
+def _field(err: Any) -> str:
+    return ".".join(_location(err)) or "(document)"
+
+
+def _describe(err: Any, source: str, node: yaml.Node | None) -> str:
+    loc = _location(err)
+    field = _field(err)
     message = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] in {"literal_error", "enum", "int_parsing", "float_parsing", "bool_parsing"}:
         message += f" (got {err['input']!r})"

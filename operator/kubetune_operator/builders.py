@@ -21,11 +21,11 @@ from kubetune_operator.settings import Settings
 Manifest = dict[str, Any]
 
 LABEL_JOB = "kubetune.dev/finetunejob"  # value: base_name(FineTuneJob name)
-LABEL_ATTEMPT = "kubetune.dev/attempt"
+LABEL_ATTEMPT = contract.POD_LABEL_ATTEMPT
 # The owning FineTuneJob's uid on Jobs and pods: children are matched by it (and by owner
 # references), so a labelled object of another owner is never taken for one of ours, and the
 # pods of a Job already deleted are still known as ours until they are gone.
-LABEL_OWNER_UID = "kubetune.dev/finetunejob-uid"
+LABEL_OWNER_UID = contract.POD_LABEL_JOB_UID
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 KUEUE_LABELS = (LABEL_KUEUE_QUEUE, LABEL_KUEUE_PRIORITY)
@@ -33,7 +33,7 @@ ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # On a Job the operator suspended itself (runPolicy.suspend): only such a Job is ever
 # unsuspended by the operator. Anyone else's suspension (Kueue) is theirs to lift.
 ANNOTATION_SUSPENDED_BY_OPERATOR = "kubetune.dev/suspended-by-operator"
-TRAINER_CONTAINER = "trainer"
+TRAINER_CONTAINER = contract.TRAINER_CONTAINER
 MANAGED_BY = "kubetune-operator"
 GPU_RESOURCE = "nvidia.com/gpu"  # spec.resources.gpuResource's default
 SHM_PATH = contract.SHM_DIR
