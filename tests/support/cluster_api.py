@@ -4,6 +4,10 @@
   the status subresource, `additionalPrinterColumns`);
 - server-side Table printing for those CRDs (what `kubectl get ftj [-w]` asks for with
   `Accept: application/json;as=Table;g=meta.k8s.io;v=v1`), columns from simple JSONPaths;
+- pod logs (`GET pods/<name>/log`, what `kubectl logs [-f]` asks for) as the kubelet serves
+  them: the container's output so far (`tailLines`), or with `follow=true` a chunked stream
+  that ends when the container has terminated; 400 while it is still waiting to start. The
+  output is the pod runner's log file (`pod_log_path`);
 - pods that a kubelet finishes: a deleted pod keeps its deletionTimestamp (grace period from
   the request, else `spec.terminationGracePeriodSeconds`) until the kubelet — the e2e pod
   runner — has stopped its process and deletes it with grace 0.
@@ -13,8 +17,9 @@ docs/e2e.md lists what the harness does not emulate.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +28,11 @@ import attrs
 import kmock
 import yaml
 
-from support.kube_emulator import JsonDict, KubeEmulator, default_emulator
+from support.kube_emulator import JsonDict, KubeEmulator, _error, default_emulator
 
 DEFAULT_POD_GRACE_SECONDS = 30.0
+LOG_POLL_SECONDS = 0.1  # how often a followed log looks for new output
+FINISHED_POD_PHASES = ("Succeeded", "Failed")
 TABLE_MEDIA = "as=Table"
 
 
@@ -88,6 +95,8 @@ class ClusterEmulator(KubeEmulator):
     """`KubeEmulator` with registered CRDs, Table printing and kubelet-finished pods."""
 
     _columns: dict[kmock.resource, list[PrinterColumn]] = attrs.field(factory=dict, init=False)
+    # The kubelet's side of pod logs: (namespace, pod name) -> the container's output file.
+    pod_log_path: Callable[[str, str], Path] | None = None
 
     def register_crd(self, crd: JsonDict) -> None:
         spec, names = crd["spec"], crd["spec"]["names"]
@@ -116,6 +125,56 @@ class ClusterEmulator(KubeEmulator):
 
     def _remove_later(self, res: kmock.resource, key: Any, seconds: float) -> None:
         self._terminating.add(key)  # no timer: the kubelet deletes it with grace 0
+
+    # --- pod logs: the kubelet's container output ----------------------------------------------
+
+    def _route(self, request: kmock.Request) -> Callable[[kmock.Request], Any] | None:
+        if (request.resource is not None and request.resource.plural == "pods"
+                and request.subresource == "log" and request.method == kmock.method.GET):
+            return self._serve_log
+        return super()._route(request)
+
+    async def _serve_log(self, request: kmock.Request) -> Any:
+        """What the kubelet answers (pkg/kubelet/server: getContainerLogs): the output so far,
+        or with follow=true a stream until the container has terminated."""
+        namespace, name = request.namespace or "default", request.name or ""
+        pod = self.get_object("v1/pods", namespace, name)
+        path = self.pod_log_path(namespace, name) if self.pod_log_path is not None else None
+        if path is None or not path.exists():
+            container = request.params.get("container") or "trainer"
+            raise _error(400, "BadRequest", f'container "{container}" in pod "{name}" is '
+                         "waiting to start: ContainerCreating")
+        data = path.read_bytes()
+        tail = request.params.get("tailLines")
+        if tail is not None:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[len(lines) - int(tail):]) if int(tail) else b""
+        # The API server's query conversion: anything but "", "false" or "0" is true (clients
+        # send "true", the Python client "True").
+        if str(request.params.get("follow", "")).lower() in ("", "false", "0"):
+            return data
+        return self._follow(namespace, pod["metadata"]["uid"], path, data,
+                            path.stat().st_size)
+
+    async def _follow(self, namespace: str, uid: str, path: Path, first: bytes,
+                      offset: int) -> AsyncIterator[bytes]:
+        yield first  # headers go out now, even when there is no output yet
+        while True:
+            finished = self._container_finished(namespace, uid)
+            with path.open("rb") as log:
+                log.seek(offset)
+                chunk = log.read()
+            offset += len(chunk)
+            if chunk:
+                yield chunk
+            if finished:  # read once more after it ended: nothing is left behind
+                return
+            await asyncio.sleep(LOG_POLL_SECONDS)
+
+    def _container_finished(self, namespace: str, uid: str) -> bool:
+        pod = next((o for o in self.find("v1/pods", namespace) if o["metadata"]["uid"] == uid),
+                   None)
+        return pod is None or pod.get("status", {}).get("phase") in FINISHED_POD_PHASES
 
     # --- Table printing ------------------------------------------------------------------------
 

@@ -135,6 +135,8 @@ class PodRunner:
     # --- lifecycle -------------------------------------------------------------------------------
 
     def __enter__(self) -> PodRunner:
+        if hasattr(self.api.emulator, "pod_log_path"):  # the kubelet serves pod logs
+            self.api.emulator.pod_log_path = self.log_path
         self._thread = threading.Thread(target=self._loop, name="pod-runner", daemon=True)
         self._thread.start()
         return self
@@ -214,9 +216,12 @@ class PodRunner:
             with contextlib.suppress(psutil.Error):
                 process.send_signal(signum)
 
+    def log_path(self, namespace: str, pod_name: str) -> Path:
+        return self.workdir / f"{namespace}-{pod_name}" / "log"
+
     def log(self, pod_name: str, namespace: str = "default") -> str:
         """Everything the pod's processes wrote (what `kubectl logs` would show)."""
-        path = self.workdir / f"{namespace}-{pod_name}" / "log"
+        path = self.log_path(namespace, pod_name)
         return path.read_text(errors="replace") if path.exists() else ""
 
     def logs(self, tail: int = 3000) -> str:
@@ -303,7 +308,7 @@ class PodRunner:
                                           *container.get("args", [])]]
         argv = [sys.executable if argv[0] == "python" else argv[0],
                 *(mounts.localize(a) for a in argv[1:])]
-        log_path = pod_dir / "log"
+        log_path = self.log_path(meta["namespace"], meta["name"])
         with log_path.open("ab") as log:
             process = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log,
                                        stderr=subprocess.STDOUT, )
