@@ -31,7 +31,7 @@ $(BIN)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python requirements/cpu_torch.py
-	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[trainer,operator,test]'
+	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[trainer,operator,client,test]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -98,8 +98,8 @@ demo: venv
 	$(BIN)/kubetune run examples/tiny-lora.yaml
 
 lint: venv
-	$(BIN)/ruff check api operator trainer_image tests bench
-	$(BIN)/mypy api/kubetune_api operator/kubetune_operator trainer_image/kubetune_trainer
+	$(BIN)/ruff check api client operator trainer_image tests bench
+	$(BIN)/mypy api/kubetune_api client/kubetune operator/kubetune_operator trainer_image/kubetune_trainer
 
 test: venv tools chat-templates lint
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest

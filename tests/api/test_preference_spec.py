@@ -88,7 +88,7 @@ def test_crd_documents_objective_and_preference() -> None:
 
 
 def test_validate_names_the_objective(capsys: pytest.CaptureFixture[str]) -> None:
-    from kubetune_api.cli import main
+    from kubetune.cli import main
 
     assert main(["validate", str(ROOT / "examples" / "tiny-dpo.yaml")]) == 0
     assert "(lora, causal-lm, dpo, tiny://llama)" in capsys.readouterr().out

@@ -113,15 +113,15 @@ def test_cli_validate_is_fast_and_exits_2_on_bad_input(tmp_path: Path) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(VALID)
     bad.write_text(VALID.replace("type: lora", "type: qlora"))
-    ok = subprocess.run([sys.executable, "-m", "kubetune_api.cli", "validate", str(good)],
+    ok = subprocess.run([sys.executable, "-m", "kubetune", "validate", str(good)],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "valid FineTuneJob 't'" in ok.stdout
-    fail = subprocess.run([sys.executable, "-m", "kubetune_api.cli", "validate", str(bad)],
+    fail = subprocess.run([sys.executable, "-m", "kubetune", "validate", str(bad)],
                           capture_output=True, text=True)
     assert fail.returncode == 2
     assert f"{bad}:6: spec.method: quantization is required" in fail.stderr
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, kubetune_api.cli, kubetune_api.load; "
+        [sys.executable, "-c", "import sys, kubetune.cli, kubetune_api.load; "
          "print('torch' in sys.modules)"], capture_output=True, text=True)
     assert probe.stdout.strip() == "False"
 

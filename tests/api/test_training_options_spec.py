@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_api.cli import main
+from kubetune.cli import main
 from kubetune_api.load import SpecError, load_job, parse_job
 from support.jobs import MINIMAL_JOB_YAML as BASE
 

@@ -111,7 +111,7 @@ def test_cli_json_summary_with_output_flag_and_no_output_section(tmp_path: Path)
     config.write_text(text)
     output = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "kubetune_api.cli", "run", str(config), "--output", str(output),
+        [sys.executable, "-m", "kubetune", "run", str(config), "--output", str(output),
          "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # nothing else on stdout

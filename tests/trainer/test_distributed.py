@@ -40,7 +40,7 @@ def write_job(tmp_path: Path, output: Path, **spec: dict) -> Path:
 
 
 def kubetune_run(config: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "kubetune_api.cli", "run", str(config), *args],
+    return subprocess.Popen([sys.executable, "-m", "kubetune", "run", str(config), *args],
                             cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
 

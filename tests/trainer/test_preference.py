@@ -349,7 +349,7 @@ def test_full_dpo_under_deepspeed_zero2_on_two_ranks(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(data))
     # The documented path: the launcher sets threads and DS_ACCELERATOR itself.
-    proc = subprocess.run([sys.executable, "-m", "kubetune_api.cli", "run", str(config),
+    proc = subprocess.run([sys.executable, "-m", "kubetune", "run", str(config),
                            "--nodes", "2"], cwd=ROOT, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]

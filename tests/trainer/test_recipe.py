@@ -158,7 +158,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     text = (ROOT / "examples/tiny-lora.yaml").read_text()
     config.write_text(text.replace("examples/data/support.jsonl", str(empty))
                       .replace("out/tiny-lora", str(tmp_path / "out")))
-    proc = subprocess.run([sys.executable, "-m", "kubetune_api.cli", "run", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "kubetune", "run", str(config)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == EXIT_INVALID_SPEC, proc.stderr[-2000:]
     assert f"error: {empty}: no records (the file is empty)" in proc.stderr
