@@ -256,7 +256,7 @@ def test_sdk_logs_pick_the_rank_and_newest_attempt_and_follow(
 
     lines: list[str] = []
     follower = threading.Thread(target=lambda: lines.extend(
-        client.logs("ranks", rank=1, follow=True)))
+        client.logs("ranks", rank=1, follow=True)), daemon=True)
     follower.start()
     wait_for(lambda: lines or None, what="the first followed line")
     with logs["ranks-a2-1"].open("a") as out:
