@@ -23,6 +23,7 @@ class LocalBackend(_Backend):
     def __init__(self, namespace: str, workdir: str | None) -> None:
         self.namespace = namespace
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kubetune-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, Job] = {}
 
     def create(self, job: FineTuneJob) -> Job:
