@@ -153,8 +153,11 @@ class Client:
 
             self._backend = LocalBackend(namespace or "local", workdir)
         else:
-            from kubetune.cluster import ClusterBackend
-
+            try:
+                from kubetune.cluster import ClusterBackend
+            except ImportError as exc:  # installed without the client extra
+                raise KubetuneError(f"a cluster Client needs the Kubernetes client ({exc}): "
+                                    "pip install 'kubetune[client]'") from None
             self._backend = ClusterBackend(namespace, kubeconfig, context)
         self.namespace = self._backend.namespace
 

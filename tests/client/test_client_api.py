@@ -323,3 +323,31 @@ def test_verbs_exit_codes(api: EmulatorThread, kubeconfig: Path, tmp_path: Path)
     suspended = run_cli("suspend", "submitted", kubeconfig=kubeconfig, plugin=True)
     assert suspended.returncode == 0, suspended.stderr
     assert api.get(FTJ, NAMESPACE, "submitted")["spec"]["runPolicy"]["suspend"] is True
+
+
+@pytest.mark.parametrize(("status", "body", "error", "fields"), [
+    (422, {"reason": "Invalid", "message": 'FineTuneJob "x" is invalid', "details": {"causes": [
+        {"field": "spec.resources.nodes", "message": "must be >= 1"},
+        {"field": "spec.method.type", "message": "Unsupported value"}]}},
+     kubetune.InvalidSpec, ("spec.resources.nodes", "spec.method.type")),
+    (403, {"reason": "Forbidden", "message": "cannot create"}, kubetune.Forbidden, None),
+    (401, {"reason": "Unauthorized", "message": "Unauthorized"}, kubetune.Forbidden, None),
+    (409, {"reason": "AlreadyExists", "message": "exists"}, kubetune.AlreadyExists, None),
+    (409, {"reason": "Conflict", "message": "modified"}, kubetune.ApiError, None),
+    (500, {"reason": "InternalError", "message": "boom"}, kubetune.ApiError, None),
+])
+def test_api_server_refusals_become_typed_errors(status: int, body: dict[str, Any],
+                                                 error: type[Exception],
+                                                 fields: tuple[str, ...] | None) -> None:
+    """The API server's Status (its admission's 422 lists the fields at fault as causes)."""
+    from kubernetes.client.exceptions import ApiException
+
+    from kubetune.cluster import refusal
+
+    exc = ApiException(status=status, reason="x")
+    exc.body = json.dumps({"kind": "Status", "code": status, **body})
+    with pytest.raises(error) as raised:
+        refusal(exc, "creating FineTuneJob 'x'")
+    assert str(raised.value).startswith(f"creating FineTuneJob 'x': {body['message']}")
+    if fields is not None:
+        assert raised.value.fields == fields  # type: ignore[attr-defined]
