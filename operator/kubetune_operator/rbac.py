@@ -27,6 +27,10 @@ RULES: list[dict[str, Any]] = [
      "verbs": ["get", "create", "delete"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
      "verbs": ["get", "create", "delete"]},
+    # Gang scheduling without Kueue (gang.py): the attempt's PodGroup, created and read while
+    # the job is Pending; deleted with its Job by the garbage collector.
+    {"apiGroups": ["scheduling.volcano.sh", "scheduling.x-k8s.io"], "resources": ["podgroups"],
+     "verbs": ["get", "create"]},
     # Pods: read; a finished attempt's pods deleted, force-deleted when their node is gone.
     {"apiGroups": [""], "resources": ["pods"], "verbs": [*WATCH, "delete"]},
     # Events for every transition (kopf posts them); the Job controller's FailedCreate events

@@ -24,7 +24,7 @@ from kubetune_api import contract
 from kubetune_api.crd import Phase, Runtime
 from kubetune_api.load import SpecError, parse_job, validate_job
 from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
-from kubetune_operator import policy
+from kubetune_operator import gang, policy
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
     ANNOTATION_SUSPENDED_BY_OPERATOR,
@@ -58,6 +58,8 @@ FINETUNEJOBS = Resource(GROUP, VERSION, PLURAL)
 CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES,
                    "NetworkPolicy": NETWORK_POLICIES, "Job": JOBS}
 
+# The gang schedulers' PodGroups (gang.py), by gang.GangApi.name.
+POD_GROUPS = {g.name: g.resource for g in (gang.VOLCANO, gang.COSCHEDULING)}
 Key = tuple[str, str]  # (namespace, name)
 RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
 # A gang's pods change together (its 8 pods are created, start, finish or are deleted within
@@ -195,7 +197,21 @@ class Reconciler:
         plan = st.plan(name, job.spec, generation, status, children,
                        self.clock(), queue_managed=is_queue_managed(owner),
                        limits=self.limits)
+        plan.status = await self._gang_reason(job, owner, plan.status, generation)
         await self._execute(plan, job, owner, body, status)
+
+    async def _gang_reason(self, job: FineTuneJob, owner: Owner,
+                           status: st.FineTuneJobStatus, generation: int | None
+                           ) -> st.FineTuneJobStatus:
+        """A gang-scheduled attempt that waits: its PodGroup's reason (one GET, while
+        Pending only)."""
+        gang_kind = gang.gang_api(job.spec.pod.scheduler_name)
+        if gang_kind is None or status.phase != Phase.PENDING or not status.attempt:
+            return status
+        group = await self.api.get(POD_GROUPS[gang_kind.name], owner.namespace,
+                                   attempt_job_name(owner.name, status.attempt))
+        return gang.explain_pending(status, gang.pending_reason(gang_kind, group),
+                                    st._iso(self.clock()), generation)
 
     def _admitted_owner(self, body: dict[str, Any]) -> Owner:
         """The owner with the admin's default Kueue queue applied (policy.py)."""
@@ -283,9 +299,39 @@ class Reconciler:
         assert attempt is not None
         accepted = await self._accepted_job(job, owner) if attempt > 1 else job
         settings = pinned(self.settings, plan.status.runtime)
+        gang_kind = gang.gang_api(accepted.spec.pod.scheduler_name)
         for manifest in build_children(accepted, owner, attempt, settings):
+            if gang_kind is not None and manifest["kind"] == "Job":
+                gang.mark_pods(manifest, gang_kind, manifest["metadata"]["name"])
             await self._ensure(manifest, owner, body)
+            if gang_kind is not None and manifest["kind"] == "Job":
+                await self._ensure_pod_group(gang_kind, manifest, owner)
         self._created[(owner.namespace, owner.name)] = (owner.uid, attempt, time.monotonic())
+
+    async def _ensure_pod_group(self, gang_kind: gang.GangApi, job_manifest: dict[str, Any],
+                                owner: Owner) -> None:
+        """The attempt's PodGroup, owned by its Job (created just before): until it exists
+        the gang scheduler holds the pods, so they never start one by one."""
+        name = job_manifest["metadata"]["name"]
+        created = await self.api.get(JOBS, owner.namespace, name)
+        if created is None:
+            raise ApiError(404, f"Job {owner.namespace}/{name} is gone before its PodGroup")
+        group = gang.build_pod_group(gang_kind, job_manifest, created["metadata"]["uid"])
+        resource = POD_GROUPS[gang_kind.name]
+        try:
+            await self.api.create(POD_GROUPS[gang_kind.name], owner.namespace, group)
+        except ApiError as exc:
+            if refused_for_good(exc):
+                raise CreateRefused(f"creating PodGroup {owner.namespace}/{name} failed: "
+                                    f"{exc}") from None
+            raise
+        # A create answered 404 (no such API: the CRD is not installed) reads as done; a
+        # PodGroup that cannot be read back says which scheduler needs it.
+        if await self.api.get(POD_GROUPS[gang_kind.name], owner.namespace, name) is None:
+            scheduler = job_manifest["spec"]["template"]["spec"]["schedulerName"]
+            raise CreateRefused(f"schedulerName {scheduler!r} needs {gang_kind.api_version} "
+                                f"PodGroups ({resource.path(owner.namespace)}), and that "
+                                "API is not served")
 
     async def _ensure(self, manifest: dict[str, Any], owner: Owner,
                       body: dict[str, Any]) -> None:

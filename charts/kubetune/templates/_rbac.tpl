@@ -27,6 +27,9 @@
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create, delete]
+- apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
+  resources: [podgroups]
+  verbs: [get, create]
 # Trainer pods: read; pods of a finished attempt deleted, force-deleted when their node is
 # gone (the next attempt waits for every one of them).
 - apiGroups: [""]
