@@ -580,8 +580,10 @@ class PodSpec(SpecModel):
                                               "tolerations (core/v1 Toleration).")
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
     priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
-    scheduler_name: str | None = Field(None, description="Scheduler for the pods (e.g. a gang "
-                                       "scheduler).")
+    scheduler_name: str | None = Field(None, description="Scheduler for the pods. Gang "
+                                       "schedulers get a PodGroup per attempt: volcano "
+                                       "(Volcano) and scheduler-plugins-scheduler "
+                                       "(coscheduling).")
     cpu: str | None = Field(None, description="CPU request and limit per pod (e.g. '8').")
     memory: str | None = Field(None, description="Memory request and limit per pod "
                                "(e.g. '64Gi').")
