@@ -79,3 +79,10 @@ RESERVED_MOUNT_PATHS = (CONFIG_DIR, SCRATCH_DIR, SHM_DIR, HF_HOME_DIR, SECRETS_D
 POD_LABEL_JOB_UID = "kubetune.dev/finetunejob-uid"
 TRAINER_CONTAINER = "trainer"
 POD_LABEL_ATTEMPT = "kubetune.dev/attempt"  # the gang attempt (status.attempt) of a Job/pod
+
+# The storage Secret (spec.storage.secretName or the operator's default) reaches the trainer as
+# read-only files here, never as environment variables; the trainer turns AWS keys into a
+# shared credentials file and points GOOGLE_APPLICATION_CREDENTIALS at a key file
+# (kubetune_trainer/credentials.py, docs/storage.md).
+STORAGE_SECRET_DIR = f"{SECRETS_DIR}/storage"
+STORAGE_CREDENTIALS_DIR_ENV = "KUBETUNE_STORAGE_CREDENTIALS_DIR"

@@ -649,10 +649,11 @@ class PodSpec(SpecModel):
 class StorageSpec(SpecModel):
     """Object-storage access for dataset, checkpoints and output."""
 
-    secret_name: str | None = Field(None, description="Secret whose keys become environment "
-                                    "variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-                                    "GOOGLE_APPLICATION_CREDENTIALS, ...); default: the "
-                                    "operator's configured storage Secret.")
+    secret_name: str | None = Field(None, description="Secret mounted as files (never "
+                                    "environment variables): AWS_ACCESS_KEY_ID + "
+                                    "AWS_SECRET_ACCESS_KEY or an AWS `credentials` file, a GCS "
+                                    "`key.json`; default: the operator's configured storage "
+                                    "Secret; none: the service account's workload identity.")
     endpoint_url: str | None = Field(None, description="S3 endpoint for MinIO/Ceph/other "
                                      "S3-compatible stores.")
     region: str | None = Field(None, description="S3 region.")

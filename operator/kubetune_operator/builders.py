@@ -202,7 +202,8 @@ def build_pod_spec(job: FineTuneJob, owner: Owner, attempt: int,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": pod_security_context(settings),
         "containers": [build_trainer_container(job, owner, attempt, settings)],
-        "volumes": [*operator_volumes(job, owner), *(v.manifest() for v in pod.volumes)],
+        "volumes": [*operator_volumes(job, owner), *storage_volumes(job, settings),
+                    *(v.manifest() for v in pod.volumes)],
     }
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
@@ -231,7 +232,7 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
         "ports": [{"name": TORCHRUN_PORT_NAME, "containerPort": contract.DEFAULT_MASTER_PORT},
                   {"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port}],
         "resources": container_resources(job, settings),
-        "volumeMounts": [*operator_mounts(job),
+        "volumeMounts": [*operator_mounts(job), *storage_mounts(job, settings),
                          *(m.manifest() for m in spec.pod.volume_mounts)],
         # Rank 0 writes {"uri", "manifestSha256"} there on success; a failing rank's last log
         # lines land in the same place, so a Failed condition can quote them.
@@ -244,14 +245,32 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
                             "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    secret = spec.storage.secret_name or settings.storage_secret
-    # boto3/s3fs and google-auth read these keys from the environment; the storage Secret's
-    # documented format is environment-style keys (docs/storage.md, charts/kubetune/README.md).
-    env_from = [{"secretRef": {"name": secret}}] if secret else []
-    env_from += [source.manifest() for source in spec.pod.env_from]
+    if storage_secret(job, settings):
+        container["env"].append({"name": contract.STORAGE_CREDENTIALS_DIR_ENV,
+                                 "value": contract.STORAGE_SECRET_DIR})
+    env_from = [source.manifest() for source in spec.pod.env_from]
     if env_from:
         container["envFrom"] = env_from
     return container
+
+
+def storage_secret(job: FineTuneJob, settings: Settings) -> str | None:
+    """The storage Secret, if any. Without one the pods use their service account's
+    workload identity (IRSA, GKE Workload Identity): no static key at all."""
+    return job.spec.storage.secret_name or settings.storage_secret
+
+
+def storage_volumes(job: FineTuneJob, settings: Settings) -> list[Manifest]:
+    """The storage Secret as files (never environment variables: checkov CKV_K8S_35), readable
+    by the pod's group only."""
+    secret = storage_secret(job, settings)
+    return [{"name": "storage-credentials",
+             "secret": {"secretName": secret, "defaultMode": 0o440}}] if secret else []
+
+
+def storage_mounts(job: FineTuneJob, settings: Settings) -> list[Manifest]:
+    return [{"name": "storage-credentials", "mountPath": contract.STORAGE_SECRET_DIR,
+             "readOnly": True}] if storage_secret(job, settings) else []
 
 
 def operator_volumes(job: FineTuneJob, owner: Owner) -> list[Manifest]:

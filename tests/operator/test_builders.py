@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -197,9 +198,10 @@ def test_trainer_container_runs_the_node_launcher_with_the_launch_contract() -> 
     assert env["NCCL_DEBUG"] == "INFO"
     assert [e["name"] for e in container["env"]].count(contract.PET_NNODES) == 1
     assert contract.TERMINATION_LOG_ENV not in env  # the default path is the contract
+    # The storage Secret as files, never variables (the spec's own envFrom stays as written).
     assert container["envFrom"] == [
-        {"secretRef": {"name": "team-s3"}},
         {"configMapRef": {"name": "nccl-tuning", "optional": False}, "prefix": "NCCL_"}]
+    assert env[contract.STORAGE_CREDENTIALS_DIR_ENV] == contract.STORAGE_SECRET_DIR
     assert {"name": "metrics", "containerPort": 9500} in container["ports"]
     limits = container["resources"]["limits"]
     assert limits == {"amd.com/gpu": "8", "rdma/hca_shared_devices_a": "1", "cpu": "32",
@@ -217,7 +219,10 @@ def test_operator_defaults_fill_what_the_spec_leaves_out() -> None:
                "resources": {"gpusPerNode": 0}}
     container = trainer(make_job(minimal), Owner("llama", "ml", "uid", {}))
     assert container["image"] == SETTINGS.trainer_image
-    assert container["envFrom"] == [{"secretRef": {"name": "default-s3"}}]
+    assert "envFrom" not in container
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "storage-credentials")
+    assert mount == {"name": "storage-credentials", "mountPath": contract.STORAGE_SECRET_DIR,
+                     "readOnly": True}
     assert env_of(container)[contract.PET_NPROC_PER_NODE] == "1"  # one CPU process
     # CPU-only pod: the operator's per-pod defaults; memory is also the limit, CPU is not.
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"},
@@ -489,3 +494,22 @@ def test_trainer_gets_the_job_uid_and_the_pods_grace_period() -> None:
     assert timeout == contract.worker_shutdown_timeout(grace) and 0 < timeout < grace
     assert contract.worker_shutdown_timeout(300) == 270
     assert contract.worker_shutdown_timeout(30) == 25
+
+
+def test_storage_secret_is_mounted_as_files_and_absent_without_one() -> None:
+    minimal = {"model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+               "dataset": {"train": "data.jsonl"}, "output": {"uri": "out"},
+               "storage": {"secretName": "team-s3"}}
+    owner = Owner("llama", "ml", "uid", {})
+    pod = builders.build_job(make_job(minimal), owner, 1, SETTINGS)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "storage-credentials")
+    assert volume == {"name": "storage-credentials",
+                      "secret": {"secretName": "team-s3", "defaultMode": 0o440}}
+    assert not any(k.startswith(("AWS_ACCESS", "AWS_SECRET")) for k in env_of(
+        pod["containers"][0]))
+    # No Secret anywhere: the service account's workload identity, no static key at all.
+    no_secret = dataclasses.replace(SETTINGS, storage_secret=None)
+    del minimal["storage"]
+    bare = builders.build_job(make_job(minimal), owner, 1, no_secret)["spec"]["template"]["spec"]
+    assert all(v["name"] != "storage-credentials" for v in bare["volumes"])
+    assert contract.STORAGE_CREDENTIALS_DIR_ENV not in env_of(bare["containers"][0])

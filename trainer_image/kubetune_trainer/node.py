@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from kubetune_trainer.credentials import use_storage_credentials
+
+    use_storage_credentials()  # the storage Secret's files, for every worker torchrun starts
     try:
         run(parse_args(argv if argv is not None else sys.argv[1:]))
     except ChildFailedError as failed:
