@@ -351,3 +351,36 @@ def test_api_server_refusals_become_typed_errors(status: int, body: dict[str, An
     assert str(raised.value).startswith(f"creating FineTuneJob 'x': {body['message']}")
     if fields is not None:
         assert raised.value.fields == fields  # type: ignore[attr-defined]
+
+
+def test_context_namespace_all_namespaces_and_tail(api: EmulatorThread, kubeconfig: Path,
+                                                   tmp_path: Path) -> None:
+    config = yaml.safe_load(kubeconfig.read_text())
+    config["contexts"].append({"name": "team-b", "context": {
+        "cluster": "emulator", "user": "emulator", "namespace": "team-b"}})
+    kubeconfig.write_text(yaml.safe_dump(config))
+    assert kubetune.Client(kubeconfig=str(kubeconfig), context="team-b").namespace == "team-b"
+    assert kubetune.Client(kubeconfig=str(kubeconfig), namespace="x").namespace == "x"
+    with pytest.raises(kubetune.KubetuneError, match="context: 'nope' is not in the kubeconfig"):
+        kubetune.Client(kubeconfig=str(kubeconfig), context="nope")
+
+    other = job_object("elsewhere")
+    other["metadata"]["namespace"] = "team-b"
+    api.delete(FTJ, "team-b", "elsewhere")
+    api.create(FTJ, other)
+    client = kubetune.Client(kubeconfig=str(kubeconfig))
+    assert "elsewhere" not in [j.name for j in client.list()]
+    everywhere = {(j.namespace, j.name) for j in client.list(all_namespaces=True)}
+    assert ("team-b", "elsewhere") in everywhere
+    listed = run_cli("list", "-A", kubeconfig=kubeconfig)
+    assert listed.stdout.splitlines()[0].split()[:2] == ["NAMESPACE", "NAME"]
+
+    job = make_job(api, "tailed")
+    pod = make_rank_pod(api, job, 0)
+    log = tmp_path / "tailed.log"
+    log.write_text("a\nb\nc\n")
+    api.emulator.pod_log_path = lambda namespace, name: log  # type: ignore[attr-defined]
+    set_pod_state(api, NAMESPACE, pod, "Running")
+    assert list(client.logs("tailed", tail=2)) == ["b", "c"]
+    tailed = run_cli("logs", "tailed", "--tail", "1", kubeconfig=kubeconfig)
+    assert tailed.stdout == "c\n"
