@@ -126,10 +126,10 @@ def pending_reason(gang: GangApi, pod_group: Manifest | None) -> str | None:
     return None
 
 
-def explain_pending(status: FineTuneJobStatus, reason: str | None, now: str,
+def explain_pending(status: FineTuneJobStatus, reason: str | None,
                     generation: int | None) -> FineTuneJobStatus:
     """While the job waits for its pods, name the PodGroup's reason in the Running=False
-    condition instead of the generic one."""
+    condition instead of the generic one (still False: its transition time stays)."""
     if reason is None or status.phase != Phase.PENDING:
         return status
     conditions = list(status.conditions)
@@ -140,7 +140,7 @@ def explain_pending(status: FineTuneJobStatus, reason: str | None, now: str,
                 return status
             conditions[index] = Condition(
                 type="Running", status="False", reason=REASON_GANG_PENDING, message=reason,
-                last_transition_time=cond.last_transition_time if cond.status == "False"
-                else now, observed_generation=generation)
+                last_transition_time=cond.last_transition_time,
+                observed_generation=generation)
             return status.model_copy(update={"conditions": conditions})
     return status

@@ -210,8 +210,7 @@ class Reconciler:
             return status
         group = await self.api.get(POD_GROUPS[gang_kind.name], owner.namespace,
                                    attempt_job_name(owner.name, status.attempt))
-        return gang.explain_pending(status, gang.pending_reason(gang_kind, group),
-                                    st._iso(self.clock()), generation)
+        return gang.explain_pending(status, gang.pending_reason(gang_kind, group), generation)
 
     def _admitted_owner(self, body: dict[str, Any]) -> Owner:
         """The owner with the admin's default Kueue queue applied (policy.py)."""

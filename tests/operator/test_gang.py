@@ -71,13 +71,13 @@ def test_explain_pending_replaces_only_the_waiting_reason() -> None:
     waiting = Condition(type="Running", status="False", reason="Unschedulable", message="rank 0",
                         last_transition_time="t0")
     status = FineTuneJobStatus(phase="Pending", conditions=[waiting])
-    explained = gang.explain_pending(status, "PodGroup g: why", "t1", 3)
+    explained = gang.explain_pending(status, "PodGroup g: why", 3)
     [condition] = explained.conditions
     assert (condition.reason, condition.message) == ("GangPending", "PodGroup g: why")
     assert condition.last_transition_time == "t0"  # still False: no transition
-    assert gang.explain_pending(status, None, "t1", 3) is status
+    assert gang.explain_pending(status, None, 3) is status
     running = FineTuneJobStatus(phase="Running", conditions=[waiting])
-    assert gang.explain_pending(running, "PodGroup g: why", "t1", 3) is running
+    assert gang.explain_pending(running, "PodGroup g: why", 3) is running
     failed_create = status.model_copy(update={"conditions": [waiting.model_copy(
         update={"reason": "PodCreationFailed"})]})
-    assert gang.explain_pending(failed_create, "x", "t1", 3) is failed_create
+    assert gang.explain_pending(failed_create, "x", 3) is failed_create
