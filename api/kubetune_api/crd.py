@@ -124,6 +124,9 @@ class FineTuneJobStatus(StatusModel):
                                            "Job was created.")
     runtime: Runtime | None = Field(None, description="Trainer image and operator defaults "
                                     "pinned by the first attempt.")
+    admitted_spec_hash: str | None = Field(None, max_length=80, description="sha256 of the "
+                                           "spec (without runPolicy) the first attempt "
+                                           "admitted; every later attempt must match it.")
 
 
 # --- JSON Schema → structural OpenAPI v3 --------------------------------------------------------

@@ -1,9 +1,12 @@
 """Admin policy for shared clusters: rules a cluster admin sets in the operator's settings
 (Helm values `policy`, environment KUBETUNE_POLICY as JSON) that no FineTuneJob can override.
 
-Checked once, before the first child of a job exists: a violating job ends Failed with reason
-PolicyViolation, naming the field and the rule. Jobs already running when the policy changes
-keep running (the policy applies to what is admitted, not to what was). Pure: no I/O.
+Checked before every attempt (the first one before any child exists): a violating job ends
+Failed with reason PolicyViolation, naming the field and the rule. Every attempt is built from
+the FineTuneJob itself; the spec the first attempt admitted is pinned by its hash in
+status.admittedSpecHash (only the operator writes status), so a spec changed behind the API
+server's back, or labels a tenant changed later, are caught before the next attempt instead of
+being trained. A running attempt is never stopped by a policy change. Pure: no I/O.
 
 For every list rule, null (the default) means "no restriction" and a list means "only these"
 (an empty list: none at all).
@@ -11,6 +14,7 @@ For every list rule, null (the default) means "no restriction" and a list means 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -128,6 +132,29 @@ def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy,
         problems.append(f"spec.resources: {spec.resources.nodes} nodes x "
                         f"{spec.resources.gpus_per_node} GPUs = {gpus} GPUs "
                         f"(maxGpusPerJob: {policy.max_gpus_per_job})")
+    return problems
+
+
+SPEC_HASH_PREFIX = "sha256:"
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    """What an attempt trains, as one comparable value: the spec without runPolicy (the only
+    part a running job may change: suspend, TTL)."""
+    admitted = spec.model_dump(by_alias=True, mode="json", exclude={"run_policy"})
+    text = json.dumps(admitted, sort_keys=True, separators=(",", ":"))
+    return SPEC_HASH_PREFIX + hashlib.sha256(text.encode()).hexdigest()
+
+
+def attempt_violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy,
+                       operator_image: str | None, admitted_hash: str | None) -> list[str]:
+    """violations() before any attempt, plus, once a first attempt was admitted, a spec that
+    is not the admitted one (immutable while active; an API server without CEL lets it
+    change)."""
+    problems = violations(spec, labels, policy, operator_image)
+    if admitted_hash is not None and spec_hash(spec) != admitted_hash:
+        problems.append(f"spec: changed after its first attempt was admitted (admittedSpecHash: "
+                        f"{admitted_hash}); only runPolicy may change while a job is active")
     return problems
 
 

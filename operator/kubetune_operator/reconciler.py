@@ -20,9 +20,8 @@ from typing import Any, cast
 
 import kopf
 
-from kubetune_api import contract
 from kubetune_api.crd import Phase, Runtime
-from kubetune_api.load import SpecError, parse_job, validate_job
+from kubetune_api.load import SpecError, validate_job
 from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
 from kubetune_operator import gang, policy
 from kubetune_operator import status as st
@@ -32,7 +31,6 @@ from kubetune_operator.builders import (
     attempt_job_name,
     base_name,
     build_children,
-    config_map_name,
     is_queue_managed,
     master_address,
 )
@@ -197,8 +195,30 @@ class Reconciler:
         plan = st.plan(name, job.spec, generation, status, children,
                        self.clock(), queue_managed=is_queue_managed(owner),
                        limits=self.limits)
+        if plan.create_attempt is not None:
+            await self._admit_attempt(plan, job, owner, body, children)
         plan.status = await self._gang_reason(job, owner, plan.status, generation)
         await self._execute(plan, job, owner, body, status)
+
+    async def _admit_attempt(self, plan: st.Plan, job: FineTuneJob, owner: Owner,
+                             body: dict[str, Any], children: st.Children) -> None:
+        """The policy, re-checked on the FineTuneJob as it is now, before every attempt: labels
+        a tenant changed since, a spec changed behind the API server's back, a policy the
+        admin tightened. A violation fails the job and stops what is left of it."""
+        status = st.parse_status(body.get("status"))
+        runtime = plan.status.runtime or self.limits.runtime
+        problems = policy.attempt_violations(
+            job.spec, owner.labels, self.settings.policy,
+            runtime.trainer_image if runtime else self.settings.trainer_image,
+            status.admitted_spec_hash)
+        if problems:
+            message = policy.summary(problems)
+            await self._reject(body, status, message, reason=policy.REASON_POLICY_VIOLATION)
+            for child in children.jobs:
+                meta = child["metadata"]
+                await self.api.delete(JOBS, owner.namespace, meta["name"], uid=meta.get("uid"))
+            raise InvalidSpec(message)
+        plan.status.admitted_spec_hash = status.admitted_spec_hash or policy.spec_hash(job.spec)
 
     async def _gang_reason(self, job: FineTuneJob, owner: Owner,
                            status: st.FineTuneJobStatus, generation: int | None
@@ -296,10 +316,9 @@ class Reconciler:
                               body: dict[str, Any]) -> None:
         attempt = plan.create_attempt
         assert attempt is not None
-        accepted = await self._accepted_job(job, owner) if attempt > 1 else job
         settings = pinned(self.settings, plan.status.runtime)
-        gang_kind = gang.gang_api(accepted.spec.pod.scheduler_name)
-        for manifest in build_children(accepted, owner, attempt, settings):
+        gang_kind = gang.gang_api(job.spec.pod.scheduler_name)
+        for manifest in build_children(job, owner, attempt, settings):
             if gang_kind is not None and manifest["kind"] == "Job":
                 gang.mark_pods(manifest, gang_kind, manifest["metadata"]["name"])
             await self._ensure(manifest, owner, body)
@@ -373,24 +392,6 @@ class Reconciler:
         ttl = (body.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
         if ttl is not None:
             self._recheck_later((meta["namespace"], meta["name"]), float(ttl))
-
-    async def _accepted_job(self, job: FineTuneJob, owner: Owner) -> FineTuneJob:
-        """The job as its first attempt got it (the ConfigMap), with today's runPolicy: a later
-        attempt must train the same thing even if the spec changed behind the API server's
-        back (the CRD forbids such changes; old servers do not enforce CEL)."""
-        config_map = await self.api.get(CONFIG_MAPS, owner.namespace,
-                                         config_map_name(owner.name))
-        if config_map is None or owner.uid not in st.owner_uids(config_map):
-            return job
-        text = (config_map.get("data") or {}).get(contract.CONFIG_FILE)
-        if not text:
-            return job
-        try:
-            accepted = parse_job(text, source=config_map_name(owner.name))
-        except SpecError:
-            return job
-        accepted.spec.run_policy = job.spec.run_policy
-        return accepted
 
     def _in_flight(self, owner: Owner, attempt: int) -> bool:
         """Created moments ago but not in the index yet: creating again would only 409."""

@@ -36,6 +36,7 @@ from kubetune_operator.builders import (
     TRAINER_CONTAINER,
     attempt_job_name,
 )
+from kubetune_operator.policy import REASON_POLICY_VIOLATION
 from kubetune_operator.redact import redact
 
 Manifest = dict[str, Any]
@@ -852,7 +853,8 @@ class _Planner:
 
 # Failed jobs whose pods the operator keeps stopping until they are gone.
 STOPPING_REASONS = frozenset({REASON_DEADLINE_EXCEEDED, REASON_PERMANENT_FAILURE,
-                              REASON_BACKOFF_LIMIT_EXCEEDED, REASON_CREATE_FAILED})
+                              REASON_BACKOFF_LIMIT_EXCEEDED, REASON_CREATE_FAILED,
+                              REASON_POLICY_VIOLATION})
 
 
 def plan(name: str, spec: FineTuneJobSpec, generation: int | None, status: FineTuneJobStatus,

@@ -148,18 +148,20 @@ def test_failed_rank_restarts_the_gang_then_backoff_limit_fails(cluster: Cluster
     assert cluster.api.get(JOBS, NS, "flaky-a3") is None
 
 
-def test_later_attempts_train_what_the_first_one_accepted(cluster: Cluster) -> None:
+def test_a_spec_changed_after_admission_fails_before_the_next_attempt(
+        cluster: Cluster) -> None:
     cluster.api.create(FTJ, finetunejob("edited"))
     start_job_pods(cluster.api, cluster.job("edited-a1"))
     cluster.wait_phase("edited", "Running")
     # The emulator enforces no CEL: edit the gang size behind the API server's back.
     cluster.api.patch(FTJ, NS, "edited", {"spec": {"resources": {"nodes": 3}}})
     set_pod_state(cluster.api, NS, "edited-a1-0", "Failed", exit_code=1)
-    second = cluster.job("edited-a2")
-    assert second["spec"]["completions"] == 1
-    env = {e["name"]: e.get("value") for e in
-           second["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env[contract.PET_NNODES] == "1"
+    status = cluster.wait_phase("edited", "Failed")
+    [failed] = [c for c in status["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "PolicyViolation"
+    assert "spec: changed after its first attempt was admitted (admittedSpecHash: sha256:" \
+        in failed["message"], failed["message"]
+    assert cluster.api.get(JOBS, NS, "edited-a2") is None
 
 
 def test_restart_waits_for_old_pods_to_terminate(cluster: Cluster) -> None:

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NS = "default"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 POLICY = {"allowedImagePrefixes": ["registry.corp/ml/"], "allowedTolerations": [],
-          "allowedSchedulers": [], "defaultQueue": "shared", "maxGpusPerJob": 8}
+          "allowedSchedulers": [], "defaultQueue": "shared", "maxGpusPerJob": 8,
+          "allowedPriorityClasses": [], "allowedQueues": ["shared", "team-a"]}
 # Shaped like a real Hub token, so a leak could not hide behind an unusual format.
 CANARY = "hf_" + "KubetuneCanary0123456789abcdefXYZ"
 CHILDREN = ("v1/configmaps", "v1/services", "networking.k8s.io/v1/networkpolicies", JOBS)
@@ -121,6 +122,50 @@ def test_a_job_without_a_queue_gets_the_default_one(cluster: Cluster) -> None:
     own = finetunejob("own-queue", labels={QUEUE_LABEL: "team-a"})
     cluster.api.create(FTJ, own)
     assert cluster.job("own-queue-a1")["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+
+
+def fail_rank0(cluster: Cluster, name: str) -> None:
+    set_pod_state(cluster.api, NS, f"{name}-a1-0", "Failed", exit_code=1)
+
+
+def test_a_later_attempt_is_built_from_the_finetunejob_not_its_configmap(
+        cluster: Cluster) -> None:
+    """The ConfigMap is output: a tenant with `edit` who rewrites it gets nothing from it."""
+    cluster.api.create(FTJ, finetunejob("tamper", labels={QUEUE_LABEL: "team-a"},
+                                        pod={"image": "registry.corp/ml/t:1"}))
+    cluster.admit_and_run("tamper")
+    config = cluster.api.get("v1/configmaps", NS, "tamper-config")
+    edited = yaml.safe_load(config["data"][contract.CONFIG_FILE])
+    edited["spec"]["pod"].update(image="docker.io/attacker/miner",
+                                 priorityClassName="system-cluster-critical",
+                                 schedulerName="my-scheduler",
+                                 tolerations=[{"operator": "Exists"}])
+    edited["spec"]["resources"]["gpusPerNode"] = 64
+    cluster.api.patch("v1/configmaps", NS, "tamper-config",
+                      {"data": {contract.CONFIG_FILE: yaml.safe_dump(edited)}})
+    fail_rank0(cluster, "tamper")
+    pod = cluster.job("tamper-a2")["spec"]["template"]["spec"]
+    [trainer] = [c for c in pod["containers"] if c["name"] == "trainer"]
+    assert trainer["image"] == "registry.corp/ml/t:1"
+    assert not {"priorityClassName", "schedulerName", "tolerations"} & set(pod)
+    assert "64" not in json.dumps(trainer["resources"])
+    assert cluster.status("tamper")["admittedSpecHash"].startswith("sha256:")
+
+
+def test_a_relabelled_job_is_rechecked_before_its_next_attempt(cluster: Cluster) -> None:
+    """Job rights only: relabel to a queue the admin never allowed, then restart."""
+    cluster.api.create(FTJ, finetunejob("relabel", labels={QUEUE_LABEL: "team-a"},
+                                        pod={"image": "registry.corp/ml/t:1"}))
+    cluster.admit_and_run("relabel")
+    cluster.api.patch(FTJ, NS, "relabel", {"metadata": {"labels": {QUEUE_LABEL: "vip"}}})
+    fail_rank0(cluster, "relabel")
+    status = cluster.wait_phase("relabel", "Failed")
+    [failed] = [c for c in status["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "PolicyViolation"
+    assert f"metadata.labels[{QUEUE_LABEL}]: vip is not allowed (allowedQueues: shared, " \
+        "team-a)" in failed["message"], failed["message"]
+    assert cluster.api.get(JOBS, NS, "relabel-a2") is None
+    cluster.wait(lambda: cluster.owned(JOBS, "relabel") == [], "the old attempt stopped")
 
 
 # --- the Hub token -------------------------------------------------------------------------

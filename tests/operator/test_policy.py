@@ -135,3 +135,29 @@ def test_a_long_list_of_violations_is_capped() -> None:
     assert message.startswith("spec.pod.tolerations[0]") and message.endswith(
         "(60 violations in all)")
     assert policy.summary(problems[:1]) == problems[0]
+
+
+def test_the_admitted_hash_covers_the_spec_but_not_run_policy() -> None:
+    admitted = spec()
+    pinned = policy.spec_hash(admitted)
+    assert pinned.startswith("sha256:") and policy.spec_hash(spec()) == pinned
+    suspended = admitted.model_copy(deep=True)
+    suspended.run_policy.suspend = True
+    assert policy.spec_hash(suspended) == pinned  # runPolicy may change while active
+    assert policy.spec_hash(spec(nodes=2)) != pinned
+    assert policy.spec_hash(spec({"image": "registry.corp/ml/t:2"})) != pinned
+
+
+def test_a_later_attempt_is_checked_against_the_policy_and_the_admitted_spec() -> None:
+    rules = Policy(allowed_queues=("team-a",))
+    label = {policy.LABEL_KUEUE_QUEUE: "team-a"}
+    pinned = policy.spec_hash(spec())
+    assert policy.attempt_violations(spec(), label, rules, None, None) == []
+    assert policy.attempt_violations(spec(), label, rules, None, pinned) == []
+    [changed] = policy.attempt_violations(spec(nodes=4), label, rules, None, pinned)
+    assert changed.startswith(f"spec: changed after its first attempt was admitted "
+                              f"(admittedSpecHash: {pinned})")
+    relabelled = {policy.LABEL_KUEUE_QUEUE: "vip"}
+    assert policy.attempt_violations(spec(), relabelled, rules, None, pinned) == [
+        f"metadata.labels[{policy.LABEL_KUEUE_QUEUE}]: vip is not allowed "
+        "(allowedQueues: team-a)"]
