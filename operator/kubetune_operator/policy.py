@@ -26,8 +26,13 @@ from kubetune_api.spec import FineTuneJobSpec
 
 REASON_POLICY_VIOLATION = "PolicyViolation"
 POLICY_ENV = "KUBETUNE_POLICY"
-# builders.LABEL_KUEUE_QUEUE (settings import this module, and builders import settings).
+# builders.LABEL_KUEUE_QUEUE/_PRIORITY (settings import this module, builders import settings).
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+# Extended resources that are GPUs (or slices of one) unless the admin lists others; a name
+# ending in * is a prefix (every MIG profile).
+DEFAULT_GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-*", "amd.com/gpu", "habana.ai/gaudi",
+                         "gpu.intel.com/*")
 
 
 class PolicyModel(BaseModel):
@@ -64,8 +69,23 @@ class Policy(PolicyModel):
     default_queue: str | None = Field(None, description="Kueue queue for jobs without the "
                                       "label.")
     allowed_queues: tuple[str, ...] | None = Field(None, description="Allowed Kueue queues.")
+    allowed_kueue_priority_classes: tuple[str, ...] | None = Field(
+        None, description=f"Allowed values of the FineTuneJob label {LABEL_KUEUE_PRIORITY} "
+        "(unset is allowed).")
     max_gpus_per_job: int | None = Field(None, ge=0, description="Cap on resources.nodes x "
-                                         "resources.gpusPerNode.")
+                                         "(gpusPerNode + every gpuResources entry of "
+                                         "extraResources).")
+    gpu_resources: tuple[str, ...] = Field(
+        DEFAULT_GPU_RESOURCES, description="Extended resources counted as GPUs by "
+        "maxGpusPerJob when a job asks for them in extraResources (a trailing * matches a "
+        "prefix).")
+    max_nodes_per_job: int | None = Field(None, ge=1, description="Cap on resources.nodes.")
+    allowed_extra_resources: tuple[str, ...] | None = Field(
+        None, description="Allowed resources.extraResources names (a trailing * matches a "
+        "prefix).")
+    denied_metadata_prefixes: tuple[str, ...] | None = Field(
+        None, description="spec.pod.labels and spec.pod.annotations keys that start with one "
+        "of these are refused (Volcano's queue, AppArmor, the cluster autoscaler, ...).")
 
     @property
     def is_empty(self) -> bool:
@@ -97,6 +117,14 @@ def with_default_queue(labels: Mapping[str, str], policy: Policy) -> dict[str, s
     return dict(labels)
 
 
+def _under(image: str, prefix: str) -> bool:
+    """registry.corp/ml admits registry.corp/ml/x and registry.corp/ml:1, never
+    registry.corp/ml-evil/x: a prefix ends at a path, tag or digest boundary."""
+    if not image.startswith(prefix):
+        return False
+    return prefix.endswith(("/", ":", "@")) or image[len(prefix):][:1] in ("", "/", ":", "@")
+
+
 def _one_of(values: tuple[str, ...]) -> str:
     return ", ".join(values) if values else "none"
 
@@ -108,7 +136,7 @@ def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy,
     pod, problems = spec.pod, []
     prefixes = policy.allowed_image_prefixes
     if prefixes is not None and pod.image and pod.image != operator_image \
-            and not pod.image.startswith(prefixes):
+            and not any(_under(pod.image, prefix) for prefix in prefixes):
         problems.append(f"spec.pod.image: {pod.image} is not allowed "
                         f"(allowedImagePrefixes: {_one_of(prefixes)})")
     classes = policy.allowed_priority_classes
@@ -127,12 +155,55 @@ def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy,
                                 "matches no allowed toleration (allowedTolerations: "
                                 f"{_describe_tolerations(policy.allowed_tolerations)})")
     problems += _queue_violations(labels, policy)
-    gpus = spec.resources.nodes * spec.resources.gpus_per_node
+    problems += _kueue_priority_violations(labels, policy)
+    problems += _metadata_violations(pod.labels, "labels", policy)
+    problems += _metadata_violations(pod.annotations, "annotations", policy)
+    problems += _resource_violations(spec, policy)
+    return problems
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
+def _resource_violations(spec: FineTuneJobSpec, policy: Policy) -> list[str]:
+    resources, problems = spec.resources, []
+    if policy.max_nodes_per_job is not None and resources.nodes > policy.max_nodes_per_job:
+        problems.append(f"spec.resources.nodes: {resources.nodes} "
+                        f"(maxNodesPerJob: {policy.max_nodes_per_job})")
+    allowed = policy.allowed_extra_resources
+    for name in resources.extra_resources:
+        if allowed is not None and not _matches(name, allowed):
+            problems.append(f"spec.resources.extraResources.{name}: not allowed "
+                            f"(allowedExtraResources: {_one_of(allowed)})")
+    extra_gpus = {name: count for name, count in resources.extra_resources.items()
+                  if _matches(name, policy.gpu_resources)}
+    per_node = resources.gpus_per_node + sum(extra_gpus.values())
+    gpus = resources.nodes * per_node
     if policy.max_gpus_per_job is not None and gpus > policy.max_gpus_per_job:
-        problems.append(f"spec.resources: {spec.resources.nodes} nodes x "
-                        f"{spec.resources.gpus_per_node} GPUs = {gpus} GPUs "
+        asked = f"{resources.gpus_per_node} GPUs"
+        if extra_gpus:
+            asked = "(" + " + ".join([f"{resources.gpus_per_node} {resources.gpu_resource}",
+                                      *(f"{n} {name}" for name, n in extra_gpus.items())]) + ")"
+        problems.append(f"spec.resources: {resources.nodes} nodes x {asked} = {gpus} GPUs "
                         f"(maxGpusPerJob: {policy.max_gpus_per_job})")
     return problems
+
+
+def _kueue_priority_violations(labels: Mapping[str, str], policy: Policy) -> list[str]:
+    value, allowed = labels.get(LABEL_KUEUE_PRIORITY), policy.allowed_kueue_priority_classes
+    if value is None or allowed is None or value in allowed:
+        return []
+    return [f"metadata.labels[{LABEL_KUEUE_PRIORITY}]: {value} is not allowed "
+            f"(allowedKueuePriorityClasses: {_one_of(allowed)})"]
+
+
+def _metadata_violations(entries: Mapping[str, str], kind: str, policy: Policy) -> list[str]:
+    denied = policy.denied_metadata_prefixes
+    if not denied:
+        return []
+    return [f"spec.pod.{kind}[{key}]: denied (deniedMetadataPrefixes: {_one_of(denied)})"
+            for key in entries if key.startswith(denied)]
 
 
 SPEC_HASH_PREFIX = "sha256:"

@@ -53,17 +53,23 @@ def test_policy_values_reach_the_operator() -> None:
         "policy.allowedTolerations[0].key=nvidia.com/gpu",
         "policy.allowedTolerations[0].effect=NoSchedule", "policy.requireQueue=true",
         "policy.defaultQueue=shared", "policy.allowedQueues={shared,team-a}",
-        "policy.maxGpusPerJob=16")
+        "policy.maxGpusPerJob=16", "policy.allowedKueuePriorityClasses={batch-low}",
+        "policy.gpuResources={nvidia.com/gpu}", "policy.maxNodesPerJob=4",
+        "policy.allowedExtraResources={rdma/*}",
+        "policy.deniedMetadataPrefixes={scheduling.volcano.sh/}")
     assert settings.policy == Policy(
         allowed_image_prefixes=("registry.corp/ml/",), allowed_schedulers=("volcano",),
         allowed_priority_classes=("batch-low", "batch-high"),
         allowed_tolerations=(TolerationRule(key="nvidia.com/gpu", effect="NoSchedule"),),
         require_queue=True, default_queue="shared", allowed_queues=("shared", "team-a"),
-        max_gpus_per_job=16)
+        max_gpus_per_job=16, allowed_kueue_priority_classes=("batch-low",),
+        gpu_resources=("nvidia.com/gpu",), max_nodes_per_job=4,
+        allowed_extra_resources=("rdma/*",), denied_metadata_prefixes=("scheduling.volcano.sh/",))
 
 
 @pytest.mark.parametrize(("sets", "where"), [
     (["policy.maxGpusPerJob=-1"], "/policy/maxGpusPerJob"),
+    (["policy.maxNodesPerJob=0"], "/policy/maxNodesPerJob"),
     (["policy.allowedImages={x}"], "/policy"),
     (["policy.allowedTolerations[0].tolerationSeconds=5"], "/policy/allowedTolerations/0"),
     (["trainer.defaultResources.memoryPerGpu=lots"], "/trainer/defaultResources/memoryPerGpu"),

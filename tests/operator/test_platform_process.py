@@ -38,7 +38,9 @@ NS = "default"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 POLICY = {"allowedImagePrefixes": ["registry.corp/ml/"], "allowedTolerations": [],
           "allowedSchedulers": [], "defaultQueue": "shared", "maxGpusPerJob": 8,
-          "allowedPriorityClasses": [], "allowedQueues": ["shared", "team-a"]}
+          "allowedPriorityClasses": [], "allowedQueues": ["shared", "team-a"],
+          "allowedKueuePriorityClasses": ["batch-low"]}
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # Shaped like a real Hub token, so a leak could not hide behind an unusual format.
 CANARY = "hf_" + "KubetuneCanary0123456789abcdefXYZ"
 CHILDREN = ("v1/configmaps", "v1/services", "networking.k8s.io/v1/networkpolicies", JOBS)
@@ -157,13 +159,16 @@ def test_a_relabelled_job_is_rechecked_before_its_next_attempt(cluster: Cluster)
     cluster.api.create(FTJ, finetunejob("relabel", labels={QUEUE_LABEL: "team-a"},
                                         pod={"image": "registry.corp/ml/t:1"}))
     cluster.admit_and_run("relabel")
-    cluster.api.patch(FTJ, NS, "relabel", {"metadata": {"labels": {QUEUE_LABEL: "vip"}}})
+    cluster.api.patch(FTJ, NS, "relabel", {"metadata": {"labels": {
+        QUEUE_LABEL: "vip", PRIORITY_LABEL: "prod-critical"}}})
     fail_rank0(cluster, "relabel")
     status = cluster.wait_phase("relabel", "Failed")
     [failed] = [c for c in status["conditions"] if c["type"] == "Failed"]
     assert failed["reason"] == "PolicyViolation"
     assert f"metadata.labels[{QUEUE_LABEL}]: vip is not allowed (allowedQueues: shared, " \
         "team-a)" in failed["message"], failed["message"]
+    assert f"metadata.labels[{PRIORITY_LABEL}]: prod-critical is not allowed " \
+        "(allowedKueuePriorityClasses: batch-low)" in failed["message"]
     assert cluster.api.get(JOBS, NS, "relabel-a2") is None
     cluster.wait(lambda: cluster.owned(JOBS, "relabel") == [], "the old attempt stopped")
 

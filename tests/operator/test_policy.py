@@ -16,11 +16,14 @@ from kubetune_operator.settings import Settings
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
-def spec(pod: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 1) -> FineTuneJobSpec:
+def spec(pod: dict[str, Any] | None = None, nodes: int = 1, gpus: int = 1,
+         extra: dict[str, int] | None = None,
+         gpu_resource: str = "nvidia.com/gpu") -> FineTuneJobSpec:
     return validate_job({"metadata": {"name": "j", "namespace": "ml"}, "spec": {
         "model": {"name": "tiny://llama"}, "method": {"type": "lora"},
         "dataset": {"train": "data.jsonl"}, "output": {"uri": "out"},
-        "resources": {"nodes": nodes, "gpusPerNode": gpus}, "pod": pod or {}}}).spec
+        "resources": {"nodes": nodes, "gpusPerNode": gpus, "gpuResource": gpu_resource,
+                      "extraResources": extra or {}}, "pod": pod or {}}}).spec
 
 
 def test_no_policy_allows_everything() -> None:
@@ -32,6 +35,7 @@ def test_no_policy_allows_everything() -> None:
 
 def test_the_queue_label_constant_is_the_builders_one() -> None:
     assert policy.LABEL_KUEUE_QUEUE == builders.LABEL_KUEUE_QUEUE
+    assert policy.LABEL_KUEUE_PRIORITY == builders.LABEL_KUEUE_PRIORITY
 
 
 @pytest.mark.parametrize(("rules", "pod", "expected"), [
@@ -161,3 +165,69 @@ def test_a_later_attempt_is_checked_against_the_policy_and_the_admitted_spec() -
     assert policy.attempt_violations(spec(), relabelled, rules, None, pinned) == [
         f"metadata.labels[{policy.LABEL_KUEUE_QUEUE}]: vip is not allowed "
         "(allowedQueues: team-a)"]
+
+
+def test_gpus_asked_for_in_extra_resources_count_toward_the_cap() -> None:
+    """32 nodes x (1 MIG slice + nvidia.com/gpu: 8 in extraResources) under a cap of 8."""
+    rules = Policy(max_gpus_per_job=8)
+    job = spec(nodes=32, extra={"nvidia.com/gpu": 8}, gpu_resource="nvidia.com/mig-1g.10gb")
+    assert violations(job, {}, rules) == [
+        "spec.resources: 32 nodes x (1 nvidia.com/mig-1g.10gb + 8 nvidia.com/gpu) = 288 GPUs "
+        "(maxGpusPerJob: 8)"]
+    mig = spec(nodes=4, extra={"nvidia.com/mig-3g.40gb": 2})
+    assert violations(mig, {}, rules) != []  # a MIG prefix is a GPU by default
+    rdma = spec(nodes=8, extra={"rdma/hca_shared_devices_a": 1})
+    assert violations(rdma, {}, rules) == []  # not a GPU: not counted
+    admin_listed = Policy(max_gpus_per_job=8, gpu_resources=("rdma/*",))
+    assert violations(rdma, {}, admin_listed) == [
+        "spec.resources: 8 nodes x (1 nvidia.com/gpu + 1 rdma/hca_shared_devices_a) = 16 GPUs "
+        "(maxGpusPerJob: 8)"]
+
+
+def test_nodes_are_capped_even_without_gpus() -> None:
+    rules = Policy(max_nodes_per_job=16)
+    assert violations(spec(nodes=16, gpus=0), {}, rules) == []
+    assert violations(spec(nodes=100000, gpus=0), {}, rules) == [
+        "spec.resources.nodes: 100000 (maxNodesPerJob: 16)"]
+
+
+def test_extra_resources_come_from_an_allowlist() -> None:
+    rules = Policy(allowed_extra_resources=("rdma/*",))
+    assert violations(spec(extra={"rdma/hca_shared_devices_a": 1}), {}, rules) == []
+    assert violations(spec(extra={"example.com/fpga": 1}), {}, rules) == [
+        "spec.resources.extraResources.example.com/fpga: not allowed "
+        "(allowedExtraResources: rdma/*)"]
+
+
+def test_kueue_priority_classes_come_from_an_allowlist() -> None:
+    label = policy.LABEL_KUEUE_PRIORITY
+    rules = Policy(allowed_kueue_priority_classes=("batch-low",))
+    assert violations(spec(), {}, rules) == []
+    assert violations(spec(), {label: "batch-low"}, rules) == []
+    assert violations(spec(), {label: "prod-critical"}, rules) == [
+        f"metadata.labels[{label}]: prod-critical is not allowed "
+        "(allowedKueuePriorityClasses: batch-low)"]
+
+
+def test_denied_label_and_annotation_prefixes_are_refused() -> None:
+    rules = Policy(denied_metadata_prefixes=(
+        "scheduling.volcano.sh/", "container.apparmor.security.beta.kubernetes.io/",
+        "cluster-autoscaler.kubernetes.io/"))
+    job = spec({"labels": {"team": "a", "scheduling.volcano.sh/queue-name": "vip"},
+                "annotations": {
+                    "container.apparmor.security.beta.kubernetes.io/trainer": "unconfined",
+                    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+                    "k8s.v1.cni.cncf.io/networks": "rdma"}})
+    assert [p.split(":")[0] for p in violations(job, {}, rules)] == [
+        "spec.pod.labels[scheduling.volcano.sh/queue-name]",
+        "spec.pod.annotations[container.apparmor.security.beta.kubernetes.io/trainer]",
+        "spec.pod.annotations[cluster-autoscaler.kubernetes.io/safe-to-evict]"]
+    assert violations(job, {}, Policy()) == []
+
+
+def test_an_image_prefix_ends_at_a_path_boundary() -> None:
+    rules = Policy(allowed_image_prefixes=("registry.corp.example/ml",))
+    assert violations(spec({"image": "registry.corp.example/ml/t:1"}), {}, rules) == []
+    assert violations(spec({"image": "registry.corp.example/ml:1"}), {}, rules) == []
+    [problem] = violations(spec({"image": "registry.corp.example/ml-evil/x"}), {}, rules)
+    assert problem.startswith("spec.pod.image: registry.corp.example/ml-evil/x is not allowed")
