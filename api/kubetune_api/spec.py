@@ -11,7 +11,7 @@ from __future__ import annotations
 import posixpath
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -27,6 +27,21 @@ PLURAL = "finetunejobs"
 SHORT_NAME = "ftj"
 TINY_SCHEME = "tiny://"
 TINY_ARCHITECTURES = ("llama", "gpt2", "bert", "t5")
+
+# Bounds on every free-form field. The CRD carries them (maxLength, maxItems, maxProperties),
+# so the API server refuses an oversized spec before the operator reads it; the contract
+# enforces the same ones. The whole spec is capped too (load.MAX_SPEC_BYTES).
+MAX_NAME = 253  # object names, quantities, label-like values
+MAX_SHORT = 1024  # dataset field names, paths, revisions
+MAX_URI = 2048  # URIs, images
+MAX_TEXT = 64 * 1024  # an inline chat template, an annotation value, an env value
+MAX_ITEMS = 64  # lists: tolerations, volumes, prompts, ...
+MAX_PROPERTIES = 64  # maps and core/v1 structures passed through
+MAX_ENV = 128  # spec.pod.env
+Name = Annotated[str, Field(max_length=MAX_NAME)]
+Short = Annotated[str, Field(max_length=MAX_SHORT)]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Structure = Annotated[dict[str, Any], Field(max_length=MAX_PROPERTIES)]
 
 
 class SpecModel(BaseModel):
@@ -74,17 +89,19 @@ class TokenSecretSpec(SpecModel):
 
     name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
                       description="Secret in the job's namespace.")
-    key: str = Field("HF_TOKEN", min_length=1, pattern=r"^[-._a-zA-Z0-9]+$",
+    key: str = Field("HF_TOKEN", max_length=MAX_SHORT, min_length=1,
+                     pattern=r"^[-._a-zA-Z0-9]+$",
                      description="Key of the Secret holding the token.")
 
 
 class ModelSpec(SpecModel):
     name: str = Field(
-        min_length=1,
+        max_length=MAX_URI, min_length=1,
         description="Hugging Face model id or local path, or tiny://llama|gpt2|bert|t5 for a small "
         "random model built from a config (tests, CI, laptops).",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    revision: str | None = Field(None, max_length=MAX_SHORT,
+                                 description="Hub revision (branch, tag or commit) to load.")
     task: Task = Field(Task.CAUSAL_LM, description="Training objective and model head.")
     num_labels: int | None = Field(
         None, ge=2, description="Number of classes; required for sequence-classification."
@@ -119,7 +136,8 @@ class LoraSpec(SpecModel):
     r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: Annotated[list[Short], Field(max_length=MAX_ITEMS)] | Literal[
+            "all-linear"] = Field(
         "all-linear",
         description='Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear" for every '
         "linear layer except the output head.",
@@ -128,8 +146,9 @@ class LoraSpec(SpecModel):
                            "and direction and train both (peft use_dora).")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of "
                              "alpha / r, which keeps high ranks stable (peft use_rslora).")
-    modules_to_save: list[str] = Field(
-        default_factory=list, description="Modules trained in full and saved with the adapter "
+    modules_to_save: list[Short] = Field(
+        default_factory=list, max_length=MAX_ITEMS,
+        description="Modules trained in full and saved with the adapter "
         "(e.g. [embed_tokens, lm_head] when dataset.addSpecialTokens adds tokens)."
     )
 
@@ -170,21 +189,27 @@ class FieldsSpec(SpecModel):
     """Which record fields hold the training signal. Allowed combinations: text; text+label;
     prompt+completion; messages; prompt+chosen+rejected and chosen+rejected (dpo, orpo)."""
 
-    text: str | None = Field(None, description="Field with plain text.")
-    prompt: str | None = Field(None, description="Field with the prompt (no loss on it).")
-    completion: str | None = Field(None, description="Field with the completion (loss on it).")
+    text: str | None = Field(None, max_length=MAX_SHORT, description="Field with plain text.")
+    prompt: str | None = Field(None, max_length=MAX_SHORT,
+                               description="Field with the prompt (no loss on it).")
+    completion: str | None = Field(None, max_length=MAX_SHORT,
+                                   description="Field with the completion (loss on it).")
     messages: str | None = Field(
-        None, description="Field with chat messages [{role, content}]; rendered with the "
+        None, max_length=MAX_SHORT,
+        description="Field with chat messages [{role, content}]; rendered with the "
         "tokenizer's chat template, loss on assistant turns only."
     )
-    label: str | None = Field(None, description="Field with the class label (int or string).")
+    label: str | None = Field(None, max_length=MAX_SHORT,
+                              description="Field with the class label (int or string).")
     chosen: str | None = Field(
-        None, description="Preference objectives (dpo, orpo): field with the preferred "
+        None, max_length=MAX_SHORT,
+        description="Preference objectives (dpo, orpo): field with the preferred "
         "response: a string (with prompt) or a messages list whose leading turns, shared with "
         "rejected, are the prompt."
     )
     rejected: str | None = Field(
-        None, description="Preference objectives: field with the dispreferred response (same "
+        None, max_length=MAX_SHORT,
+        description="Preference objectives: field with the dispreferred response (same "
         "form as chosen)."
     )
 
@@ -220,9 +245,11 @@ CHAT_TEMPLATE_NAMES = ("chatml", "llama3")
 
 
 class DatasetSpec(SpecModel):
-    train: str = Field(min_length=1, description="Training data: local path, file://, s3://, "
+    train: str = Field(max_length=MAX_URI, min_length=1,
+                       description="Training data: local path, file://, s3://, "
                        "gs:// or hf://datasets/<id>/<file>.")
-    eval: str | None = Field(None, description="Evaluation data (same forms as train).")
+    eval: str | None = Field(None, max_length=MAX_URI,
+                             description="Evaluation data (same forms as train).")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Hold out this fraction of train for evaluation when eval "
         "is not given."
@@ -235,13 +262,15 @@ class DatasetSpec(SpecModel):
     max_seq_length: int = Field(1024, ge=8, description="Tokens per sequence (longer is cut).")
     packing: bool = Field(False, description="Concatenate causal-LM examples into full "
                           "maxSeqLength blocks (no padding).")
-    add_special_tokens: list[str] = Field(
-        default_factory=list, description="New special tokens added to the tokenizer (e.g. "
+    add_special_tokens: list[Short] = Field(
+        default_factory=list, max_length=MAX_ITEMS,
+        description="New special tokens added to the tokenizer (e.g. "
         "[<|tool|>]); the model's embeddings are resized to match. With lora/qlora, list the "
         "embedding and output modules in method.lora.modulesToSave so the new rows train."
     )
     chat_template: str | None = Field(
-        None, min_length=1, description="Chat template for fields.messages, overriding the "
+        None, max_length=MAX_TEXT, min_length=1,
+        description="Chat template for fields.messages, overriding the "
         "tokenizer's: inline Jinja, or a built-in name (" + ", ".join(CHAT_TEMPLATE_NAMES)
         + ")."
     )
@@ -314,7 +343,8 @@ class TrainingSpec(SpecModel):
                                          "backward pass to save memory.")
     strategy: Strategy = Field(Strategy.DDP, description="Distribution strategy across ranks.")
     strategy_config: dict[str, Any] = Field(
-        default_factory=dict, description="Keys deep-merged over the generated DeepSpeed config "
+        default_factory=dict, max_length=MAX_PROPERTIES,
+        description="Keys deep-merged over the generated DeepSpeed config "
         "(deepspeed-*) or FSDP config (fsdp), e.g. {zero_optimization: {offload_optimizer: "
         "{device: cpu}}}.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
@@ -349,7 +379,8 @@ class TrainingSpec(SpecModel):
         "perplexity (lower is better), accuracy and f1 (sequence-classification; higher is "
         "better).")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
-        default_factory=list, description="Experiment trackers. tensorboard event files are "
+        default_factory=list, max_length=MAX_ITEMS,
+        description="Experiment trackers. tensorboard event files are "
         "published under logs/ in the output; mlflow and wandb read their endpoint and key "
         "from the environment (MLFLOW_TRACKING_URI, WANDB_API_KEY, ...).")
 
@@ -399,7 +430,8 @@ class ResourcesSpec(SpecModel):
         description="Extended resource that gpusPerNode requests: nvidia.com/gpu, a MIG slice "
         "(nvidia.com/mig-1g.10gb), amd.com/gpu, habana.ai/gaudi, ...")
     extra_resources: dict[str, int] = Field(
-        default_factory=dict, description="More extended resources per pod, requested and "
+        default_factory=dict, max_length=MAX_PROPERTIES,
+        description="More extended resources per pod, requested and "
         "limited alike (e.g. {rdma/hca_shared_devices_a: 1} for RDMA).")
 
     @model_validator(mode="after")
@@ -442,18 +474,24 @@ class PodVolume(SpecModel):
     """A pod volume (core/v1 Volume) of a type Pod Security "restricted" allows."""
 
     name: str = Field(max_length=63, pattern=DNS_LABEL, description="Volume name.")
-    persistent_volume_claim: dict[str, Any] | None = Field(None, description="core/v1 "
+    persistent_volume_claim: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES,
+                                                           description="core/v1 "
                                                            "PersistentVolumeClaimVolumeSource.")
-    config_map: dict[str, Any] | None = Field(None, description="core/v1 "
+    config_map: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES,
+                                              description="core/v1 "
                                               "ConfigMapVolumeSource.")
-    secret: dict[str, Any] | None = Field(None, description="core/v1 SecretVolumeSource.")
-    empty_dir: dict[str, Any] | None = Field(None, description="core/v1 EmptyDirVolumeSource.")
-    csi: dict[str, Any] | None = Field(None, description="core/v1 CSIVolumeSource.")
-    ephemeral: dict[str, Any] | None = Field(None, description="core/v1 "
+    secret: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES,
+                                          description="core/v1 SecretVolumeSource.")
+    empty_dir: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES,
+                                             description="core/v1 EmptyDirVolumeSource.")
+    csi: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES,
+                                       description="core/v1 CSIVolumeSource.")
+    ephemeral: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES, description="core/v1 "
                                              "EphemeralVolumeSource.")
-    projected: dict[str, Any] | None = Field(None, description="core/v1 "
+    projected: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES, description="core/v1 "
                                              "ProjectedVolumeSource.")
-    downward_api: dict[str, Any] | None = Field(None, alias="downwardAPI",
+    downward_api: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES,
+                                                alias="downwardAPI",
                                                 description="core/v1 DownwardAPIVolumeSource.")
 
     @model_validator(mode="before")
@@ -487,13 +525,15 @@ class PodVolume(SpecModel):
 
 
 class PodVolumeMount(SpecModel):
-    name: str = Field(description="A volume of spec.pod.volumes.")
-    mount_path: str = Field(min_length=2, description="Absolute path in the trainer container "
+    name: str = Field(max_length=MAX_NAME, description="A volume of spec.pod.volumes.")
+    mount_path: str = Field(max_length=MAX_SHORT, min_length=2,
+                            description="Absolute path in the trainer container "
                             "(not one the operator mounts: /etc/kubetune, /tmp, /dev/shm, "
                             "/var/cache/kubetune, /var/run/secrets/kubetune, /opt/kubetune/out, "
                             "/home/kubetune/.cache).")
     read_only: bool = Field(False, description="Mount read-only.")
-    sub_path: str | None = Field(None, description="Path within the volume to mount.")
+    sub_path: str | None = Field(None, max_length=MAX_SHORT,
+                                 description="Path within the volume to mount.")
 
     @model_validator(mode="after")
     def _check(self) -> PodVolumeMount:
@@ -514,8 +554,8 @@ class PodVolumeMount(SpecModel):
 
 
 class KeyRef(SpecModel):
-    name: str = Field(min_length=1, description="Secret or ConfigMap name.")
-    key: str = Field(min_length=1, description="Key within it.")
+    name: str = Field(max_length=MAX_NAME, min_length=1, description="Secret or ConfigMap name.")
+    key: str = Field(max_length=MAX_NAME, min_length=1, description="Key within it.")
     optional: bool = Field(False, description="Leave the variable unset when missing.")
 
 
@@ -535,14 +575,15 @@ class EnvValueFrom(SpecModel):
 
 
 class EnvFromRef(SpecModel):
-    name: str = Field(min_length=1, description="Secret or ConfigMap name.")
+    name: str = Field(max_length=MAX_NAME, min_length=1, description="Secret or ConfigMap name.")
     optional: bool = Field(False, description="Start even when it is missing.")
 
 
 class EnvFromSpec(SpecModel):
     secret_ref: EnvFromRef | None = Field(None, description="Every key of a Secret.")
     config_map_ref: EnvFromRef | None = Field(None, description="Every key of a ConfigMap.")
-    prefix: str | None = Field(None, description="Prefix added to every variable name.")
+    prefix: str | None = Field(None, max_length=MAX_NAME,
+                               description="Prefix added to every variable name.")
 
     @model_validator(mode="after")
     def _one(self) -> EnvFromSpec:
@@ -570,36 +611,52 @@ def _check_metadata(kind: str, values: dict[str, str], prefixes: tuple[str, ...]
 class PodSpec(SpecModel):
     """Where and how the gang's pods run (copied into every pod of the Job)."""
 
-    image: str | None = Field(None, description="Trainer image (default: the operator's "
+    image: str | None = Field(None, max_length=MAX_URI,
+                              description="Trainer image (default: the operator's "
                               "configured trainer image).")
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Secret names "
+    image_pull_secrets: list[Name] = Field(default_factory=list, max_length=MAX_ITEMS,
+                                           description="Secret names "
                                           "for pulling the image.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the "
+    node_selector: dict[str, Name] = Field(default_factory=dict, max_length=MAX_PROPERTIES,
+                                           description="Node labels the "
                                           "pods require.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod "
+    tolerations: list[Structure] = Field(default_factory=list, max_length=MAX_ITEMS,
+                                         description="Pod "
                                               "tolerations (core/v1 Toleration).")
-    affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
-    scheduler_name: str | None = Field(None, description="Scheduler for the pods. Gang "
+    affinity: dict[str, Any] | None = Field(None, max_length=MAX_PROPERTIES,
+                                            description="Pod affinity (core/v1 Affinity).")
+    priority_class_name: str | None = Field(None, max_length=MAX_NAME,
+                                            description="PriorityClass of the pods.")
+    scheduler_name: str | None = Field(None, max_length=MAX_NAME,
+                                       description="Scheduler for the pods. Gang "
                                        "schedulers get a PodGroup per attempt: volcano "
                                        "(Volcano) and scheduler-plugins-scheduler "
                                        "(coscheduling).")
-    cpu: str | None = Field(None, description="CPU request and limit per pod (e.g. '8').")
-    memory: str | None = Field(None, description="Memory request and limit per pod "
+    cpu: str | None = Field(None, max_length=MAX_NAME,
+                            description="CPU request and limit per pod (e.g. '8').")
+    memory: str | None = Field(None, max_length=MAX_NAME,
+                               description="Memory request and limit per pod "
                                "(e.g. '64Gi').")
-    shm_size: str = Field("8Gi", description="Size of the in-memory /dev/shm volume.")
-    env: dict[str, str | EnvValueFrom] = Field(
-        default_factory=dict, description="Extra environment variables for the trainer: a "
+    shm_size: str = Field("8Gi", max_length=MAX_NAME,
+                          description="Size of the in-memory /dev/shm volume.")
+    env: dict[str, Text | EnvValueFrom] = Field(
+        default_factory=dict, max_length=MAX_ENV,
+        description="Extra environment variables for the trainer: a "
         "string, or {valueFrom: {secretKeyRef|configMapKeyRef: {name, key}}}.")
-    env_from: list[EnvFromSpec] = Field(default_factory=list, description="Secrets and "
+    env_from: list[EnvFromSpec] = Field(default_factory=list, max_length=MAX_ITEMS,
+                                        description="Secrets and "
                                         "ConfigMaps whose keys all become variables.")
-    volumes: list[PodVolume] = Field(default_factory=list, description="Pod volumes: "
+    volumes: list[PodVolume] = Field(default_factory=list, max_length=MAX_ITEMS,
+                                     description="Pod volumes: "
                                      "persistentVolumeClaim, configMap, secret, emptyDir, csi, "
                                      "ephemeral, projected or downwardAPI.")
-    volume_mounts: list[PodVolumeMount] = Field(default_factory=list, description="Mounts of "
+    volume_mounts: list[PodVolumeMount] = Field(default_factory=list, max_length=MAX_ITEMS,
+                                                description="Mounts of "
                                                 "those volumes in the trainer container.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod "
+    labels: dict[str, Name] = Field(default_factory=dict, max_length=MAX_PROPERTIES,
+                                    description="Extra pod labels.")
+    annotations: dict[str, Text] = Field(default_factory=dict, max_length=MAX_PROPERTIES,
+                                         description="Extra pod "
                                         "annotations (Multus networks, Kueue topology, ...).")
 
     @field_validator("env", mode="before")
@@ -649,14 +706,16 @@ class PodSpec(SpecModel):
 class StorageSpec(SpecModel):
     """Object-storage access for dataset, checkpoints and output."""
 
-    secret_name: str | None = Field(None, description="Secret mounted as files (never "
+    secret_name: str | None = Field(None, max_length=MAX_NAME,
+                                    description="Secret mounted as files (never "
                                     "environment variables): AWS_ACCESS_KEY_ID + "
                                     "AWS_SECRET_ACCESS_KEY or an AWS `credentials` file, a GCS "
                                     "`key.json`; default: the operator's configured storage "
                                     "Secret; none: the service account's workload identity.")
-    endpoint_url: str | None = Field(None, description="S3 endpoint for MinIO/Ceph/other "
+    endpoint_url: str | None = Field(None, max_length=MAX_URI,
+                                     description="S3 endpoint for MinIO/Ceph/other "
                                      "S3-compatible stores.")
-    region: str | None = Field(None, description="S3 region.")
+    region: str | None = Field(None, max_length=MAX_NAME, description="S3 region.")
 
 
 class MetricsSpec(SpecModel):
@@ -665,13 +724,15 @@ class MetricsSpec(SpecModel):
 
 
 class SamplesSpec(SpecModel):
-    prompts: list[str] = Field(min_length=1, description="Prompts to complete with the "
+    prompts: list[Text] = Field(max_length=MAX_ITEMS, min_length=1,
+                                description="Prompts to complete with the "
                                "trained model (greedy decoding).")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per prompt.")
 
 
 class OutputSpec(SpecModel):
-    uri: str = Field(min_length=1, description="Where the adapter or model is written: path, "
+    uri: str = Field(max_length=MAX_URI, min_length=1,
+                     description="Where the adapter or model is written: path, "
                      "file://, s3:// or gs://.")
     merge_adapter: bool = Field(False, description="Also write the base model with the adapter "
                                 "merged in (under merged/).")
@@ -681,7 +742,7 @@ class OutputSpec(SpecModel):
 
 
 class CheckpointSpec(SpecModel):
-    uri: str | None = Field(None, description="Checkpoint location (default "
+    uri: str | None = Field(None, max_length=MAX_URI, description="Checkpoint location (default "
                             "<output.uri>/checkpoints/).")
     every_steps: int | None = Field(None, ge=1, description="Save every N optimizer steps "
                                     "(default: no periodic checkpoints).")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
+import pytest
 import yaml
 
 from kubetune_api import crd
 from kubetune_api.crd import CRD_PATH, crd_manifest, render_crd
+from kubetune_api.load import SpecError, validate_job
+from support.jobs import MINIMAL_JOB_YAML
 
 
 def walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -66,7 +70,7 @@ def test_defaults_optional_fields_and_free_form_objects() -> None:
     assert spec["pod"]["properties"]["tolerations"]["items"][
         "x-kubernetes-preserve-unknown-fields"]
     assert spec["pod"]["properties"]["nodeSelector"]["additionalProperties"] == \
-        {"type": "string"}
+        {"type": "string", "maxLength": 253}
     alpha = spec["method"]["properties"]["lora"]["properties"]["alpha"]
     assert (alpha["minimum"], alpha["exclusiveMinimum"]) == (0, True)
     assert set(openapi()["required"]) == {"spec"}
@@ -92,3 +96,49 @@ def test_status_subresource_printer_columns_and_names() -> None:
     assert set(status["progress"]["properties"]) >= {
         "step", "totalSteps", "percent", "loss", "tokensPerSecond", "etaSeconds",
         "lastUpdateTime"}
+
+
+def unbounded(node: dict[str, Any]) -> str | None:
+    """What a free-form node lacks: the bound that caps what the API server stores."""
+    if node.get("type") == "string" and "maxLength" not in node and "enum" not in node:
+        return "maxLength"
+    if node.get("type") == "array" and "maxItems" not in node:
+        return "maxItems"
+    free_map = isinstance(node.get("additionalProperties"), dict) or \
+        (node.get("x-kubernetes-preserve-unknown-fields") and node.get("type") == "object")
+    if free_map and "maxProperties" not in node:
+        return "maxProperties"
+    return None
+
+
+def test_every_free_form_spec_field_is_bounded() -> None:
+    """An oversized spec is refused by the API server, field by field (the bounds come from
+    the pydantic contract)."""
+    spec = openapi()["properties"]["spec"]
+    missing = [f"{path}: {what}" for path, node in walk(spec, "spec")
+               if (what := unbounded(node)) is not None]
+    assert missing == []
+
+
+@pytest.mark.parametrize(("path", "value", "keyword"), [
+    (("pod", "annotations"), {f"k{i}": "v" for i in range(65)}, "maxProperties"),
+    (("pod", "tolerations"), [{"operator": "Exists"}] * 65, "maxItems"),
+    (("dataset", "chatTemplate"), "x" * (64 * 1024 + 1), "maxLength"),
+    (("output", "uri"), "s3://b/" + "x" * 2048, "maxLength"),
+])
+def test_an_oversized_field_is_refused_by_the_schema(path: tuple[str, str], value: Any,
+                                                     keyword: str) -> None:
+    schema = openapi()["properties"]["spec"]
+    for name in path[:-1]:
+        schema = schema["properties"][name]
+    node = schema["properties"][path[-1]]
+    with pytest.raises(jsonschema.ValidationError) as refused:
+        jsonschema.validate(value, {k: v for k, v in node.items() if not k.startswith("x-")})
+    assert refused.value.validator == keyword
+
+
+def test_the_contract_enforces_the_same_bounds() -> None:
+    body = yaml.safe_load(MINIMAL_JOB_YAML)
+    body["spec"].setdefault("pod", {})["tolerations"] = [{"operator": "Exists"}] * 65
+    with pytest.raises(SpecError, match=r"spec\.pod\.tolerations.*at most 64"):
+        validate_job(body)
