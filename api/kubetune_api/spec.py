@@ -462,9 +462,11 @@ RESERVED_LABELS = frozenset({"job-name", "controller-uid"})
 RESERVED_ANNOTATION_PREFIXES = ("kubetune.dev/", "batch.kubernetes.io/",
                                 "kubectl.kubernetes.io/default-container")
 # Environment the launch contract and the Hub client depend on (docs/contract.md).
-RESERVED_ENV_PREFIXES = ("PET_", "KUBETUNE_")
+# Endpoint variables too: where the Hub token and the storage keys are sent (botocore reads
+# AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_<SERVICE>); an endpoint is spec.storage.endpointUrl.
+RESERVED_ENV_PREFIXES = ("PET_", "KUBETUNE_", "AWS_ENDPOINT_URL")
 RESERVED_ENV = frozenset({"HF_HOME", "HF_HUB_CACHE", "HF_TOKEN", "HF_TOKEN_PATH",
-                          "TMPDIR"})
+                          "TMPDIR", "HF_ENDPOINT", "STORAGE_EMULATOR_HOST"})
 QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?"
                             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -795,11 +797,10 @@ class FineTuneJobSpec(SpecModel):
         if self.training.pretrain and self.method.type != MethodType.FULL:
             raise ValueError("training.pretrain trains every weight from a random init; "
                              "it needs method.type full")
-        storage_env = {"AWS_ENDPOINT_URL": self.storage.endpoint_url,
-                       "AWS_DEFAULT_REGION": self.storage.region}
-        for name, value in storage_env.items():
-            if value and name in self.pod.env:
-                raise ValueError(f"pod.env.{name} conflicts with spec.storage, which sets it")
+        # AWS_ENDPOINT_URL is reserved outright (PodSpec); the region only when set here.
+        if self.storage.region and "AWS_DEFAULT_REGION" in self.pod.env:
+            raise ValueError("pod.env.AWS_DEFAULT_REGION conflicts with spec.storage, which "
+                             "sets it")
         self._check_options(Task(task))
         return self
 

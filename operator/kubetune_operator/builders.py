@@ -7,6 +7,7 @@ one twice answers 409 (never a duplicate) and deleting the FineTuneJob deletes t
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -416,6 +417,9 @@ def _times(quantity: str, factor: int) -> str:
 
 DNS_PORT = 53
 WEB_PORTS = (443, 80)  # object stores and the Hugging Face Hub
+# Never reachable on the web ports: cloud metadata endpoints (169.254.169.254, fd00:ec2::254
+# is behind IMDS on link-local too) and node-local services.
+LINK_LOCAL = ("169.254.0.0/16", "fe80::/10")
 
 
 def network_policy_name(job_name: str) -> str:
@@ -436,11 +440,13 @@ def build_network_policy(job: FineTuneJob, owner: Owner, settings: Settings) -> 
         if last > first:
             port["endPort"] = last
         ingress.append({"from": list(settings.metrics_from), "ports": [port]})
-    web = sorted({*WEB_PORTS, *_endpoint_port(job.spec.storage.endpoint_url)})
+    endpoint = [p for p in _endpoint_port(job.spec.storage.endpoint_url)
+                if p in settings.endpoint_ports]  # the admin's list only
+    web = sorted({*WEB_PORTS, *endpoint})
     egress: list[Manifest] = [
         {"to": ranks},
         {"ports": [{"protocol": proto, "port": DNS_PORT} for proto in ("UDP", "TCP")]},
-        {"ports": [{"protocol": "TCP", "port": p} for p in web]},
+        {"to": _outside(settings), "ports": [{"protocol": "TCP", "port": p} for p in web]},
         *settings.extra_egress,
     ]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -448,6 +454,18 @@ def build_network_policy(job: FineTuneJob, owner: Owner, settings: Settings) -> 
             "spec": {"podSelector": {"matchLabels": {LABEL_JOB: base_name(owner.name)}},
                      "policyTypes": ["Ingress", "Egress"],
                      "ingress": ingress, "egress": egress}}
+
+
+def _outside(settings: Settings) -> list[Manifest]:
+    """Every address but link-local and the admin's CIDRs (nodes, pods, the API server): the
+    operator creates this policy, so it must not open what a default-deny egress closed."""
+    blocks = []
+    for everything in ("0.0.0.0/0", "::/0"):
+        version = ipaddress.ip_network(everything).version
+        excluded = [c for c in (*LINK_LOCAL, *settings.egress_except)
+                    if ipaddress.ip_network(c).version == version]
+        blocks.append({"ipBlock": {"cidr": everything, "except": sorted(set(excluded))}})
+    return blocks
 
 
 def _endpoint_port(url: str | None) -> list[int]:

@@ -31,6 +31,8 @@ LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 # Extended resources that are GPUs (or slices of one) unless the admin lists others; a name
 # ending in * is a prefix (every MIG profile).
+# URI schemes the docs list for datasets, outputs and checkpoints (a plain path is file).
+URI_SCHEMES = ("s3", "gs", "hf", "file")
 DEFAULT_GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-*", "amd.com/gpu", "habana.ai/gaudi",
                          "gpu.intel.com/*")
 
@@ -83,6 +85,9 @@ class Policy(PolicyModel):
     allowed_extra_resources: tuple[str, ...] | None = Field(
         None, description="Allowed resources.extraResources names (a trailing * matches a "
         "prefix).")
+    extra_uri_schemes: tuple[str, ...] = Field(
+        (), description=f"fsspec schemes allowed for dataset, output and checkpoint URIs "
+        f"besides {', '.join(URI_SCHEMES)} (e.g. az, abfs).")
     denied_metadata_prefixes: tuple[str, ...] | None = Field(
         None, description="spec.pod.labels and spec.pod.annotations keys that start with one "
         "of these are refused (Volcano's queue, AppArmor, the cluster autoscaler, ...).")
@@ -159,7 +164,27 @@ def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy,
     problems += _metadata_violations(pod.labels, "labels", policy)
     problems += _metadata_violations(pod.annotations, "annotations", policy)
     problems += _resource_violations(spec, policy)
+    problems += _uri_violations(spec, policy)
     return problems
+
+
+def _schemes(uri: str) -> list[str]:
+    """Every protocol fsspec would open for uri, in order: chained URLs
+    (simplecache::s3://...) open each; a plain path has none."""
+    parts = uri.split("::")
+    return [part.split("://", 1)[0].lower() if "://" in part else part.lower()
+            for index, part in enumerate(parts)
+            if "://" in part or index < len(parts) - 1]
+
+
+def _uri_violations(spec: FineTuneJobSpec, policy: Policy) -> list[str]:
+    allowed = (*URI_SCHEMES, *policy.extra_uri_schemes)
+    uris = {"spec.dataset.train": spec.dataset.train, "spec.dataset.eval": spec.dataset.eval,
+            "spec.output.uri": spec.output.uri, "spec.checkpoint.uri": spec.checkpoint.uri}
+    return [f"{field}: scheme {scheme} is not allowed (schemes: {', '.join(URI_SCHEMES)}; "
+            f"extraUriSchemes: {_one_of(policy.extra_uri_schemes)})"
+            for field, uri in uris.items() if uri
+            for scheme in _schemes(uri) if scheme not in allowed]
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

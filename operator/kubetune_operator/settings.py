@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -61,6 +62,31 @@ def _json_objects(env: Mapping[str, str], name: str) -> tuple[dict[str, Any], ..
     return tuple(value)
 
 
+def _cidrs(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs, normalized (10.0.0.1/8 is refused: host bits set)."""
+    try:
+        return tuple(str(ipaddress.ip_network(c)) for c in _list(env.get(name, "")))
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _ports(env: Mapping[str, str], name: str) -> tuple[int, ...]:
+    ports = []
+    for item in _list(env.get(name, "")):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise ValueError(f"{name}: {item!r} is not a port (1-65535)")
+        ports.append(int(item))
+    return tuple(ports)
+
+
+def _api_server(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The API server's address as pods see it (the kubernetes Service), as a host CIDR."""
+    try:
+        return (str(ipaddress.ip_network(env.get("KUBERNETES_SERVICE_HOST", "").strip())),)
+    except ValueError:
+        return ()  # unset (outside a cluster) or a name
+
+
 @dataclass(frozen=True)
 class Settings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -96,6 +122,10 @@ class Settings:
     read_only_root_filesystem: bool = True  # trainer containers
     metrics_from: tuple[dict[str, Any], ...] = ()
     extra_egress: tuple[dict[str, Any], ...] = ()
+    # CIDRs excluded from the ranks' web egress besides link-local (builders.LINK_LOCAL): the
+    # admin's node/pod/service CIDRs, then the API server's address.
+    egress_except: tuple[str, ...] = ()
+    endpoint_ports: tuple[int, ...] = ()  # spec.storage.endpointUrl ports that may be opened
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -131,4 +161,6 @@ class Settings:
                                             cls.read_only_root_filesystem),
             metrics_from=_json_objects(env, "KUBETUNE_METRICS_FROM"),
             extra_egress=_json_objects(env, "KUBETUNE_EXTRA_EGRESS"),
+            egress_except=_cidrs(env, "KUBETUNE_EGRESS_EXCEPT") + _api_server(env),
+            endpoint_ports=_ports(env, "KUBETUNE_ENDPOINT_PORTS"),
         )

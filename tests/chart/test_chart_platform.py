@@ -91,10 +91,14 @@ def test_trainer_defaults_and_network_settings_reach_the_operator() -> None:
     custom = settings_of("trainer.defaultResources.cpuPerGpu=8",
                          "trainer.defaultResources.memoryWithoutGpu=",
                          "trainer.networkPolicy.enabled=false",
-                         "trainer.networkPolicy.extraEgress[0].ports[0].port=3128")
+                         "trainer.networkPolicy.extraEgress[0].ports[0].port=3128",
+                         "trainer.networkPolicy.egressExcept={10.0.0.0/16,10.244.0.0/16}",
+                         "trainer.networkPolicy.endpointPorts={9000}")
     assert (custom.cpu_per_gpu, custom.memory_without_gpu) == ("8", "")
     assert custom.network_policy is False
     assert custom.extra_egress == ({"ports": [{"port": 3128}]},)
+    assert custom.egress_except[:2] == ("10.0.0.0/16", "10.244.0.0/16")
+    assert custom.endpoint_ports == (9000,)
 
 
 def test_the_operator_may_scrape_every_job_and_prometheus_when_allowed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -389,7 +390,15 @@ def spec_error(pod: dict[str, Any] | None = None, **sections: dict[str, Any]) ->
     ({"env": {"PET_NNODES": "9"}}, "spec.pod", "env.PET_NNODES: reserved"),
     ({"env": {"HF_TOKEN": "hf_x"}}, "spec.pod", "use model.tokenSecret"),
     ({"env": {"HF_HUB_CACHE": "/x"}}, "spec.pod", "env.HF_HUB_CACHE: reserved"),
-    ({"env": {"AWS_ENDPOINT_URL": "http://other"}}, "spec", "conflicts with spec.storage"),
+    # Endpoints: where the Hub token and the storage keys would be sent.
+    ({"env": {"HF_ENDPOINT": "http://attacker"}}, "spec.pod", "env.HF_ENDPOINT: reserved"),
+    ({"env": {"AWS_ENDPOINT_URL_S3": "http://attacker"}}, "spec.pod",
+     "env.AWS_ENDPOINT_URL_S3: reserved"),
+    ({"env": {"AWS_ENDPOINT_URL": "http://attacker"}}, "spec.pod",
+     "env.AWS_ENDPOINT_URL: reserved"),
+    ({"env": {"STORAGE_EMULATOR_HOST": "http://attacker"}}, "spec.pod",
+     "env.STORAGE_EMULATOR_HOST: reserved"),
+    ({"env": {"AWS_DEFAULT_REGION": "eu"}}, "spec", "conflicts with spec.storage"),
     ({"env": {"X": {"valueFrom": {}}}}, "spec.pod.env", "X: valueFrom needs exactly one of"),
     ({"env": {"X": 1}}, "spec.pod.env", "X: a string or {valueFrom"),
     ({"envFrom": [{"prefix": "X_"}]}, "spec.pod.envFrom.0", "exactly one of secretRef"),
@@ -440,7 +449,8 @@ EXTRA_EGRESS = {"to": [{"ipBlock": {"cidr": "10.0.0.10/32"}}],
 
 
 def test_network_policy_lets_ranks_talk_and_only_scrapers_reach_metrics() -> None:
-    settings = Settings(metrics_from=(OPERATOR_PEER,), extra_egress=(EXTRA_EGRESS,))
+    settings = Settings(metrics_from=(OPERATOR_PEER,), extra_egress=(EXTRA_EGRESS,),
+                        endpoint_ports=(9000,))
     policy = builders.build_network_policy(make_job(), OWNER, settings)
     spec = policy["spec"]
     ranks = [{"podSelector": {"matchLabels": {builders.LABEL_JOB: "llama"}}}]
@@ -453,11 +463,59 @@ def test_network_policy_lets_ranks_talk_and_only_scrapers_reach_metrics() -> Non
     assert spec["egress"] == [
         {"to": ranks},
         {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
-        {"ports": [{"protocol": "TCP", "port": 80}, {"protocol": "TCP", "port": 443},
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}},
+                {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10"]}}],
+         "ports": [{"protocol": "TCP", "port": 80}, {"protocol": "TCP", "port": 443},
                    {"protocol": "TCP", "port": 9000}]},  # spec.storage.endpointUrl's port
         EXTRA_EGRESS]
     assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
     kubernetes_validate.validate(policy, "1.35", strict=True)
+
+
+def egress_allows(policy: dict[str, Any], address: str, port: int) -> bool:
+    """Whether a rank may connect to address:port, as a CNI reads the rendered egress rules
+    (a rule matches when its peers and ports do; no `to`/`ports`: any)."""
+    ip = ipaddress.ip_address(address)
+
+    def peer_matches(peer: dict[str, Any]) -> bool:
+        block = peer.get("ipBlock")
+        if block is None:
+            return False  # pod/namespace selectors: not an outside address
+        network = ipaddress.ip_network(block["cidr"])
+        return ip.version == network.version and ip in network and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except", [])
+            if ipaddress.ip_network(e).version == ip.version)
+
+    return any(("to" not in rule or any(peer_matches(p) for p in rule["to"]))
+               and ("ports" not in rule or any(p["port"] <= port <= p.get("endPort", p["port"])
+                                               for p in rule["ports"]))
+               for rule in policy["spec"]["egress"])
+
+
+def test_web_egress_has_no_holes_to_metadata_nodes_pods_or_the_api_server() -> None:
+    settings = Settings.from_env({"KUBETUNE_EGRESS_EXCEPT": "10.0.0.0/16, 10.244.0.0/16,fd00::/8",
+                                  "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+                                  "KUBETUNE_ENDPOINT_PORTS": "9000"})
+    kubelet = {**FULL_SPEC, "storage": {"endpointUrl": "https://minio.example.com:10250"}}
+    policy = builders.build_network_policy(make_job(kubelet), OWNER, settings)
+    kubernetes_validate.validate(policy, "1.35", strict=True)
+    for address, port in [("169.254.169.254", 80), ("fe80::1", 443), ("10.0.3.4", 443),
+                          ("10.244.1.2", 80), ("10.96.0.1", 443), ("fd00::5", 443),
+                          ("52.1.2.3", 10250), ("52.1.2.3", 6443), ("52.1.2.3", 2379)]:
+        assert not egress_allows(policy, address, port), (address, port)
+    assert egress_allows(policy, "52.1.2.3", 443) and egress_allows(policy, "2600::1", 80)
+    minio = {**FULL_SPEC, "storage": {"endpointUrl": "http://minio.example.com:9000"}}
+    listed = builders.build_network_policy(make_job(minio), OWNER, settings)
+    assert egress_allows(listed, "52.1.2.3", 9000)  # a port from the admin's list
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"KUBETUNE_EGRESS_EXCEPT": "10.0.0.1/8"}, "KUBETUNE_EGRESS_EXCEPT: 10.0.0.1/8 has host bits"),
+    ({"KUBETUNE_ENDPOINT_PORTS": "http"}, "KUBETUNE_ENDPOINT_PORTS: 'http' is not a port"),
+])
+def test_bad_egress_settings_stop_the_operator(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        Settings.from_env(env)
 
 
 def test_network_policy_without_scrapers_or_gpus_and_switched_off() -> None:
@@ -465,8 +523,8 @@ def test_network_policy_without_scrapers_or_gpus_and_switched_off() -> None:
     spec = builders.build_network_policy(make_job(cpu_only), OWNER, Settings())["spec"]
     assert spec["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
         builders.LABEL_JOB: "llama"}}}]}]  # nobody else may reach the ranks
-    assert spec["egress"][2] == {"ports": [{"protocol": "TCP", "port": 80},
-                                           {"protocol": "TCP", "port": 443}]}
+    assert spec["egress"][2]["ports"] == [{"protocol": "TCP", "port": 80},
+                                          {"protocol": "TCP", "port": 443}]
     one_port = builders.build_network_policy(
         make_job(cpu_only), OWNER, Settings(metrics_from=(OPERATOR_PEER,)))["spec"]
     assert one_port["ingress"][1]["ports"] == [{"protocol": "TCP", "port": 9500}]

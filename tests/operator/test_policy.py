@@ -231,3 +231,30 @@ def test_an_image_prefix_ends_at_a_path_boundary() -> None:
     assert violations(spec({"image": "registry.corp.example/ml:1"}), {}, rules) == []
     [problem] = violations(spec({"image": "registry.corp.example/ml-evil/x"}), {}, rules)
     assert problem.startswith("spec.pod.image: registry.corp.example/ml-evil/x is not allowed")
+
+
+def uri_spec(**uris: str) -> FineTuneJobSpec:
+    return validate_job({"metadata": {"name": "j", "namespace": "ml"}, "spec": {
+        "model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+        "dataset": {"train": uris.get("train", "data.jsonl"), **(
+            {"eval": uris["eval"]} if "eval" in uris else {})},
+        "output": {"uri": uris.get("output", "out")},
+        "checkpoint": {"uri": uris.get("checkpoint", "s3://b/ckpt")}}}).spec
+
+
+def test_uris_take_only_the_documented_schemes_and_the_admins() -> None:
+    good = uri_spec(train="s3://b/t.jsonl", eval="hf://datasets/o/d/e.jsonl",
+                    output="gs://b/out", checkpoint="file:///ckpt")
+    assert violations(good, {}, Policy()) == []
+    assert violations(uri_spec(train="data/train.jsonl"), {}, Policy()) == []
+    metadata = uri_spec(train="http://169.254.169.254/latest/meta-data/iam")
+    assert violations(metadata, {}, Policy()) == [
+        "spec.dataset.train: scheme http is not allowed (schemes: s3, gs, hf, file; "
+        "extraUriSchemes: none)"]
+    chained = uri_spec(output="simplecache::https://attacker.example/x",
+                       checkpoint="ftp://h/c", eval="sftp://h/e")
+    assert [p.split(" is")[0] for p in violations(chained, {}, Policy())] == [
+        "spec.dataset.eval: scheme sftp", "spec.output.uri: scheme simplecache",
+        "spec.output.uri: scheme https", "spec.checkpoint.uri: scheme ftp"]
+    azure = uri_spec(output="abfs://c/out")
+    assert violations(azure, {}, Policy(extra_uri_schemes=("abfs",))) == []
