@@ -18,6 +18,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_api import contract
 from kubetune_api.contract import DEFAULT_MASTER_PORT
+from kubetune_api.redact import looks_like_credential
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -682,7 +683,11 @@ class PodSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> PodSpec:
-        for name in self.env:
+        for name, value in self.env.items():
+            if isinstance(value, str) and looks_like_credential(value):
+                raise ValueError(f"env.{name}: the value looks like a credential; put it in a "
+                                 "Secret and use {valueFrom: {secretKeyRef: {name, key}}} "
+                                 "(plain values are copied into the Job and the manifest)")
             if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
                 hint = " (use model.tokenSecret)" if name.startswith("HF_TOKEN") else ""
                 raise ValueError(f"env.{name}: reserved for the operator's launch contract"
@@ -718,6 +723,14 @@ class StorageSpec(SpecModel):
                                      description="S3 endpoint for MinIO/Ceph/other "
                                      "S3-compatible stores.")
     region: str | None = Field(None, max_length=MAX_NAME, description="S3 region.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_userinfo(cls, value: str | None) -> str | None:
+        if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials in the URL (user@host) are copied into the Job and "
+                             "the manifest; put them in the Secret of spec.storage.secretName")
+        return value
 
 
 class MetricsSpec(SpecModel):

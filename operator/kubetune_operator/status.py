@@ -26,6 +26,7 @@ from kubetune_api.crd import (
     Progress,
     Runtime,
 )
+from kubetune_api.redact import redact
 from kubetune_api.spec import KIND, FineTuneJobSpec
 from kubetune_operator.builders import (
     ANNOTATION_COMPLETION_INDEX,
@@ -37,7 +38,6 @@ from kubetune_operator.builders import (
     attempt_job_name,
 )
 from kubetune_operator.policy import REASON_POLICY_VIOLATION
-from kubetune_operator.redact import redact
 
 Manifest = dict[str, Any]
 

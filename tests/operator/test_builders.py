@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kubetune_api import contract
-from kubetune_api.load import validate_job
+from kubetune_api.load import SpecError, validate_job
 from kubetune_api.spec import FineTuneJob
 from kubetune_operator import builders
 from kubetune_operator.builders import Owner
@@ -399,6 +399,11 @@ def spec_error(pod: dict[str, Any] | None = None, **sections: dict[str, Any]) ->
     ({"env": {"STORAGE_EMULATOR_HOST": "http://attacker"}}, "spec.pod",
      "env.STORAGE_EMULATOR_HOST: reserved"),
     ({"env": {"AWS_DEFAULT_REGION": "eu"}}, "spec", "conflicts with spec.storage"),
+    # Secret-looking plain values: refused, pointing to valueFrom.
+    ({"env": {"GH": "ghp_" + "CanaryGithubToken0123456789abcdefgh"}}, "spec.pod",
+     "env.GH: the value looks like a credential; put it in a Secret and use {valueFrom"),
+    ({"env": {"AZ": "AccountName=a;AccountKey=Zm9vYmFy0123456789=="}}, "spec.pod",
+     "env.AZ: the value looks like a credential"),
     ({"env": {"X": {"valueFrom": {}}}}, "spec.pod.env", "X: valueFrom needs exactly one of"),
     ({"env": {"X": 1}}, "spec.pod.env", "X: a string or {valueFrom"),
     ({"envFrom": [{"prefix": "X_"}]}, "spec.pod.envFrom.0", "exactly one of secretRef"),
@@ -571,3 +576,11 @@ def test_storage_secret_is_mounted_as_files_and_absent_without_one() -> None:
     bare = builders.build_job(make_job(minimal), owner, 1, no_secret)["spec"]["template"]["spec"]
     assert all(v["name"] != "storage-credentials" for v in bare["volumes"])
     assert contract.STORAGE_CREDENTIALS_DIR_ENV not in env_of(bare["containers"][0])
+
+
+def test_credentials_in_the_storage_endpoint_are_refused() -> None:
+    body = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "llama", "namespace": "ml"},
+            "spec": {**FULL_SPEC, "storage": {"endpointUrl": "https://AKIAX:Sup3r@minio:9000"}}}
+    with pytest.raises(SpecError, match=r"spec.storage.endpointUrl.*credentials in the URL"):
+        validate_job(body)

@@ -12,6 +12,7 @@ import select
 import socketserver
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from kubetune_api import contract
+from support.canaries import CANARIES
 from support.kube_emulator import EmulatorThread
 from support.operator_process import (
     FTJ,
@@ -182,9 +184,11 @@ def test_the_hub_token_reaches_only_the_trainer(cluster: Cluster) -> None:
     cluster.api.create(FTJ, finetunejob("gated", model={"tokenSecret": {"name": "hf"}}))
     [pod] = cluster.admit_and_run("gated")
     # A rank dies printing its environment: the log tail reaches status and events.
+    others = "\n".join(text for text, _ in CANARIES.values())
     set_pod_state(cluster.api, NS, pod["metadata"]["name"], "Failed", exit_code=1,
                   message=f"Traceback ...\nenviron={{'HF_TOKEN': '{CANARY}'}}\n"
-                          f"huggingface_hub: 401 for token {CANARY}\nRuntimeError: boom")
+                          f"huggingface_hub: 401 for token {CANARY}\n{others}\n"
+                          "RuntimeError: boom")
     cluster.wait(lambda: cluster.status("gated").get("restarts", 0) >= 1, "a restart")
     cluster.wait(lambda: any("boom" in e.get("message", "") for e in cluster.events("gated")),
                  "the failure's event")
@@ -195,18 +199,27 @@ def test_the_hub_token_reaches_only_the_trainer(cluster: Cluster) -> None:
     env = {e["name"]: e for e in template["containers"][0]["env"]}
     assert env["HF_TOKEN_PATH"]["value"] == f"{contract.HF_TOKEN_DIR}/HF_TOKEN"
     # Nowhere else: every object of the cluster but the Secret itself, and the operator log.
-    leaks = [f"{kind} {obj['metadata'].get('name')}"
+    secrets = [CANARY, *(secret for _, secret in CANARIES.values())]
+    leaks = [f"{kind} {obj['metadata'].get('name')}: {secret}"
              for kind, objects in all_objects(cluster.api).items() for obj in objects
-             if kind != "v1/secrets" and CANARY in json.dumps(obj)]
+             for secret in secrets
+             if kind != "v1/secrets" and secret in json.dumps(obj)]
     failed_pods = [p["metadata"]["name"] for p in cluster.api.find(PODS, NS)
-                   if CANARY in json.dumps(p)]
+                   if any(secret in json.dumps(p) for secret in secrets)]
     # The pod's own termination message holds the log tail (kubelet's copy); the operator
     # must not spread it further.
     assert [leak for leak in leaks if not leak.startswith(PODS)] == [], leaks
     assert set(failed_pods) <= {pod["metadata"]["name"]}
-    assert CANARY not in cluster.operator.logs()
+    logs, metrics = cluster.operator.logs(), operator_metrics(cluster)
+    assert [s for s in secrets if s in logs or s in metrics] == []
     failure = next(e["message"] for e in cluster.events("gated") if "boom" in e["message"])
     assert "***" in failure, failure  # what was masked, visibly
+
+
+def operator_metrics(cluster: Cluster) -> str:
+    url = f"http://127.0.0.1:{cluster.operator.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return str(answer.read().decode())
 
 
 def all_objects(api: EmulatorThread) -> dict[str, list[dict[str, Any]]]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune_operator.redact import MASK, redact
+from kubetune_api.redact import MASK, redact
 from kubetune_operator.status import MESSAGE_TAIL, pod_failure
+from support.canaries import CANARIES, PEM_BODY
 
 HF = "hf_" + "Ab3" * 12
 AWS_ID = "AKIAABCDEFGHIJKLMNOP"
@@ -22,6 +23,8 @@ AWS_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig", "eyJhbGciOiJIUzI1NiJ9"),
     ("s3fs: cannot reach https://minio:Sup3rS3cret@minio.local:9000", "Sup3rS3cret"),
     ("DB_PASSWORD: hunter2hunter2", "hunter2hunter2"),
+    *((f"while reading {text}", secret) for text, secret in CANARIES.values()),
+    (f"key file:\n{PEM_BODY[:80]}", PEM_BODY[40:80]),  # cut short by the log tail
 ])
 def test_credentials_are_masked(text: str, secret: str) -> None:
     masked = redact(text)

@@ -76,3 +76,15 @@ def test_a_run_whose_adapter_did_not_train_publishes_nothing(
     assert not (output / MANIFEST_FILE).exists()
     assert not (output / ADAPTER_WEIGHTS).exists()
     assert artifacts.ADAPTER_WEIGHTS == "adapter_model.safetensors"
+
+
+def test_the_manifest_keeps_no_env_values_or_credentials(tmp_path: Path) -> None:
+    job = example_job("tiny-lora", tmp_path / "out")
+    job.spec.pod.env = {"DEBUG_LEVEL": "verbose-canary-value"}
+    job.spec.dataset.chat_template = None
+    job.spec.dataset.train = "s3://b/train.jsonl?x=1&sig=CanarySasSignature0123"
+    manifest = artifacts.build_manifest(job, tmp_path)
+    text = str(manifest)
+    assert "verbose-canary-value" not in text and "CanarySasSignature0123" not in text
+    assert manifest["spec"]["pod"]["env"] == {"DEBUG_LEVEL": "***"}
+    assert manifest["spec"]["model"] == job.spec.model.model_dump(mode="json", by_alias=True)

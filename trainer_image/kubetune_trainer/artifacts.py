@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kubetune_api.spec import FineTuneJob
+from kubetune_api.redact import MASK, redact
+from kubetune_api.spec import FineTuneJob, FineTuneJobSpec
 from kubetune_trainer import __version__
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,6 +58,27 @@ def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
     return digests
 
 
+def recorded_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The spec as the manifest keeps it: plain pod.env values are the job's own business
+    (only their names are kept), and anything that looks like a credential is masked."""
+    recorded: dict[str, Any] = _masked(spec.model_dump(mode="json", by_alias=True))
+    env = recorded.get("pod", {}).get("env", {})
+    for name, value in env.items():
+        if isinstance(value, str):
+            env[name] = MASK
+    return recorded
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
+
+
 def build_manifest(job: FineTuneJob, directory: Path, **facts: Any) -> dict[str, Any]:
     spec = job.spec
     return {
@@ -66,7 +88,7 @@ def build_manifest(job: FineTuneJob, directory: Path, **facts: Any) -> dict[str,
         "baseModel": {"name": spec.model.name, "revision": spec.model.revision},
         "method": spec.method.type,
         "task": spec.model.task,
-        "spec": spec.model_dump(mode="json", by_alias=True),
+        "spec": recorded_spec(spec),
         **facts,
         "files": file_digests(directory),
     }
