@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,18 @@ def _set_output_uri(data: dict[str, Any], uri: str) -> None:
     spec["output"] = {**output, "uri": uri} if isinstance(output, dict) else {"uri": uri}
 
 
+# The spec is rendered into the job's ConfigMap (YAML, defaults made explicit: about twice the
+# JSON), which the API server caps at 1 MiB: a larger spec is refused before any work on it.
+MAX_SPEC_BYTES = 384 * 1024
+
+
 def validate_job(data: dict[str, Any], source: str = "<object>",
                  node: yaml.Node | None = None) -> FineTuneJob:
     """Validate a parsed object (from YAML or from the API server)."""
+    size = len(json.dumps(data.get("spec"), separators=(",", ":"), default=str))
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: spec: {size} bytes as JSON; at most {MAX_SPEC_BYTES} (the "
+                        "job's ConfigMap must stay under the API server's 1 MiB)")
     try:
         return FineTuneJob.model_validate(data)
     except ValidationError as exc:

@@ -70,12 +70,15 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     @kopf.index(*PODS, labels=TRAINER_LABELS, id="trainer_pods", registry=registry)
     async def trainer_pods(**kw: Any) -> dict[Any, Any]:
         key = (kw["namespace"], kw["labels"][LABEL_JOB])
-        if pod_unread(kw["body"], kw["finetunejobs"].get(key, [])):
+        if not slim.indexed(kw["body"]) or \
+                pod_unread(kw["body"], kw["finetunejobs"].get(key, [])):
             return {}  # dropped from the index (kopf discards the keys not returned)
         return {key: slim.pod(kw["body"])}
 
     @kopf.index(*JOBS, labels=TRAINER_LABELS, id="trainer_jobs", registry=registry)
     async def trainer_jobs(**kw: Any) -> dict[Any, Any]:
+        if not slim.indexed_job(kw["body"]):
+            return {}  # someone else's Job with the label: not indexed
         return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.job(kw["body"])}
 
     ticker: list[asyncio.Task[None]] = []

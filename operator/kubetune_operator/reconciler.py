@@ -177,8 +177,11 @@ class Reconciler:
         status = st.parse_status(body.get("status"))
         generation = body["metadata"].get("generation")
         try:
-            job = validate_job({k: v for k, v in body.items() if k != "status"},
-                               source=f"{namespace}/{name}")
+            # Off the event loop: a spec may be large (up to load.MAX_SPEC_BYTES), and every
+            # other job's reconcile waits while the loop is busy.
+            job = await asyncio.to_thread(
+                validate_job, {k: v for k, v in body.items() if k != "status"},
+                source=f"{namespace}/{name}")
         except SpecError as exc:
             await self._reject(body, status, str(exc))
             raise InvalidSpec(str(exc)) from None
@@ -318,7 +321,8 @@ class Reconciler:
         assert attempt is not None
         settings = pinned(self.settings, plan.status.runtime)
         gang_kind = gang.gang_api(job.spec.pod.scheduler_name)
-        for manifest in build_children(job, owner, attempt, settings):
+        manifests = await asyncio.to_thread(build_children, job, owner, attempt, settings)
+        for manifest in manifests:
             if gang_kind is not None and manifest["kind"] == "Job":
                 gang.mark_pods(manifest, gang_kind, manifest["metadata"]["name"])
             await self._ensure(manifest, owner, body)

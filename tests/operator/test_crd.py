@@ -142,3 +142,13 @@ def test_the_contract_enforces_the_same_bounds() -> None:
     body["spec"].setdefault("pod", {})["tolerations"] = [{"operator": "Exists"}] * 65
     with pytest.raises(SpecError, match=r"spec\.pod\.tolerations.*at most 64"):
         validate_job(body)
+
+
+def test_a_spec_too_large_for_its_configmap_is_refused_with_its_size() -> None:
+    body = yaml.safe_load(MINIMAL_JOB_YAML)
+    body["spec"]["output"]["samples"] = {"prompts": ["p" * 60_000] * 8}  # each field in bounds
+    with pytest.raises(SpecError, match=r"ml/big: spec: 48\d{4} bytes as JSON; at most 393216 "
+                                        r"\(the job's ConfigMap must stay under"):
+        validate_job(body, source="ml/big")
+    body["spec"]["output"]["samples"] = {"prompts": ["p" * 60_000] * 4}
+    assert validate_job(body).spec.output.samples is not None

@@ -88,8 +88,10 @@ def test_slim_bodies_drop_the_pod_spec_template_and_managed_fields() -> None:
     pod = pod_body(job, 0, RUNNING, "Running")
     thin_pod, thin_job = slim.pod(pod), slim.job(job)
     assert "spec" not in thin_pod and "managedFields" not in thin_pod["metadata"]
-    assert thin_pod["metadata"]["labels"] == pod["metadata"]["labels"]
-    assert thin_pod["metadata"]["annotations"] == pod["metadata"]["annotations"]
+    assert thin_pod["metadata"]["labels"] == {
+        k: v for k, v in pod["metadata"]["labels"].items() if k in slim.KEPT_LABELS}
+    assert thin_pod["metadata"]["annotations"] == {
+        builders.ANNOTATION_COMPLETION_INDEX: "0"}
     assert thin_pod["status"] == pod["status"]
     assert "template" not in thin_job["spec"] and thin_job["spec"]["completions"] == 2
     assert "managedFields" not in thin_job["metadata"] and "managedFields" in job["metadata"]
@@ -220,3 +222,44 @@ def test_kopf_watches_only_trainer_objects_and_drops_idle_workers_quickly() -> N
     # An idle per-object worker holds its object's last whole body (kopf's queueing.worker):
     # with thousands of pods changing, kopf's 5 s default keeps thousands of them alive.
     assert settings.queueing.idle_timeout == main.WORKER_IDLE_SECONDS < 5.0
+
+
+BIG = "x" * 250_000  # a tenant's annotation, as large as the API lets one be
+
+
+def test_a_running_pod_keeps_no_tenant_metadata() -> None:
+    """A tenant who labels or annotates pods cannot grow the shared operator's index."""
+    pod = pod_body(job_body(), 0, RUNNING, "Running")
+    pod["metadata"]["annotations"]["example.com/blob"] = BIG
+    pod["metadata"]["labels"].update({f"team.example.com/l{i}": "v" * 63 for i in range(100)})
+    thin = slim.pod(pod)
+    assert set(thin["metadata"]["annotations"]) == {builders.ANNOTATION_COMPLETION_INDEX}
+    assert set(thin["metadata"]["labels"]) <= set(slim.KEPT_LABELS)
+    assert len(json.dumps(thin)) < 4000
+    assert st.pod_rank(thin) == 0 and st.pod_attempt(thin) == 1
+
+
+def test_labelled_pods_no_job_owns_stay_out_of_the_index() -> None:
+    """Only pods a Job controls are indexed: a foreign pod that carries the
+    kubetune.dev/finetunejob label (anyone may set it) is not the operator's business."""
+    job = job_body()
+    ours = pod_body(job, 0, RUNNING, "Running")
+    foreign = copy.deepcopy(ours)
+    foreign["metadata"]["ownerReferences"] = []
+    foreign["metadata"]["annotations"]["example.com/blob"] = BIG
+    replicaset = copy.deepcopy(foreign)
+    replicaset["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                                  "name": "x", "uid": "u", "controller": True}]
+    assert slim.indexed(ours) and not slim.indexed(foreign) and not slim.indexed(replicaset)
+
+
+def test_a_job_keeps_only_the_metadata_the_planner_reads_and_foreign_ones_stay_out() -> None:
+    job = job_body()
+    job["metadata"]["annotations"] = {"example.com/blob": BIG,
+                                      builders.ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}
+    thin = slim.job(job)
+    assert thin["metadata"]["annotations"] == {builders.ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}
+    assert len(json.dumps(thin)) < 4000 and slim.indexed_job(job)
+    foreign = copy.deepcopy(job)
+    foreign["metadata"]["ownerReferences"] = []
+    assert not slim.indexed_job(foreign)
