@@ -48,13 +48,18 @@ RULES: list[dict[str, Any]] = [
 CLUSTER_PEERINGS = ("kopf.dev", "clusterkopfpeerings")
 NAMESPACED_PEERINGS = ("kopf.dev", "kopfpeerings")
 NAMESPACES = ("", "namespaces")
+NETWORK_POLICIES = ("networking.k8s.io", "networkpolicies")
 
 
-def rules_for(clusterwide: bool, peering: bool) -> list[dict[str, Any]]:
+def rules_for(clusterwide: bool, peering: bool,
+              network_policy: bool = True) -> list[dict[str, Any]]:
     """RULES less the resources this install mode never touches: peering objects without
     peering (and the other scope's kind with it), namespaces when watching all of them (kopf
-    lists namespaces only to resolve a namespace list)."""
+    lists namespaces only to resolve a namespace list), NetworkPolicies when the operator
+    creates none (KUBETUNE_NETWORK_POLICY=false)."""
     unused = {NAMESPACED_PEERINGS if clusterwide else CLUSTER_PEERINGS}
+    if not network_policy:
+        unused.add(NETWORK_POLICIES)
     if not peering:
         unused |= {NAMESPACED_PEERINGS, CLUSTER_PEERINGS}
     if clusterwide:

@@ -31,8 +31,9 @@ def triples(rules: list[dict[str, Any]]) -> set[Triple]:
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
-def expected_grants(clusterwide: bool, peering: bool) -> set[Triple]:
-    return triples(rbac.rules_for(clusterwide, peering))
+def expected_grants(clusterwide: bool, peering: bool,
+                    network_policy: bool = True) -> set[Triple]:
+    return triples(rbac.rules_for(clusterwide, peering, network_policy))
 
 
 def granted(objects: tuple[Manifest, ...], kind: str) -> dict[str, set[Triple]]:
@@ -71,7 +72,8 @@ def test_rendered_rbac_is_rbac_py_for_the_mode(scenario: str, values: Path | Non
     assert [sa["metadata"]["name"] for sa in find(objects, "ServiceAccount")] == [service_account]
     cluster = granted(objects, "ClusterRole").get("", set())
     namespaced = granted(objects, "Role")
-    expected = expected_grants(clusterwide, peering)
+    expected = expected_grants(clusterwide, peering,
+                               config["trainer"]["networkPolicy"]["enabled"])
     if clusterwide:
         assert not namespaced
         assert cluster == expected
@@ -223,3 +225,27 @@ def test_aggregated_roles_give_namespace_users_finetunejobs() -> None:
     assert {r for _, r, _ in triples(view["rules"])} == {"finetunejobs", "finetunejobs/status"}
     off = render(sets=("rbac.aggregateToDefaultRoles=false",))
     assert not [r for r in find(off, "ClusterRole") if is_aggregated(r)]
+
+
+def test_no_networkpolicy_rights_when_the_trainer_policy_is_off() -> None:
+    objects = render(None, ("trainer.networkPolicy.enabled=false",))
+    cluster = granted(objects, "ClusterRole")[""]
+    assert not {t for t in cluster if t[1] == "networkpolicies"}
+    assert cluster == expected_grants(True, False, network_policy=False)
+    assert {t for t in granted(render(), "ClusterRole")[""] if t[1] == "networkpolicies"}
+
+
+def test_the_rbac_table_in_docs_helm_md_is_rbac_py() -> None:
+    """docs/helm.md's table lists every (resource, verb) RULES grants, and nothing else."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "helm.md").read_text()
+    table = text.split("**RBAC: least privilege.**", 1)[1].split("\n\n", 2)[1]
+    documented: set[tuple[str, str]] = set()
+    for row in table.splitlines()[2:]:
+        resources_cell, verbs_cell = row.split("|")[1:3]
+        resources = [r.strip(" `") for r in resources_cell.split("(")[0].split(",")]
+        verbs = {v.strip() for v in verbs_cell.split("(")[0].replace(";", ",").split(",")
+                 if v.strip() in {"get", "list", "watch", "create", "update", "patch",
+                                  "delete"}}
+        documented |= {(r, v) for r in resources for v in verbs}
+    granted_pairs = {(resource, verb) for _, resource, verb in triples(rbac.RULES)}
+    assert documented == granted_pairs

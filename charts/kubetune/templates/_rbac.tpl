@@ -22,11 +22,13 @@
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create, delete]
+{{- if .Values.trainer.networkPolicy.enabled }}
 # Each job's NetworkPolicy: created once (owned by the FineTuneJob); one left by an earlier
-# FineTuneJob of the same name is deleted and replaced.
+# FineTuneJob of the same name is deleted and replaced. Not granted when the feature is off.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create, delete]
+{{- end }}
 - apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [podgroups]
   verbs: [get, create]
