@@ -88,6 +88,18 @@ class Policy(PolicyModel):
     extra_uri_schemes: tuple[str, ...] = Field(
         (), description=f"fsspec schemes allowed for dataset, output and checkpoint URIs "
         f"besides {', '.join(URI_SCHEMES)} (e.g. az, abfs).")
+    allow_service_account_tokens: bool = Field(
+        False, description="Admit projected volumes with a serviceAccountToken source (the "
+        "trainer pods mount no API token otherwise).")
+    allowed_volume_types: tuple[str, ...] | None = Field(
+        None, description="Allowed spec.pod.volumes sources (persistentVolumeClaim, "
+        "configMap, secret, emptyDir, csi, ephemeral, projected, downwardAPI).")
+    allowed_csi_drivers: tuple[str, ...] | None = Field(
+        None, description="Allowed drivers of inline csi volumes.")
+    allowed_storage_classes: tuple[str, ...] | None = Field(
+        None, description="Allowed storageClassName of ephemeral volume claims (one that "
+        "names none is refused when this is set: the cluster default is not the admin's "
+        "choice).")
     denied_metadata_prefixes: tuple[str, ...] | None = Field(
         None, description="spec.pod.labels and spec.pod.annotations keys that start with one "
         "of these are refused (Volcano's queue, AppArmor, the cluster autoscaler, ...).")
@@ -165,6 +177,34 @@ def violations(spec: FineTuneJobSpec, labels: Mapping[str, str], policy: Policy,
     problems += _metadata_violations(pod.annotations, "annotations", policy)
     problems += _resource_violations(spec, policy)
     problems += _uri_violations(spec, policy)
+    problems += _volume_violations(spec, policy)
+    return problems
+
+
+def _volume_violations(spec: FineTuneJobSpec, policy: Policy) -> list[str]:
+    problems = []
+    for index, volume in enumerate(spec.pod.volumes):
+        field = f"spec.pod.volumes[{index}]"
+        [(kind, source)] = volume.sources().items()
+        types = policy.allowed_volume_types
+        if types is not None and kind not in types:
+            problems.append(f"{field}: {kind} is not allowed (allowedVolumeTypes: "
+                            f"{_one_of(types)})")
+        if kind == "projected" and not policy.allow_service_account_tokens and any(
+                "serviceAccountToken" in item for item in source.get("sources") or []):
+            problems.append(f"{field}: a projected serviceAccountToken is not allowed "
+                            "(allowServiceAccountTokens: false)")
+        drivers = policy.allowed_csi_drivers
+        if kind == "csi" and drivers is not None and source.get("driver") not in drivers:
+            problems.append(f"{field}: csi driver {source.get('driver')} is not allowed "
+                            f"(allowedCsiDrivers: {_one_of(drivers)})")
+        classes = policy.allowed_storage_classes
+        if kind == "ephemeral" and classes is not None:
+            claim = (source.get("volumeClaimTemplate") or {}).get("spec") or {}
+            name = claim.get("storageClassName")
+            if name not in classes:
+                problems.append(f"{field}: storageClassName {name or '(cluster default)'} is "
+                                f"not allowed (allowedStorageClasses: {_one_of(classes)})")
     return problems
 
 

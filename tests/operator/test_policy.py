@@ -258,3 +258,42 @@ def test_uris_take_only_the_documented_schemes_and_the_admins() -> None:
         "spec.output.uri: scheme https", "spec.checkpoint.uri: scheme ftp"]
     azure = uri_spec(output="abfs://c/out")
     assert violations(azure, {}, Policy(extra_uri_schemes=("abfs",))) == []
+
+
+TOKEN_VOLUME = {"name": "kube", "projected": {"sources": [
+    {"serviceAccountToken": {"path": "token", "audience": "https://kubernetes.default"}}]}}
+
+
+def test_a_projected_service_account_token_is_refused_unless_allowed() -> None:
+    job = spec({"volumes": [TOKEN_VOLUME]})
+    assert violations(job, {}, Policy()) == [
+        "spec.pod.volumes[0]: a projected serviceAccountToken is not allowed "
+        "(allowServiceAccountTokens: false)"]
+    assert violations(job, {}, Policy(allow_service_account_tokens=True)) == []
+    labels = spec({"volumes": [{"name": "info", "projected": {"sources": [
+        {"downwardAPI": {"items": [{"path": "labels",
+                                    "fieldRef": {"fieldPath": "metadata.labels"}}]}}]}}]})
+    assert violations(labels, {}, Policy()) == []
+
+
+def test_volume_types_csi_drivers_and_storage_classes_follow_the_policy() -> None:
+    csi = {"name": "fuse", "csi": {"driver": "gcsfuse.csi.storage.gke.io"}}
+    scratch = {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {
+        "accessModes": ["ReadWriteOnce"], "storageClassName": "premium-ssd",
+        "resources": {"requests": {"storage": "100Ti"}}}}}}
+    default_class = {"name": "scratch2", "ephemeral": {"volumeClaimTemplate": {"spec": {
+        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}
+    job = spec({"volumes": [csi, scratch, default_class]})
+    assert violations(job, {}, Policy()) == []
+    rules = Policy(allowed_volume_types=("persistentVolumeClaim", "ephemeral"),
+                   allowed_csi_drivers=("secrets-store.csi.k8s.io",),
+                   allowed_storage_classes=("standard",))
+    assert violations(job, {}, rules) == [
+        "spec.pod.volumes[0]: csi is not allowed (allowedVolumeTypes: persistentVolumeClaim, "
+        "ephemeral)",
+        "spec.pod.volumes[0]: csi driver gcsfuse.csi.storage.gke.io is not allowed "
+        "(allowedCsiDrivers: secrets-store.csi.k8s.io)",
+        "spec.pod.volumes[1]: storageClassName premium-ssd is not allowed "
+        "(allowedStorageClasses: standard)",
+        "spec.pod.volumes[2]: storageClassName (cluster default) is not allowed "
+        "(allowedStorageClasses: standard)"]
