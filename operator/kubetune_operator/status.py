@@ -27,7 +27,7 @@ from kubetune_api.crd import (
     Runtime,
 )
 from kubetune_api.redact import redact
-from kubetune_api.spec import KIND, FineTuneJobSpec
+from kubetune_api.spec import GROUP, KIND, FineTuneJobSpec
 from kubetune_operator.builders import (
     ANNOTATION_COMPLETION_INDEX,
     ANNOTATION_SUSPENDED_BY_OPERATOR,
@@ -464,6 +464,7 @@ def left_by_namesake(obj: Manifest, name: str, uid: str) -> bool:
     its way)."""
     return uid not in owner_uids(obj) and any(
         ref.get("kind") == KIND and ref.get("name") == name
+        and ref.get("apiVersion", "").split("/")[0] == GROUP  # not another group's kind
         for ref in obj["metadata"].get("ownerReferences") or [])
 
 

@@ -369,7 +369,9 @@ def ago(seconds: float) -> str:
 
 def owned(obj: dict[str, Any], uid: str, kind: str = "FineTuneJob",
           name: str = "llama") -> dict[str, Any]:
-    obj["metadata"]["ownerReferences"] = [{"kind": kind, "name": name, "uid": uid}]
+    api_version = "kubetune.dev/v1alpha1" if kind == "FineTuneJob" else "batch/v1"
+    obj["metadata"]["ownerReferences"] = [{"apiVersion": api_version, "kind": kind,
+                                           "name": name, "uid": uid}]
     obj["metadata"].setdefault("uid", f"{uid}-{obj['metadata']['name']}")
     obj["kind"] = "Job" if kind == "FineTuneJob" else "Pod"
     return obj
@@ -842,3 +844,14 @@ def test_a_job_short_of_pods_is_looked_at_again() -> None:
     full = run(spec(), status(Phase.PENDING), children([job()], [
         pod(0), pod(1, "Pending", waiting="ContainerCreating")]))
     assert full.recheck_after is None or full.recheck_after > st.POD_CREATION_RECHECK_SECONDS
+
+
+def test_a_leftover_is_ours_only_if_its_owner_is_our_group_and_kind() -> None:
+    """Deleting a leftover matches the owner's API group too: another operator's
+    FineTuneJob kind of the same name owns objects the operator must never delete."""
+    def owned_by(api_version: str) -> dict[str, Any]:
+        return {"metadata": {"ownerReferences": [
+            {"apiVersion": api_version, "kind": "FineTuneJob", "name": "llama", "uid": "old"}]}}
+    assert st.left_by_namesake(owned_by("kubetune.dev/v1alpha1"), "llama", "new")
+    assert not st.left_by_namesake(owned_by("ml.example.com/v1"), "llama", "new")
+    assert not st.left_by_namesake(owned_by("kubetune.dev/v1alpha1"), "llama", "old")
