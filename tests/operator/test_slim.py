@@ -3,6 +3,7 @@ exactly as on whole bodies, with a fraction of the memory."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import json
@@ -263,3 +264,26 @@ def test_a_job_keeps_only_the_metadata_the_planner_reads_and_foreign_ones_stay_o
     foreign = copy.deepcopy(job)
     foreign["metadata"]["ownerReferences"] = []
     assert not slim.indexed_job(foreign)
+
+
+def index_handler(handler_id: str) -> Any:
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, None, Settings())  # type: ignore[arg-type]
+    return next(h.fn for h in registry._indexing.get_all_handlers() if h.id == handler_id)
+
+
+def test_the_indexes_take_only_controlled_children() -> None:
+    """The kopf index handlers themselves: a foreign labelled pod or Job is not indexed."""
+    job = job_body()
+    pod = pod_body(job, 0, RUNNING, "Running")
+    foreign_pod, foreign_job = copy.deepcopy(pod), copy.deepcopy(job)
+    foreign_pod["metadata"]["ownerReferences"] = []
+    foreign_job["metadata"]["ownerReferences"] = []
+
+    def index(handler_id: str, body: dict[str, Any]) -> dict[Any, Any]:
+        result: dict[Any, Any] = asyncio.run(index_handler(handler_id)(
+            namespace="ml", labels=body["metadata"]["labels"], body=body, finetunejobs={}))
+        return result
+
+    assert index("trainer_pods", pod) and index("trainer_jobs", job)
+    assert index("trainer_pods", foreign_pod) == {} and index("trainer_jobs", foreign_job) == {}
