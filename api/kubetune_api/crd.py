@@ -32,6 +32,9 @@ from kubetune_api.spec import (
     TINY_ARCHITECTURES,
     TINY_SCHEME,
     VERSION,
+    ALPACA_KEYS,
+    SHAREGPT_KEYS,
+    DatasetSpec,
     FineTuneJobSpec,
 )
 
@@ -197,10 +200,15 @@ def _mark_free_form(source: dict[str, Any], out: dict[str, Any], defs: dict[str,
             out["x-kubernetes-preserve-unknown-fields"] = True
 
 
+# Defaults that depend on other fields (dataset.fields on dataset.type): the API server must
+# leave them out, the contract's validators fill them in.
+_DEFAULTED_BY_VALIDATOR = {(DatasetSpec, "fields")}
+
+
 def _fill_object_defaults(schema: dict[str, Any], model: type[BaseModel]) -> None:
     """Give sub-objects built by default_factory a default, so nested defaults apply."""
     for name, info in model.model_fields.items():
-        if info.default_factory is None:
+        if info.default_factory is None or (model, name) in _DEFAULTED_BY_VALIDATOR:
             continue
         alias = info.alias or to_camel(name)
         value = info.default_factory()  # type: ignore[call-arg]
@@ -236,6 +244,29 @@ _FIELDS_CHAT = "has(self.messages) && !has(self.text) && !has(self.label) " \
                "&& !has(self.prompt) && !has(self.completion)"
 
 _NO_PAIRS = "!has(self.chosen) && !has(self.rejected)"
+# Record types other than `fields` fill fields.messages themselves: no training role given.
+_NO_SIGNAL = " && ".join(f"!has(self.{k})" for k in
+                         ("text", "prompt", "completion", "messages", "label", "chosen",
+                          "rejected"))
+_FIELDS_MESSAGE = ("fields must be one of: text; text+label; prompt+completion; messages; "
+                   "prompt+chosen+rejected; chosen+rejected")
+
+
+def _dataset_field(key: str) -> str:
+    """has(self.dataset.fields.<key>), also when fields is left out (then only text is there,
+    the default of type fields)."""
+    given = f"(has(self.dataset.fields) && has(self.dataset.fields.{key}))"
+    if key != "text":
+        return given
+    return (f"({given} || (!has(self.dataset.fields) && (!has(self.dataset.type) || "
+            f"self.dataset.type == 'fields')))")
+
+
+def _type_keys_rule(record_type: str, keys: tuple[str, ...]) -> dict[str, str]:
+    absent = " && ".join(f"!has(self.fields.{k})" for k in keys)
+    return _rule(f"!has(self.fields) || (has(self.type) && self.type == '{record_type}') || "
+                 f"({absent})",
+                 f"fields {', '.join(keys)} apply only to type {record_type}")
 _FIELDS_PREFERENCE = "has(self.chosen) && has(self.rejected) && !has(self.text) " \
                      "&& !has(self.label) && !has(self.messages) && !has(self.completion)"
 _OBJECTIVE_SFT = "!has(self.training) || !has(self.training.objective) || " \
@@ -266,28 +297,37 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "dataset.fields": [
         _rule(f"({_NO_PAIRS} && (({_FIELDS_TEXT}) || ({_FIELDS_PAIR}) || ({_FIELDS_CHAT})))"
-              f" || ({_FIELDS_PREFERENCE})",
-              "fields must be one of: text; text+label; prompt+completion; messages; "
-              "prompt+chosen+rejected; chosen+rejected"),
+              f" || ({_FIELDS_PREFERENCE}) || ({_NO_SIGNAL})", _FIELDS_MESSAGE),
+    ],
+    "dataset": [
+        _rule("!has(self.fields) || (has(self.type) && self.type != 'fields') || "
+              f"!({_NO_SIGNAL.replace('self.', 'self.fields.')})", _FIELDS_MESSAGE),
+        _rule("!has(self.type) || self.type == 'fields' || !has(self.fields) || ("
+              + " && ".join(f"!has(self.fields.{k})" for k in
+                            ("text", "prompt", "completion", "label", "chosen", "rejected"))
+              + ")", "types sharegpt, alpaca and openai make conversations: fields may name "
+              "messages and the type's keys only"),
+        _type_keys_rule("sharegpt", SHAREGPT_KEYS),
+        _type_keys_rule("alpaca", ALPACA_KEYS),
     ],
     "": [
         _rule("self.model.task != 'sequence-classification' || "
-              "(has(self.dataset.fields.text) && has(self.dataset.fields.label))",
+              "(" + _dataset_field("text") + " && " + _dataset_field("label") + ")",
               "task sequence-classification needs dataset.fields text and label"),
-        _rule("self.model.task == 'sequence-classification' || !has(self.dataset.fields.label)",
+        _rule("self.model.task == 'sequence-classification' || !" + _dataset_field("label"),
               "dataset.fields.label only applies to task sequence-classification"),
-        _rule("self.model.task != 'masked-lm' || has(self.dataset.fields.text)",
+        _rule("self.model.task != 'masked-lm' || " + _dataset_field("text"),
               "task masked-lm needs dataset.fields text"),
-        _rule("self.model.task != 'seq2seq-lm' || has(self.dataset.fields.prompt)",
+        _rule("self.model.task != 'seq2seq-lm' || " + _dataset_field("prompt"),
               "task seq2seq-lm needs dataset.fields prompt and completion"),
         _rule("!has(self.dataset.packing) || !self.dataset.packing || "
               "self.model.task == 'causal-lm'", "dataset.packing only applies to task causal-lm"),
         _rule(f"({_OBJECTIVE_SFT}) || (self.model.task == 'causal-lm' && "
-              "has(self.dataset.fields.chosen) && (!has(self.dataset.packing) || "
+              + _dataset_field("chosen") + " && (!has(self.dataset.packing) || "
               "!self.dataset.packing))",
               "training.objective dpo/orpo needs model.task causal-lm, dataset.fields "
               "chosen+rejected (with or without prompt) and no packing"),
-        _rule(f"!has(self.dataset.fields.chosen) || !({_OBJECTIVE_SFT})",
+        _rule(f"!{_dataset_field('chosen')} || !({_OBJECTIVE_SFT})",
               "dataset.fields chosen/rejected need training.objective dpo or orpo"),
     ],
 }

@@ -186,9 +186,20 @@ class MethodSpec(SpecModel):
         return self
 
 
+ChatRole = Literal["system", "user", "assistant", "tool"]
+# ShareGPT's role names (LLaMA-Factory's and axolotl's defaults) -> OpenAI chat roles.
+SHAREGPT_ROLES: dict[str, str] = {"human": "user", "gpt": "assistant", "system": "system",
+                                  "tool": "tool"}
+# The keys that name the training signal; the other FieldsSpec keys describe a record type.
+TRAINING_ROLES = ("text", "prompt", "completion", "messages", "label", "chosen", "rejected")
+SHAREGPT_KEYS = ("role", "content", "roles")
+ALPACA_KEYS = ("instruction", "input", "output")
+
+
 class FieldsSpec(SpecModel):
     """Which record fields hold the training signal. Allowed combinations: text; text+label;
-    prompt+completion; messages; prompt+chosen+rejected and chosen+rejected (dpo, orpo)."""
+    prompt+completion; messages; prompt+chosen+rejected and chosen+rejected (dpo, orpo).
+    type sharegpt adds role, content and roles; type alpaca instruction, input and output."""
 
     text: str | None = Field(None, max_length=MAX_SHORT, description="Field with plain text.")
     prompt: str | None = Field(None, max_length=MAX_SHORT,
@@ -198,7 +209,8 @@ class FieldsSpec(SpecModel):
     messages: str | None = Field(
         None, max_length=MAX_SHORT,
         description="Field with chat messages [{role, content}]; rendered with the "
-        "tokenizer's chat template, loss on assistant turns only."
+        "tokenizer's chat template, loss on assistant turns only. type sharegpt: the "
+        "conversation field (default conversations)."
     )
     label: str | None = Field(None, max_length=MAX_SHORT,
                               description="Field with the class label (int or string).")
@@ -213,21 +225,40 @@ class FieldsSpec(SpecModel):
         description="Preference objectives: field with the dispreferred response (same "
         "form as chosen)."
     )
+    role: str | None = Field(None, max_length=MAX_SHORT, description="type sharegpt: the key of a message's role "
+                             "(default from).")
+    content: str | None = Field(None, max_length=MAX_SHORT, description="type sharegpt: the key of a message's text "
+                                "(default value).")
+    roles: dict[Annotated[str, Field(max_length=MAX_SHORT)], ChatRole] | None = Field(
+        None, max_length=MAX_PROPERTIES, description="type sharegpt: the record's role names -> system, user, assistant "
+        "or tool; merged over the default {human: user, gpt: assistant, system: system, "
+        "tool: tool}."
+    )
+    instruction: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the instruction field "
+                                    "(default instruction).")
+    input: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the optional input field, "
+                              "joined to the instruction (default input).")
+    output: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the response field (default "
+                               "output).")
 
     @model_validator(mode="after")
     def _check(self) -> FieldsSpec:
-        chosen = frozenset(k for k, v in self.model_dump().items() if v is not None)
-        if chosen not in FIELD_LAYOUTS:
+        if self.signal not in FIELD_LAYOUTS:
             allowed = "; ".join("+".join(sorted(c)) for c in FIELD_LAYOUTS)
-            got = "+".join(sorted(chosen)) or "nothing"
+            got = "+".join(sorted(self.signal)) or "nothing"
             raise ValueError(f"fields must be one of: {allowed} (got {got})")
         return self
 
     @property
+    def signal(self) -> frozenset[str]:
+        """The training roles set (the record-type keys aside)."""
+        return frozenset(k for k in TRAINING_ROLES if getattr(self, k) is not None)
+
+    @property
     def layout(self) -> str:
-        """One of text, classification, prompt-completion, messages."""
-        chosen = frozenset(k for k, v in self.model_dump().items() if v is not None)
-        return FIELD_LAYOUTS[chosen]
+        """One of text, classification, prompt-completion, messages, preference,
+        conversational-preference."""
+        return FIELD_LAYOUTS[self.signal]
 
 
 FIELD_LAYOUTS = {
@@ -242,21 +273,125 @@ PREFERENCE_LAYOUTS = ("preference", "conversational-preference")
 
 
 # Built-in chat templates (the texts live in the trainer: kubetune_trainer/chat.py).
-CHAT_TEMPLATE_NAMES = ("chatml", "llama3")
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "alpaca")
+
+# dataset.type: the shape of a record. Every type but `fields` becomes a conversation.
+RecordType = Literal["fields", "sharegpt", "alpaca", "openai"]
+FileFormat = Literal["auto", "jsonl", "json", "parquet", "csv", "text"]
+TYPE_FIELDS: dict[str, dict[str, Any]] = {
+    "fields": {"text": "text"},
+    "sharegpt": {"messages": "conversations", "role": "from", "content": "value",
+                 "roles": SHAREGPT_ROLES},
+    "alpaca": {"messages": "messages", "instruction": "instruction", "input": "input",
+               "output": "output"},
+    "openai": {"messages": "messages"},
+}
+
+
+def typed_fields(record_type: str, fields: Any) -> Any:
+    """`fields` as given, over the defaults of the record type (`fields` type: as given, or
+    {text: text}); sharegpt's roles merge over SHAREGPT_ROLES."""
+    if not isinstance(fields, dict):
+        return TYPE_FIELDS[record_type] if fields is None else fields
+    if record_type == "fields":
+        return fields
+    defaults = dict(TYPE_FIELDS[record_type])
+    if any(k in fields for k in TRAINING_ROLES):  # check_record_type names what is wrong
+        defaults.pop("messages")
+    merged = {**defaults, **fields}
+    if record_type == "sharegpt" and isinstance(fields.get("roles", {}), dict):
+        merged["roles"] = {**SHAREGPT_ROLES, **fields.get("roles", {})}
+    return merged
+
+
+def check_record_type(record_type: str, fields: FieldsSpec, where: str) -> None:
+    """The type's keys only with that type; conversation types only with fields.messages."""
+    for keys, owner in ((SHAREGPT_KEYS, "sharegpt"), (ALPACA_KEYS, "alpaca")):
+        stray = [k for k in keys if getattr(fields, k) is not None and record_type != owner]
+        if stray:
+            raise ValueError(f"{where}fields.{stray[0]} applies only to type {owner}")
+    if record_type != "fields" and fields.layout != "messages":
+        keys = {"sharegpt": SHAREGPT_KEYS, "alpaca": ALPACA_KEYS}.get(record_type, ())
+        raise ValueError(f"{where}type {record_type} makes conversations: fields may name "
+                         f"{', '.join(('messages', *keys))} only (got "
+                         f"{'+'.join(sorted(fields.signal))})")
+
+
+def _with_type_defaults(data: Any, default_type: str = "fields") -> Any:
+    if isinstance(data, dict):
+        record_type = data.get("type", default_type)
+        if record_type in TYPE_FIELDS and ("fields" in data or record_type != "fields"):
+            data = {**data, "fields": typed_fields(record_type, data.get("fields"))}
+    return data
+
+
+def _inherit(dataset: dict[str, Any], source: Any) -> Any:
+    """A mixture source without its own type, format or fields takes the dataset's (fields
+    only when the types agree: another type has other defaults)."""
+    if not isinstance(source, dict):
+        return source
+    inherited = {k: dataset[k] for k in ("type", "format") if k in dataset}
+    same_type = source.get("type", dataset.get("type", "fields")) == dataset.get("type", "fields")
+    if "fields" in dataset and same_type:
+        inherited["fields"] = dataset["fields"]
+    return {**inherited, **source}
+
+
+class SourceSpec(SpecModel):
+    """One source of a mixture (dataset.train as a list)."""
+
+    path: str = Field(min_length=1, max_length=MAX_URI, description="The data: local path, file://, s3://, gs:// "
+                      "or hf://datasets/<id>/<file>.")
+    type: RecordType = Field("fields", description="Record shape (default: dataset.type).")
+    format: FileFormat = Field("auto", description="File format (default: dataset.format).")
+    fields: FieldsSpec = Field(default_factory=lambda: FieldsSpec(text="text"),
+                               description="Record fields (default: dataset.fields, or the "
+                               "type's defaults).")
+    weight: float | None = Field(
+        None, gt=0, description="Examples taken per epoch, as a multiple of the source's size "
+        "(0.5: a random half, 2: every record twice). Default 1.")
+    samples: int | None = Field(None, ge=1, description="Examples taken per epoch, as a "
+                                "number (instead of weight); above the size, records repeat.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _type_defaults(cls, data: Any) -> Any:
+        return _with_type_defaults(data)
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceSpec:
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("set weight or samples, not both")
+        check_record_type(self.type, self.fields, "")
+        return self
+
+    def taken(self, count: int) -> int:
+        """How many examples this source gives the mixture out of its `count` records."""
+        if self.samples is not None:
+            return self.samples
+        return max(1, round(count * (1.0 if self.weight is None else self.weight)))
 
 
 class DatasetSpec(SpecModel):
-    train: str = Field(max_length=MAX_URI, min_length=1,
-                       description="Training data: local path, file://, s3://, "
-                       "gs:// or hf://datasets/<id>/<file>.")
+    train: (Annotated[str, Field(min_length=1, max_length=MAX_URI)]
+            | Annotated[list[SourceSpec], Field(min_length=1, max_length=MAX_ITEMS)]) = Field(
+        description="Training data: local path, file://, s3://, gs:// or "
+        "hf://datasets/<id>/<file>; or a mixture: a list of sources {path, type, format, "
+        "fields, weight | samples}.")
     eval: str | None = Field(None, max_length=MAX_URI,
                              description="Evaluation data (same forms as train).")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Hold out this fraction of train for evaluation when eval "
         "is not given."
     )
-    format: Literal["auto", "jsonl", "json", "parquet", "csv", "text"] = Field(
+    format: FileFormat = Field(
         "auto", description="File format; auto picks it from the file extension."
+    )
+    type: RecordType = Field(
+        "fields", description="Record shape: fields (the roles in fields), sharegpt "
+        "({conversations: [{from, value}]}), alpaca ({instruction, input, output}), openai "
+        "(chat JSONL {messages: [{role, content}]}). sharegpt, alpaca and openai become "
+        "conversations rendered with the chat template."
     )
     fields: FieldsSpec = Field(default_factory=lambda: FieldsSpec(text="text"),
                                description="Record fields to train on.")
@@ -275,6 +410,45 @@ class DatasetSpec(SpecModel):
         "tokenizer's: inline Jinja, or a built-in name (" + ", ".join(CHAT_TEMPLATE_NAMES)
         + ")."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _type_defaults(cls, data: Any) -> Any:
+        data = _with_type_defaults(data)
+        if isinstance(data, dict) and isinstance(data.get("train"), list):
+            data = {**data, "train": [_inherit(data, s) for s in data["train"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _mixture_is_one_layout(self) -> DatasetSpec:
+        check_record_type(self.type, self.fields, "")
+        if not isinstance(self.train, list):
+            return self
+        first = self.train[0].fields
+        if "fields" not in self.model_fields_set:  # the mixture's roles, named after themselves
+            self.fields = FieldsSpec(**{role: role for role in first.signal})
+        for i, source in enumerate(self.train):
+            if source.fields.layout != self.fields.layout:
+                raise ValueError(f"train[{i}]: fields {source.fields.layout} differ from the "
+                                 f"mixture's {self.fields.layout}; every source must give "
+                                 f"the same training roles")
+        return self
+
+    @property
+    def sources(self) -> list[SourceSpec]:
+        """The training sources: the mixture, or the one `train` file with the dataset's
+        type, format and fields."""
+        if isinstance(self.train, list):
+            return self.train
+        return [SourceSpec(path=self.train, type=self.type, format=self.format,
+                           fields=self.fields)]
+
+    @property
+    def train_name(self) -> str:
+        """How messages name the training data."""
+        if isinstance(self.train, str):
+            return self.train
+        return "the mixture of " + ", ".join(s.path for s in self.train)
 
     @model_validator(mode="after")
     def _chat_template_is_jinja_or_a_name(self) -> DatasetSpec:

@@ -219,7 +219,10 @@ def _schemes(uri: str) -> list[str]:
 
 def _uri_violations(spec: FineTuneJobSpec, policy: Policy) -> list[str]:
     allowed = (*URI_SCHEMES, *policy.extra_uri_schemes)
-    uris = {"spec.dataset.train": spec.dataset.train, "spec.dataset.eval": spec.dataset.eval,
+    train = spec.dataset.train
+    sources = ({"spec.dataset.train": train} if isinstance(train, str) else
+               {f"spec.dataset.train[{i}].path": source.path for i, source in enumerate(train)})
+    uris = {**sources, "spec.dataset.eval": spec.dataset.eval,
             "spec.output.uri": spec.output.uri, "spec.checkpoint.uri": spec.checkpoint.uri}
     return [f"{field}: scheme {scheme} is not allowed (schemes: {', '.join(URI_SCHEMES)}; "
             f"extraUriSchemes: {_one_of(policy.extra_uri_schemes)})"

@@ -176,6 +176,16 @@ BAD: list[tuple[str, Edit, str]] = [
     ("chosen-without-rejected", lambda s: s["dataset"].update(
         fields={"prompt": "p", "chosen": "c"}),
      "fields must be one of"),
+    ("fields-with-no-role", lambda s: s["dataset"].update(fields={"role": "from"}),
+     "fields must be one of"),
+    ("sharegpt-with-text", lambda s: s["dataset"].update(type="sharegpt",
+                                                           fields={"text": "t"}),
+     "types sharegpt, alpaca and openai make conversations"),
+    ("role-on-alpaca", lambda s: s["dataset"].update(type="alpaca", fields={"role": "from"}),
+     "fields role, content, roles apply only to type sharegpt"),
+    ("instruction-on-openai", lambda s: s["dataset"].update(
+        type="openai", fields={"instruction": "q"}),
+     "fields instruction, input, output apply only to type alpaca"),
     ("pairs-with-sft", lambda s: s["dataset"].update(fields=PAIRS),
      "dataset.fields chosen/rejected need training.objective"),
     ("dpo-without-pairs", lambda s: s["training"].update(objective="dpo"),
@@ -214,6 +224,17 @@ def test_the_good_side_of_each_rule() -> None:
     """Specs the rules must let through, beyond the examples."""
     good = [
         changed("tiny-lora", lambda s: s["method"]["lora"].update(targetModules=["q_proj"])),
+        changed("tiny-lora", lambda s: (s["dataset"].pop("fields"),
+                                        s["dataset"].update(type="sharegpt"))),
+        changed("tiny-lora", lambda s: s["dataset"].update(
+            type="sharegpt", fields={"roles": {"bot": "assistant"}, "content": "text"})),
+        changed("tiny-lora", lambda s: s["dataset"].update(
+            type="alpaca", fields={"output": "answer"})),
+        changed("tiny-lora", lambda s: s["dataset"].update(
+            type="openai", fields={"messages": "chat"})),
+        changed("tiny-lora", lambda s: (s["dataset"].pop("fields"), s["dataset"].update(
+            train=[{"path": "a.jsonl", "type": "sharegpt", "weight": 2.0},
+                   {"path": "b.jsonl", "type": "alpaca", "samples": 10}]))),
         changed("tiny-lora", lambda s: s["dataset"].update(fields={"messages": "messages"})),
         changed("tiny-lora", lambda s: s["dataset"].update(fields={"text": "text"},
                                                            packing=True)),

@@ -297,3 +297,11 @@ def test_volume_types_csi_drivers_and_storage_classes_follow_the_policy() -> Non
         "(allowedStorageClasses: standard)",
         "spec.pod.volumes[2]: storageClassName (cluster default) is not allowed "
         "(allowedStorageClasses: standard)"]
+
+
+def test_every_mixture_source_takes_only_the_allowed_schemes() -> None:
+    mixture = uri_spec(train=[{"path": "s3://b/a.jsonl"},
+                              {"path": "http://169.254.169.254/latest/meta-data/iam"}])
+    assert violations(mixture, {}, Policy()) == [
+        "spec.dataset.train[1].path: scheme http is not allowed (schemes: s3, gs, hf, file; "
+        "extraUriSchemes: none)"]
