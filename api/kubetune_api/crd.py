@@ -25,15 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubetune_api.spec import (
+    ALPACA_KEYS,
     GROUP,
     KIND,
     PLURAL,
+    SHAREGPT_KEYS,
     SHORT_NAME,
     TINY_ARCHITECTURES,
     TINY_SCHEME,
     VERSION,
-    ALPACA_KEYS,
-    SHAREGPT_KEYS,
     DatasetSpec,
     FineTuneJobSpec,
 )

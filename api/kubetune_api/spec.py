@@ -306,12 +306,13 @@ def typed_fields(record_type: str, fields: Any) -> Any:
 
 def check_record_type(record_type: str, fields: FieldsSpec, where: str) -> None:
     """The type's keys only with that type; conversation types only with fields.messages."""
-    for keys, owner in ((SHAREGPT_KEYS, "sharegpt"), (ALPACA_KEYS, "alpaca")):
+    own_keys: dict[str, tuple[str, ...]] = {"sharegpt": SHAREGPT_KEYS, "alpaca": ALPACA_KEYS}
+    for owner, keys in own_keys.items():
         stray = [k for k in keys if getattr(fields, k) is not None and record_type != owner]
         if stray:
             raise ValueError(f"{where}fields.{stray[0]} applies only to type {owner}")
     if record_type != "fields" and fields.layout != "messages":
-        keys = {"sharegpt": SHAREGPT_KEYS, "alpaca": ALPACA_KEYS}.get(record_type, ())
+        keys = own_keys.get(record_type, ())
         raise ValueError(f"{where}type {record_type} makes conversations: fields may name "
                          f"{', '.join(('messages', *keys))} only (got "
                          f"{'+'.join(sorted(fields.signal))})")
@@ -330,7 +331,7 @@ def _inherit(dataset: dict[str, Any], source: Any) -> Any:
     only when the types agree: another type has other defaults)."""
     if not isinstance(source, dict):
         return source
-    inherited = {k: dataset[k] for k in ("type", "format") if k in dataset}
+    inherited: dict[str, Any] = {k: dataset[k] for k in ("type", "format") if k in dataset}
     same_type = source.get("type", dataset.get("type", "fields")) == dataset.get("type", "fields")
     if "fields" in dataset and same_type:
         inherited["fields"] = dataset["fields"]

@@ -105,7 +105,6 @@ def test_single_turn_without_system_prompt(family: str,
 
 
 @pytest.mark.parametrize(("family", "messages", "message"), [
-    ("gemma", CONVERSATION, "System role not supported"),
     ("mistral_v1", [CONVERSATION[1], CONVERSATION[1], CONVERSATION[2]],
      "conversation roles must alternate"),
 ])
@@ -140,7 +139,7 @@ def test_the_mistral_example_masks_right_on_its_real_template(
 def test_builtin_templates_mark_assistant_turns(
         name: str, base_tokenizer: PreTrainedTokenizerFast) -> None:
     tok = with_template(base_tokenizer, BUILTIN_TEMPLATES[name])
-    closing = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[name]
+    closing = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "alpaca": "</s>"}[name]
     assert learned_spans(CONVERSATION, tok) == [f"Paris{closing}", f"Round and red{closing}"]
 
 
@@ -185,3 +184,43 @@ def test_dataset_chat_template_overrides_the_tokenizers_and_ships_with_it(
                if lab != IGNORE_INDEX]
     assert ready.tokenizer.decode(learned).endswith("<|im_end|>")
     assert "<|im_start|>" in ready.tokenizer.decode(feature["input_ids"])
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3"])
+def test_a_template_without_a_system_role_gets_it_in_the_first_user_turn(
+        family: str, base_tokenizer: PreTrainedTokenizerFast,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Gemma's template raises "System role not supported" (gemma3's renders it itself);
+    the system prompt then leads the first user turn, reported once per template."""
+    tok = with_template(base_tokenizer, real_template(family))
+    caplog.set_level("INFO", logger="kubetune")
+    assert learned_spans(CONVERSATION, tok) == ["Paris<end_of_turn>", "Round and red<end_of_turn>"]
+    learned_spans(CONVERSATION, tok)
+    folded = chat.fit_system_role(CONVERSATION, tok)
+    notes = [r for r in caplog.records if "folded into the first user turn" in r.message]
+    if family == "gemma":
+        assert folded[0] == {"role": "user", "content": "You answer in one word.\n\n"
+                             "What is the capital of France?"}
+        assert folded[1:] == CONVERSATION[2:]
+        assert len(notes) == 1
+        text = tok.apply_chat_template(folded, tokenize=False)
+        assert "You answer in one word." in text
+    else:
+        assert folded is CONVERSATION and notes == []
+
+
+def test_the_alpaca_template_renders_stanford_alpacas_prompt(
+        base_tokenizer: PreTrainedTokenizerFast) -> None:
+    tok = with_template(base_tokenizer, BUILTIN_TEMPLATES["alpaca"])
+    with_input = [{"role": "user", "content": "Sum\n\n1 2", "instruction": "Sum",
+                   "input": "1 2"}, {"role": "assistant", "content": "3"}]
+    assert tok.apply_chat_template(with_input, tokenize=False) == (
+        "<s>Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSum\n\n### Input:\n1 2\n\n### Response:\n3</s>\n\n")
+    without_input = [{**with_input[0], "input": ""}, with_input[1]]
+    assert tok.apply_chat_template(without_input, tokenize=False) == (
+        "<s>Below is an instruction that describes a task. Write a response that "
+        "appropriately completes the request.\n\n### Instruction:\nSum\n\n### Response:\n"
+        "3</s>\n\n")
+    assert learned_spans(with_input, tok) == ["3</s>"]

@@ -10,8 +10,10 @@ Two ways to find the assistant tokens, both driven by the template itself:
   the last turn (Mistral v0.3 moves the system prompt into the last user turn, Qwen 3 drops
   the reasoning of earlier turns), where comparing partial renders as prefixes fails.
 
-A template that rejects a conversation (Gemma and a system role, roles that do not alternate)
-is a data error naming the record and the template's own message.
+A template that rejects the system role (Gemma's: "System role not supported") gets the
+system prompt folded into the first user turn, as LLaMA-Factory's Gemma template does, with one
+log line saying so. A template that rejects a conversation otherwise (roles that do not
+alternate) is a data error naming the record and the template's own message.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kubetune_trainer.data import IGNORE_INDEX, DataError
 
 log = logging.getLogger("kubetune")
 _warned_dropped_system = False
+_folded_system_templates: set[str] = set()  # templates already reported as folding
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 # Built-in templates for `dataset.chatTemplate: <name>`, with generation blocks so the
@@ -40,6 +43,30 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Stanford Alpaca's prompt (github.com/tatsu-lab/stanford_alpaca, PROMPT_DICT): its two
+    # forms for records with and without an input; a system message replaces the preamble.
+    "alpaca": (
+        "{{ bos_token }}"
+        "{% set preamble = 'Below is an instruction that describes a task' %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}"
+        "{% if loop.first %}"
+        "{% if message['input'] is defined and message['input'] %}"
+        "{{ preamble + ', paired with an input that provides further context. Write a response "
+        "that appropriately completes the request.\n\n' }}"
+        "{% else %}{{ preamble + '. Write a response that appropriately completes the "
+        "request.\n\n' }}{% endif %}{% endif %}"
+        "{% if message['instruction'] is defined %}"
+        "{{ '### Instruction:\n' + message['instruction'] + '\n\n' }}"
+        "{% if message['input'] %}{{ '### Input:\n' + message['input'] + '\n\n' }}{% endif %}"
+        "{% else %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}{% endif %}"
+        "{{ '### Response:\n' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n\n' }}"
+        "{% endif %}"
+        "{% endfor %}"
     ),
     "llama3": (
         "{{ bos_token }}"
@@ -75,6 +102,7 @@ def chat_example(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerB
     if not tokenizer.is_fast:
         raise DataError("dataset.fields.messages needs a fast tokenizer (character offsets "
                         "locate the assistant turns)")
+    messages = fit_system_role(messages, tokenizer)
     if GENERATION_BLOCK.search(str(template)):
         encoded = _apply(tokenizer, messages, where, tokenize=True)
         ids = list(encoded["input_ids"])
@@ -94,6 +122,47 @@ def chat_example(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerB
         if end > spans[span][0]:
             labels[i] = ids[i]
     return ids, labels
+
+
+def fit_system_role(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
+                    ) -> list[dict[str, Any]]:
+    """`messages`, or, when the template rejects a system role it would accept the rest
+    without, the system prompt folded into the first user turn (blank line between)."""
+    if not messages or messages[0]["role"] != "system" or len(messages) < 2 \
+            or messages[1]["role"] != "user" or _accepts_system(tokenizer):
+        return messages
+    template = str(tokenizer.chat_template)
+    if template not in _folded_system_templates:
+        _folded_system_templates.add(template)
+        log.info("the chat template does not support a system role: the system prompt is "
+                 "folded into the first user turn")
+    first = messages[1]
+    folded = {**first, "content": f"{messages[0]['content']}\n\n{first['content']}"}
+    return [folded, *messages[2:]]
+
+
+_ACCEPTS_SYSTEM: dict[str, bool] = {}
+
+
+def _accepts_system(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the template renders a system message (tried once per template, on a
+    probe conversation that it renders without one)."""
+    template = str(tokenizer.chat_template)
+    if template not in _ACCEPTS_SYSTEM:
+        probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        try:
+            tokenizer.apply_chat_template([{"role": "system", "content": "s"}, *probe],
+                                          tokenize=False)
+            accepts = True
+        except Exception:  # jinja2.TemplateError and whatever raise_exception raises
+            try:
+                tokenizer.apply_chat_template(probe, tokenize=False)
+            except Exception:
+                accepts = True  # rejects more than the system role: let the record say what
+            else:
+                accepts = False
+        _ACCEPTS_SYSTEM[template] = accepts
+    return _ACCEPTS_SYSTEM[template]
 
 
 def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], where: str,

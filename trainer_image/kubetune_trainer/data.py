@@ -34,7 +34,7 @@ import pyarrow as pa
 from datasets import Dataset
 
 from kubetune_api.load import SpecError
-from kubetune_api.spec import DatasetSpec, Task
+from kubetune_api.spec import DatasetSpec, SourceSpec, Task
 from kubetune_trainer import storage
 from kubetune_trainer.ranks import is_local_leader
 
@@ -85,6 +85,7 @@ class LoadedData:
     label_names: list[str] | None = None
     held_out: Any = None  # evalFraction: numpy bool mask over the train file's records
     fields: Any = None  # the job's dataset.fields (role -> the record's field name)
+    source_facts: list[dict[str, Any]] | None = None  # per training source: digest, counts
 
     @property
     def train(self) -> Dataset:
@@ -131,7 +132,8 @@ class LoadedData:
 def read_data(spec: DatasetSpec, task: str, seed: int, cache_root: Path) -> LoadedData:
     """The job's records: read and checked by the node's first rank, mapped by every rank."""
     directory = cache_root / RECORDS_DIR
-    facts = node_once(cache_root, "records", lambda: prepare_records(spec, task, directory))
+    facts = node_once(cache_root, "records",
+                      lambda: prepare_records(spec, task, directory, seed))
     return open_records(spec, seed, directory, facts)
 
 
@@ -140,26 +142,76 @@ def load_records(spec: DatasetSpec, task: str, seed: int,
     """Read, check and split the job's data in one process (tests, tools); the record files go
     to `cache_dir`, or a new temporary directory."""
     directory = cache_dir or Path(tempfile.mkdtemp(prefix="kubetune-records-"))
-    return open_records(spec, seed, directory, prepare_records(spec, task, directory))
+    return open_records(spec, seed, directory, prepare_records(spec, task, directory, seed))
 
 
-def prepare_records(spec: DatasetSpec, task: str, cache_dir: Path) -> dict[str, Any]:
+def prepare_records(spec: DatasetSpec, task: str, cache_dir: Path,
+                    seed: int = 0) -> dict[str, Any]:
     """Stream the data files into Arrow files under `cache_dir` (one rank per node does this);
-    returns the facts every rank needs: digest, record counts, label names.
+    returns the facts every rank needs: digest, record counts, label names, and per training
+    source its digest and the examples it gave.
 
     Raises DataError naming the file:line of bad records (up to MAX_REPORTED_ERRORS of them).
     """
     fresh_dir(cache_dir)
     digest = hashlib.sha256()
     files = [cache_dir / TRAIN_FILE]
-    counts = {"train": _read_checked(spec.train, spec, digest, files[0]), "eval": 0}
+    schema = _record_schema(spec)
+    sources = spec.sources
+    if len(sources) == 1 and sources[0].weight is None and sources[0].samples is None:
+        count, source_digest = _read_checked(sources[0], schema, files[0])
+        source_facts = [_source_facts(sources[0], source_digest, count, count)]
+        digest.update(bytes.fromhex(source_digest))
+        train_count = count
+    else:
+        source_facts, train_count = mix_sources(sources, schema, cache_dir, seed, digest)
+    counts = {"train": train_count, "eval": 0}
     if spec.eval:
         files.append(cache_dir / EVAL_FILE)
-        counts["eval"] = _read_checked(spec.eval, spec, digest, files[1])
+        eval_source = SourceSpec(path=spec.eval, type=spec.type, format=spec.format,
+                                 fields=spec.fields)
+        counts["eval"], eval_digest = _read_checked(eval_source, schema, files[1])
+        digest.update(bytes.fromhex(eval_digest))
     label_names = None
     if task == Task.SEQUENCE_CLASSIFICATION:
         label_names = _label_names(files, spec.fields.label or "label")
-    return {"digest": digest.hexdigest(), "counts": counts, "labelNames": label_names}
+    return {"digest": digest.hexdigest(), "counts": counts, "labelNames": label_names,
+            "sources": source_facts}
+
+
+def _source_facts(source: SourceSpec, digest: str, records: int, used: int) -> dict[str, Any]:
+    return {"path": source.path, "type": source.type, "sha256": digest, "records": records,
+            "examples": used}
+
+
+def mix_sources(sources: list[SourceSpec], schema: pa.Schema, cache_dir: Path, seed: int,
+                digest: Any) -> tuple[list[dict[str, Any]], int]:
+    """Read each source to its own record file, then write the mixture to TRAIN_FILE: each
+    source's `taken` examples (a random subset below its size, whole repeats and a random
+    subset above it), interleaved in one random order. Both draws come from `seed` alone,
+    so every rank and every rerun trains on the same mixture."""
+    rng = np.random.default_rng(seed)
+    parts, facts = [], []
+    for i, source in enumerate(sources):
+        path = cache_dir / f"source-{i}.arrow"
+        count, source_digest = _read_checked(source, schema, path)
+        taken = source.taken(count)
+        repeats, rest = divmod(taken, count)
+        times = np.full(count, repeats, dtype=np.int64)
+        times[rng.choice(count, size=rest, replace=False)] += 1
+        parts.append((path, times))
+        facts.append(_source_facts(source, source_digest, count, taken))
+        digest.update(bytes.fromhex(source_digest))
+    # (source, row) of every example, then one shuffle: sources interleave, also in packing.
+    order = np.concatenate([np.stack([np.full(int(t.sum()), i), np.repeat(np.arange(len(t)), t)],
+                                     axis=1) for i, (_, t) in enumerate(parts)])
+    order = order[rng.permutation(len(order))]
+    tables = [Dataset.from_file(str(path)).data.table for path, _ in parts]
+    writer = ArrowWriter(cache_dir / TRAIN_FILE, schema)
+    for start in range(0, len(order), WRITE_BATCH_ROWS):
+        for source_index, row in order[start:start + WRITE_BATCH_ROWS]:
+            writer.write(tables[source_index].slice(int(row), 1).to_pylist()[0])
+    return facts, writer.close()
 
 
 def open_records(spec: DatasetSpec, seed: int, cache_dir: Path,
@@ -171,7 +223,8 @@ def open_records(spec: DatasetSpec, seed: int, cache_dir: Path,
         held_out = held_out_mask(counts["train"], spec, seed)
         counts = {"train": int((~held_out).sum()), "eval": int(held_out.sum())}
     return LoadedData(directory=cache_dir, digest=facts["digest"], counts=counts,
-                      label_names=facts["labelNames"], held_out=held_out, fields=spec.fields)
+                      label_names=facts["labelNames"], held_out=held_out, fields=spec.fields,
+                      source_facts=facts["sources"])
 
 
 def held_out_mask(count: int, spec: DatasetSpec, seed: int) -> Any:
@@ -179,7 +232,7 @@ def held_out_mask(count: int, spec: DatasetSpec, seed: int) -> Any:
     byte a record); the same for every rank and every run of the same seed."""
     held_out = max(1, round(count * spec.eval_fraction))
     if held_out >= count:
-        raise DataError(f"{spec.train}: dataset.evalFraction {spec.eval_fraction} leaves no "
+        raise DataError(f"{spec.train_name}: dataset.evalFraction {spec.eval_fraction} leaves no "
                         f"training records out of {count}")
     mask = np.zeros(count, dtype=bool)
     mask[np.random.default_rng(seed).permutation(count)[:held_out]] = True
@@ -224,22 +277,23 @@ class ArrowWriter:
         return self.count
 
 
-def _read_checked(uri: str, spec: DatasetSpec, digest: Any, path: Path) -> int:
-    """Stream `uri` into the Arrow file `path`, checking every record on the way; returns the
-    number of records."""
-    fmt = spec.format if spec.format != "auto" else _format_of(uri)
+def _read_checked(source: SourceSpec, schema: pa.Schema, path: Path) -> tuple[int, str]:
+    """Stream a source into the Arrow file `path`, each record normalised from the source's
+    type and checked on the way; (records, sha256 hex of the source's bytes)."""
+    uri = source.path
+    fmt = source.format if source.format != "auto" else _format_of(uri)
     try:
         storage.filesystem(uri)  # an unknown scheme or a missing driver: no retry helps
     except (ValueError, ImportError) as exc:
         raise DataError(f"{uri}: cannot read dataset: {exc}") from None
 
-    def attempt() -> tuple[int, list[str], bytes]:
+    def attempt() -> tuple[int, list[str], str]:
         file_digest = hashlib.sha256()
-        records = _parse(uri, fmt, spec.fields.text or "text", file_digest)
-        count, errors = _write_arrow(_checked_rows(records, spec), _record_schema(spec), path)
+        records = _parse(uri, fmt, source.fields.text or "text", file_digest)
+        count, errors = _write_arrow(_checked_rows(records, source), schema, path)
         if fmt == "parquet":  # read by row group, not as a byte stream: hash the bytes apart
             _hash_file(uri, file_digest)
-        return count, errors, file_digest.digest()
+        return count, errors, file_digest.hexdigest()
 
     try:
         count, errors, file_digest = storage.read_with_retries(
@@ -252,8 +306,7 @@ def _read_checked(uri: str, spec: DatasetSpec, digest: Any, path: Path) -> int:
         raise bad_records(errors)
     if not count:
         raise DataError(f"{uri}: no records (the file is empty)")
-    digest.update(file_digest)
-    return count
+    return count, file_digest
 
 
 def _record_schema(spec: DatasetSpec) -> pa.Schema:
@@ -265,19 +318,25 @@ def used_roles(spec: DatasetSpec) -> list[str]:
     return [role for role in ROLES if getattr(spec.fields, role)]
 
 
-def _checked_rows(records: Iterator[Record], spec: DatasetSpec
+def _checked_rows(records: Iterator[Record], source: SourceSpec
                   ) -> Iterator[dict[str, Any] | str]:
     """Column values of good records; a `file:line: problem` string for each bad one."""
-    roles = used_roles(spec)
+    fields = source.fields
+    roles = [role for role in ROLES if getattr(fields, role)]
     for record in records:
-        problem = _check_record(record.values, spec)
-        if problem:
-            yield f"{record.where}: {problem}"
+        try:
+            values, problem = normalised(record.values, source)
+            problem = problem or _check_record(values, fields)
+            if problem:
+                yield f"{record.where}: {problem}"
+                continue
+            row: dict[str, Any] = {"where": record.where}
+            for role in roles:
+                value = values.get(getattr(fields, role))
+                row[role] = json.dumps(value) if role in JSON_ROLES else value
+        except RecursionError:  # a value nested deeper than Python's stack
+            yield f"{record.where}: the record is nested too deeply to read"
             continue
-        row: dict[str, Any] = {"where": record.where}
-        for role in roles:
-            value = record.values.get(getattr(spec.fields, role))
-            row[role] = json.dumps(value) if role in JSON_ROLES else value
         yield row
 
 
@@ -319,8 +378,11 @@ def _parse(uri: str, fmt: str, text_field: str, digest: Any) -> Iterator[Record]
         numbered = _text_lines(uri, digest)
         # csv reads lines lazily and counts them itself (a quoted field may span lines).
         reader = csv.DictReader(line for _, line in numbered)
-        for row in reader:
-            yield Record(dict(row), f"{uri}:{reader.line_num}")
+        try:
+            for row in reader:
+                yield Record(dict(row), f"{uri}:{reader.line_num}")
+        except csv.Error as exc:  # e.g. a field over csv's size limit: the file, not the wire
+            raise DataError(f"{uri}:{reader.line_num + 1}: not readable as CSV: {exc}") from None
     else:
         for number, line in _text_lines(uri, digest):
             if not line.strip():
@@ -376,19 +438,88 @@ def _hash_file(uri: str, digest: Any) -> None:
 
 
 def _json(text: str, where: str) -> Any:
+    """A permanent DataError for anything the decoder refuses: no retry reads it better."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON: nested too deeply to decode") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts
+        raise DataError(f"{where}: invalid JSON: {exc}") from None
+
+
+# --- record types: each source's shape to the job's roles -----------------------------------
+
+
+def normalised(values: Any, source: SourceSpec) -> tuple[Any, str | None]:
+    """A record of the source's type in the shape the checks and the features read (a
+    ShareGPT or alpaca record becomes OpenAI chat messages under fields.messages); or the
+    problem, naming the key that is wrong."""
+    if source.type not in ("sharegpt", "alpaca") or not isinstance(values, dict):
+        return values, None
+    make = _sharegpt_messages if source.type == "sharegpt" else _alpaca_messages
+    messages, problem = make(values, source.fields)
+    if problem:
+        return values, problem
+    return {**values, source.fields.messages: messages}, None
+
+
+def _sharegpt_messages(values: dict[str, Any], fields: Any) -> tuple[Any, str | None]:
+    name, role_key, content_key = fields.messages, fields.role, fields.content
+    roles: dict[str, str] = fields.roles or {}
+    turns = values.get(name)
+    if not isinstance(turns, list) or not turns:
+        return None, (f"field {name!r} (dataset.fields.messages) must be a non-empty list of "
+                      f"{{{role_key}, {content_key}}} turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"field {name!r}, turn {i}"
+        if not isinstance(turn, dict):
+            return None, f"{where}: expected an object, got {type(turn).__name__}"
+        role = turn.get(role_key)
+        if not isinstance(role, str) or role not in roles:
+            known = ", ".join(roles)
+            return None, (f"{where}: key {role_key!r} is {role!r}, not a role dataset.fields."
+                          f"roles maps ({known})")
+        content = turn.get(content_key)
+        if not isinstance(content, str):
+            return None, (f"{where}: key {content_key!r} must be a string, got "
+                          f"{type(content).__name__}")
+        messages.append({"role": roles[role], "content": content})
+    return messages, None
+
+
+def _alpaca_messages(values: dict[str, Any], fields: Any) -> tuple[Any, str | None]:
+    """One user turn (the instruction, then the input after a blank line) and the answer.
+
+    The user turn also keeps `instruction` and `input` apart: the built-in alpaca template
+    renders them in Stanford Alpaca's two prompt forms; model templates read `content`."""
+    texts: dict[str, str] = {}
+    for key in ("instruction", "input", "output"):
+        name = getattr(fields, key)
+        value = values.get(name)
+        if key == "input" and value is None:
+            value = ""
+        if not isinstance(value, str):
+            return None, (f"missing field {name!r} (dataset.fields.{key})" if value is None
+                          else f"field {name!r} (dataset.fields.{key}) must be a string, got "
+                          f"{type(value).__name__}")
+        if key != "input" and not value.strip():
+            return None, f"field {name!r} (dataset.fields.{key}) is empty"
+        texts[key] = value
+    prompt = texts["instruction"] + (f"\n\n{texts['input']}" if texts["input"].strip() else "")
+    return [{"role": "user", "content": prompt, "instruction": texts["instruction"],
+             "input": texts["input"]},
+            {"role": "assistant", "content": texts["output"]}], None
 
 
 # --- checks ----------------------------------------------------------------------------------
 
 
-def _check_record(row: Any, spec: DatasetSpec) -> str | None:
+def _check_record(row: Any, fields: Any) -> str | None:
     if not isinstance(row, dict):
         return f"expected an object, got {type(row).__name__}"
-    fields = spec.fields
     for role in ROLES:
         name = getattr(fields, role)
         if name is None:

@@ -311,7 +311,7 @@ def prepare_features(data: LoadedData, how: Tokenization, cache_root: Path
 
     counts = node_once(cache_root, "features", build)
     if not counts["train"]:
-        raise DataError(f"{how.spec.train}: no record has a token to learn from after "
+        raise DataError(f"{how.spec.train_name}: no record has a token to learn from after "
                         f"truncation to {how.spec.max_seq_length}")
     train = Dataset.from_file(str(directory / FEATURE_FILES["train"]))
     if not counts["eval"]:

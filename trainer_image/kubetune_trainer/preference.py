@@ -193,7 +193,7 @@ def _check_not_truncated_away(given: int, kept: int, spec: FineTuneJobSpec) -> N
     """TRL's DPO drops pairs whose prompt alone fills max_length (no answer token would be
     left): all of them dropped is a data error, some of them is worth saying."""
     if kept == 0:
-        raise DataError(f"{spec.dataset.train}: every pair's prompt fills "
+        raise DataError(f"{spec.dataset.train_name}: every pair's prompt fills "
                         f"dataset.maxSeqLength ({spec.dataset.max_seq_length} tokens), so no "
                         f"answer token is left to compare; raise maxSeqLength")
     if kept < given and is_rank0():

@@ -238,6 +238,11 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     tokenizer = load_tokenizer(source, spec.model.revision, spec.model.task,
                                spec.dataset.add_special_tokens)
     template = resolve_template(spec.dataset.chat_template)
+    if not template and not tokenizer.chat_template and any(
+            source.type == "alpaca" for source in spec.dataset.sources):
+        log.info("the tokenizer has no chat template: alpaca records use the built-in alpaca "
+                 "template (Stanford Alpaca's prompt)")
+        template = resolve_template("alpaca")
     if template:
         tokenizer.chat_template = template  # also saved with the artifact: inference matches
     if spec.training.objective != Objective.SFT:  # pairs; TRL tokenizes them (preference.py)
@@ -246,7 +251,7 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
         train_features, eval_features = check(data.records("train")), (
             check(data.records("eval")) or None)
         if not train_features:
-            raise DataError(f"{spec.dataset.train}: no preference pair to learn from")
+            raise DataError(f"{spec.dataset.train_name}: no preference pair to learn from")
     else:
         how = Tokenization(spec.dataset, spec.model.task, tokenizer, data.label_names,
                            spec.model.num_labels)
@@ -547,9 +552,12 @@ def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float] | floa
     trainable, total = parameter_counts(ready.model)
     world = trainer.args.world_size
     return {
-        "dataset": {"train": ready.job.spec.dataset.train, "eval": ready.job.spec.dataset.eval,
+        "dataset": {"train": ready.job.spec.model_dump(mode="json", by_alias=True,
+                                                        exclude_none=True)["dataset"]["train"],
+                    "eval": ready.job.spec.dataset.eval,
                     "sha256": ready.data.digest, "trainRecords": ready.data.counts["train"],
-                    "evalRecords": ready.data.counts["eval"]},
+                    "evalRecords": ready.data.counts["eval"],
+                    "sources": ready.data.source_facts},
         "metrics": {"steps": trainer.state.global_step,
                     "firstTrainLoss": losses[0] if losses else None,
                     "trainLoss": losses[-1] if losses else None,
