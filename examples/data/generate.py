@@ -112,6 +112,36 @@ def chat_pairs(rows: list[dict[str, str]]) -> list[dict[str, object]]:
             for r in rows]
 
 
+def support_sharegpt() -> list[dict[str, object]]:
+    """ShareGPT conversations (from/value; human, gpt, system), two questions each."""
+    share_rng = random.Random(21)  # its own stream: the files above stay byte-identical
+    intents = list(INTENTS.items())
+    rows = []
+    for intent, answer in intents:
+        for ask in ASKS:
+            other, other_answer = share_rng.choice(intents)
+            rows.append({"id": f"support-{len(rows)}", "conversations": [
+                {"from": "system", "value": "You are a concise support agent."},
+                {"from": "human", "value": ask.format(intent)},
+                {"from": "gpt", "value": answer},
+                {"from": "human", "value": f"And to {other}?"},
+                {"from": "gpt", "value": other_answer},
+            ]})
+    share_rng.shuffle(rows)
+    return rows
+
+
+def capitals_alpaca() -> list[dict[str, str]]:
+    """Alpaca records: the instruction, an input (the country) or none, the output."""
+    alpaca_rng = random.Random(28)
+    rows = [{"instruction": "Name the capital city of the country.", "input": country,
+             "output": city} for country, city in COUNTRIES.items()]
+    rows += [{"instruction": f"What is the capital of {country}?", "input": "", "output": city}
+             for country, city in COUNTRIES.items()]
+    alpaca_rng.shuffle(rows)
+    return rows
+
+
 def write_jsonl(name: str, rows: list) -> None:
     (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -131,6 +161,8 @@ def main() -> None:
     write_jsonl("support-pairs.jsonl", pairs[:72])
     write_jsonl("support-pairs-eval.jsonl", pairs[72:])
     write_jsonl("chat-pairs.jsonl", chat_pairs(pairs))
+    write_jsonl("support-sharegpt.jsonl", support_sharegpt())
+    write_jsonl("capitals-alpaca.jsonl", capitals_alpaca())
 
 
 if __name__ == "__main__":

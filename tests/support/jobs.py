@@ -30,9 +30,12 @@ spec:
 
 def example_dict(name: str) -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    dataset = data["spec"]["dataset"]
     for key in ("train", "eval"):  # make data paths independent of the test's cwd
-        if key in data["spec"]["dataset"]:
-            data["spec"]["dataset"][key] = str(ROOT / data["spec"]["dataset"][key])
+        if isinstance(dataset.get(key), str):
+            dataset[key] = str(ROOT / dataset[key])
+    for source in dataset["train"] if isinstance(dataset["train"], list) else []:
+        source["path"] = str(ROOT / source["path"])
     return data
 
 

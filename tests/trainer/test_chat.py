@@ -224,3 +224,19 @@ def test_the_alpaca_template_renders_stanford_alpacas_prompt(
         "appropriately completes the request.\n\n### Instruction:\nSum\n\n### Response:\n"
         "3</s>\n\n")
     assert learned_spans(with_input, tok) == ["3</s>"]
+
+
+def test_alpaca_records_get_the_alpaca_template_only_without_one(
+        base_tokenizer: PreTrainedTokenizerFast) -> None:
+    alpaca = DatasetSpec.model_validate({"train": "a.jsonl", "type": "alpaca"})
+    mixed = DatasetSpec.model_validate({"train": [{"path": "a", "type": "openai"},
+                                                  {"path": "b", "type": "alpaca"}]})
+    chat_only = DatasetSpec.model_validate({"train": "a.jsonl", "type": "openai"})
+    tok = with_template(base_tokenizer, "")
+    assert chat.job_template(alpaca, tok) == BUILTIN_TEMPLATES["alpaca"]
+    assert chat.job_template(mixed, tok) == BUILTIN_TEMPLATES["alpaca"]
+    assert chat.job_template(chat_only, tok) is None
+    named = alpaca.model_copy(update={"chat_template": "chatml"})
+    assert chat.job_template(named, tok) == BUILTIN_TEMPLATES["chatml"]
+    tok = with_template(base_tokenizer, real_template("llama3"))
+    assert chat.job_template(alpaca, tok) is None  # the model's own template wins

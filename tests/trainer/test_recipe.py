@@ -22,7 +22,8 @@ from support.jobs import ROOT, example_job
 pytestmark = pytest.mark.slow
 
 TINY_EXAMPLES = ["tiny-lora", "tiny-qlora", "tiny-full-classification", "tiny-mlm",
-                 "tiny-pretrain", "tiny-seq2seq-lora"]
+                 "tiny-pretrain", "tiny-seq2seq-lora", "tiny-sharegpt", "tiny-alpaca",
+                 "tiny-mixture"]
 
 
 def check_artifact(output: Path) -> dict:
@@ -46,6 +47,12 @@ def test_example_trains_with_falling_loss(example: str, tmp_path: Path) -> None:
     assert manifest["method"] == example_job(example, output).spec.method.type
     assert manifest["precision"] == "fp32"  # auto on CPU
     assert len(manifest["dataset"]["sha256"]) == 64
+    if example == "tiny-mixture":  # 80 sharegpt x2, 30 of 40 alpaca, 40 of 80 chat
+        sources = manifest["dataset"]["sources"]
+        assert [(s["type"], s["records"], s["examples"]) for s in sources] == [
+            ("sharegpt", 80, 160), ("alpaca", 40, 30), ("openai", 80, 40)]
+        assert all(len(s["sha256"]) == 64 for s in sources)
+        assert manifest["dataset"]["trainRecords"] + manifest["dataset"]["evalRecords"] == 230
     nonpad = metrics["nonPadFraction"]
     if example == "tiny-pretrain":  # packed: padding only in the short last block
         assert nonpad > 0.95, metrics

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from kubetune_api.spec import CHAT_TEMPLATE_NAMES
+from kubetune_api.spec import CHAT_TEMPLATE_NAMES, DatasetSpec
 from kubetune_trainer.data import IGNORE_INDEX, DataError
 
 log = logging.getLogger("kubetune")
@@ -89,6 +89,19 @@ def resolve_template(value: str | None) -> str | None:
     if value is None:
         return None
     return BUILTIN_TEMPLATES.get(value, value)
+
+
+def job_template(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The template the job sets on the tokenizer (None: keep the tokenizer's):
+    `dataset.chatTemplate`, else the built-in alpaca template for alpaca records when the
+    tokenizer has none."""
+    template = resolve_template(spec.chat_template)
+    if not template and not tokenizer.chat_template and any(
+            source.type == "alpaca" for source in spec.sources):
+        log.info("the tokenizer has no chat template: alpaca records use the built-in alpaca "
+                 "template (Stanford Alpaca's prompt)")
+        template = BUILTIN_TEMPLATES["alpaca"]
+    return template
 
 
 def chat_example(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,

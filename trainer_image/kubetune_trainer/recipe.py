@@ -61,7 +61,7 @@ from kubetune_trainer import (
     storage,
     strategies,
 )
-from kubetune_trainer.chat import resolve_template
+from kubetune_trainer.chat import job_template
 from kubetune_trainer.checkpoints import CheckpointCallback
 from kubetune_trainer.console import Console, ProgressCallback
 from kubetune_trainer.data import DataError, LoadedData, read_data, training_texts
@@ -237,12 +237,7 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     source = model_source(job, data, workdir)
     tokenizer = load_tokenizer(source, spec.model.revision, spec.model.task,
                                spec.dataset.add_special_tokens)
-    template = resolve_template(spec.dataset.chat_template)
-    if not template and not tokenizer.chat_template and any(
-            source.type == "alpaca" for source in spec.dataset.sources):
-        log.info("the tokenizer has no chat template: alpaca records use the built-in alpaca "
-                 "template (Stanford Alpaca's prompt)")
-        template = resolve_template("alpaca")
+    template = job_template(spec.dataset, tokenizer)
     if template:
         tokenizer.chat_template = template  # also saved with the artifact: inference matches
     if spec.training.objective != Objective.SFT:  # pairs; TRL tokenizes them (preference.py)
