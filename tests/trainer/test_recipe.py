@@ -36,6 +36,24 @@ def check_artifact(output: Path) -> dict:
     return manifest
 
 
+def check_model_card(output: Path, manifest: dict) -> None:
+    """The card is written from the run's facts: base, method, data digests, metrics."""
+    card = (output / "README.md").read_text()
+    assert "More Information Needed" not in card
+    base = str(output / BASE_MODEL_DIR) if manifest["method"] != "full" else "tiny://"
+    assert f"base_model: \"{base}" in card
+    assert f"kubetune {manifest['kubetuneVersion']}" in card
+    assert manifest["dataset"]["sha256"] in card
+    for source in manifest["dataset"]["sources"]:
+        assert f"`{source['path']}` ({source['type']}): {source['records']} records" in card
+        assert source["sha256"] in card
+    metrics = manifest["metrics"]
+    assert f"| trainLoss | {metrics['trainLoss']:.4f} |" in card
+    assert f"| steps | {metrics['steps']} |" in card
+    if metrics["evalLoss"] is not None:
+        assert f"| evalLoss | {metrics['evalLoss']:.4f} |" in card
+
+
 @pytest.mark.parametrize("example", TINY_EXAMPLES)
 def test_example_trains_with_falling_loss(example: str, tmp_path: Path) -> None:
     output = tmp_path / "out"
@@ -47,6 +65,7 @@ def test_example_trains_with_falling_loss(example: str, tmp_path: Path) -> None:
     assert manifest["method"] == example_job(example, output).spec.method.type
     assert manifest["precision"] == "fp32"  # auto on CPU
     assert len(manifest["dataset"]["sha256"]) == 64
+    check_model_card(output, manifest)
     if example == "tiny-mixture":  # 80 sharegpt x2, 30 of 40 alpaca, 40 of 80 chat
         sources = manifest["dataset"]["sources"]
         assert [(s["type"], s["records"], s["examples"]) for s in sources] == [
@@ -89,7 +108,10 @@ def test_lora_trains_only_adapters_and_reloads_identically(tmp_path: Path) -> No
     with torch.no_grad():
         expected = ready.model(**batch).logits
         output = tmp_path / "out"
-        base_model = AutoModelForCausalLM.from_pretrained(output / BASE_MODEL_DIR)
+        # adapter_config.json names the published base_model/, not the deleted temporary one
+        config = json.loads((output / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(output / BASE_MODEL_DIR)
+        base_model = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
         reloaded = PeftModel.from_pretrained(base_model, output).eval()
         assert torch.allclose(reloaded(**batch).logits, expected, atol=1e-5)
 

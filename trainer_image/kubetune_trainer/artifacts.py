@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,8 @@ from kubetune_trainer import __version__
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_MODEL_DIR = "base_model"  # tiny mode: the generated base, so the adapter can be reloaded
 MERGED_DIR = "merged"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CARD = "README.md"
 
 
 class ArtifactError(RuntimeError):
@@ -44,6 +47,62 @@ def verify_adapter(directory: Path) -> None:
 
 def copy_base_model(source: Path, directory: Path) -> None:
     shutil.copytree(source, directory / BASE_MODEL_DIR, dirs_exist_ok=True)
+
+
+def name_base_model(directory: Path, base: str, revision: str | None) -> None:
+    """adapter_config.json names the base the adapter belongs to (PEFT writes the local
+    directory it was loaded from: a cache path, or tiny mode's deleted temporary directory)."""
+    path = directory / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base
+    config["revision"] = revision
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(job: FineTuneJob, directory: Path, base: str,
+                     facts: dict[str, Any]) -> None:
+    """README.md from what the run knows (PEFT's is boilerplate): base model and revision,
+    method and hyperparameters, data sources with digests, metrics, the kubetune version."""
+    spec, t = job.spec, job.spec.training
+    adapter = spec.method.type != "full"
+    front = {"base_model": base, "library_name": "peft" if adapter else "transformers",
+             "tags": ["kubetune", spec.method.type, spec.model.task]}
+    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", "",
+             f"# {job.name}", "",
+             f"{spec.method.type} fine-tune of `{spec.model.name}` (revision "
+             f"`{spec.model.revision or 'default'}`) for {spec.model.task}, trained by "
+             f"kubetune {__version__}.", "", "## Method", ""]
+    if spec.method.lora:
+        lora = spec.method.lora
+        lines.append(f"- LoRA: r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, "
+                     f"target modules {lora.target_modules}")
+    if spec.method.quantization:
+        q = spec.method.quantization
+        lines.append(f"- base quantized to {q.bits} bit ({q.quant_type}, double quant "
+                     f"{q.double_quant})")
+    lines += [f"- objective {t.objective}, {t.epochs} epochs (max steps {t.max_steps}), "
+              f"learning rate {t.learning_rate} ({t.lr_scheduler}), batch "
+              f"{t.per_device_batch_size} x {t.gradient_accumulation_steps} accumulation per "
+              f"device, seed {t.seed}, precision {facts.get('precision', t.precision)}",
+              f"- max sequence length {spec.dataset.max_seq_length}, packing "
+              f"{spec.dataset.packing}", "", "## Data", ""]
+    data = facts.get("dataset", {})
+    for source in data.get("sources") or []:
+        lines.append(f"- `{source['path']}` ({source['type']}): {source['records']} records, "
+                     f"{source['examples']} examples, sha256 `{source['sha256']}`")
+    if data.get("eval"):
+        lines.append(f"- eval: `{data['eval']}`")
+    lines += [f"- {data.get('trainRecords')} training and {data.get('evalRecords')} evaluation "
+              f"examples; data sha256 `{data.get('sha256')}`", "", "## Metrics", "",
+              "| metric | value |", "|---|---|"]
+    metrics = facts.get("metrics", {})
+    for key in ("steps", "firstTrainLoss", "trainLoss", "evalLoss", "evalPerplexity",
+                "evalAccuracy", "evalF1"):
+        if metrics.get(key) is not None:
+            value = metrics[key]
+            lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float)
+                         else f"| {key} | {value} |")
+    (directory / MODEL_CARD).write_text("\n".join(lines) + "\n")
 
 
 def file_digests(directory: Path) -> dict[str, dict[str, Any]]:

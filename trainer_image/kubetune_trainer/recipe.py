@@ -587,12 +587,17 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     logs = ready.workdir / TENSORBOARD_DIR
     if "tensorboard" in spec.training.report_to and logs.is_dir():
         shutil.copytree(logs, staging / TENSORBOARD_DIR, dirs_exist_ok=True)
+    base = spec.model.name
+    if spec.model.name.startswith(TINY_SCHEME) and spec.method.type != MethodType.FULL:
+        base = storage.join(ready.output_uri, artifacts.BASE_MODEL_DIR)  # published beside it
     if spec.method.type != MethodType.FULL:
         artifacts.verify_adapter(staging)
+        artifacts.name_base_model(staging, base, spec.model.revision)
         if spec.model.name.startswith(TINY_SCHEME):
             artifacts.copy_base_model(Path(ready.source), staging)
         if spec.output.merge_adapter:
             merge_adapter(ready, staging)
+    artifacts.write_model_card(ready.job, staging, base, facts)
     if spec.output.samples:
         write_samples(sampling_model(ready, trainer, staging), ready.tokenizer, spec, staging)
     manifest = artifacts.build_manifest(ready.job, staging, **facts)
