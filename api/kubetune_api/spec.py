@@ -326,6 +326,20 @@ def _with_type_defaults(data: Any, default_type: str = "fields") -> Any:
     return data
 
 
+HF_DATASETS = "hf://datasets/"
+
+
+def check_data_path(value: str) -> str:
+    """A Hub dataset path names a file: hf://datasets/<org>/<name>[@<revision>]/<file>
+    (a repository alone gives no file to read)."""
+    if value.startswith(HF_DATASETS):
+        parts = value[len(HF_DATASETS):].split("/")
+        if len(parts) < 3 or not parts[-1]:
+            raise ValueError(f"{value!r} names no file: use hf://datasets/<org>/<name>/<file> "
+                             f"(e.g. hf://datasets/acme/support/train.jsonl)")
+    return value
+
+
 def _inherit(dataset: dict[str, Any], source: Any) -> Any:
     """A mixture source without its own type, format or fields takes the dataset's (fields
     only when the types agree: another type has other defaults)."""
@@ -358,6 +372,11 @@ class SourceSpec(SpecModel):
     @classmethod
     def _type_defaults(cls, data: Any) -> Any:
         return _with_type_defaults(data)
+
+    @field_validator("path")
+    @classmethod
+    def _names_a_file(cls, value: str) -> str:
+        return check_data_path(value)
 
     @model_validator(mode="after")
     def _check(self) -> SourceSpec:
@@ -419,6 +438,11 @@ class DatasetSpec(SpecModel):
         if isinstance(data, dict) and isinstance(data.get("train"), list):
             data = {**data, "train": [_inherit(data, s) for s in data["train"]]}
         return data
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _names_a_file(cls, value: Any) -> Any:
+        return check_data_path(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _mixture_is_one_layout(self) -> DatasetSpec:

@@ -210,3 +210,31 @@ def test_mixture_sources_must_give_the_same_roles() -> None:
                                               {"path": "b", "fields": {"text": "t"}}]})
     with pytest.raises(ValueError, match="set weight or samples, not both"):
         DatasetSpec.model_validate({"train": [{"path": "a", "weight": 1, "samples": 2}]})
+
+
+def test_the_features_cache_key_covers_the_mixture(tmp_path: Path) -> None:
+    """Same data bytes, another weight: another features key (the key holds the spec)."""
+    from kubetune_trainer.features import Tokenization
+    from kubetune_trainer.tiny import train_tokenizer
+
+    tok = train_tokenizer("llama", ["a b c"] * 5)
+    spec = mixture(tmp_path, openai={"weight": 0.5})
+    key = Tokenization(DatasetSpec.model_validate(spec), "causal-lm", tok).fingerprint("d")
+    spec["train"][2]["weight"] = 0.6
+    assert Tokenization(DatasetSpec.model_validate(spec), "causal-lm",
+                        tok).fingerprint("d") != key
+
+
+@pytest.mark.parametrize("path", ["hf://datasets/acme/support", "hf://datasets/acme/support/"])
+def test_a_hub_dataset_path_without_a_file_is_a_spec_error(path: str) -> None:
+    from kubetune_api.load import SpecError, parse_job
+    from support.jobs import MINIMAL_JOB_YAML
+
+    text = MINIMAL_JOB_YAML.replace("train: data.jsonl", f"train: {path}")
+    with pytest.raises(SpecError, match=r"job.yaml:\d+: spec.dataset.train: .*names no file"):
+        parse_job(text, "job.yaml")
+    mixture_text = MINIMAL_JOB_YAML.replace("train: data.jsonl", f"train: [{{path: {path}}}]")
+    with pytest.raises(SpecError, match="names no file"):
+        parse_job(mixture_text, "job.yaml")
+    parse_job(MINIMAL_JOB_YAML.replace("train: data.jsonl",
+                                       "train: hf://datasets/acme/support/train.jsonl"))
