@@ -225,21 +225,22 @@ class FieldsSpec(SpecModel):
         description="Preference objectives: field with the dispreferred response (same "
         "form as chosen)."
     )
-    role: str | None = Field(None, max_length=MAX_SHORT, description="type sharegpt: the key of a message's role "
-                             "(default from).")
-    content: str | None = Field(None, max_length=MAX_SHORT, description="type sharegpt: the key of a message's text "
-                                "(default value).")
-    roles: dict[Annotated[str, Field(max_length=MAX_SHORT)], ChatRole] | None = Field(
-        None, max_length=MAX_PROPERTIES, description="type sharegpt: the record's role names -> system, user, assistant "
-        "or tool; merged over the default {human: user, gpt: assistant, system: system, "
-        "tool: tool}."
+    role: str | None = Field(None, max_length=MAX_SHORT, description="type sharegpt: the "
+                             "key of a message's role (default from).")
+    content: str | None = Field(None, max_length=MAX_SHORT, description="type sharegpt: the "
+                                "key of a message's text (default value).")
+    roles: dict[str, ChatRole] | None = Field(
+        None, max_length=MAX_PROPERTIES, description="type sharegpt: the record's role names "
+        "-> system, user, assistant or tool; merged over the default {human: user, gpt: "
+        "assistant, system: system, tool: tool}."
     )
-    instruction: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the instruction field "
-                                    "(default instruction).")
-    input: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the optional input field, "
-                              "joined to the instruction (default input).")
-    output: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the response field (default "
-                               "output).")
+    instruction: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: "
+                                    "the instruction field (default instruction).")
+    input: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the "
+                              "optional input field, joined to the instruction (default "
+                              "input).")
+    output: str | None = Field(None, max_length=MAX_SHORT, description="type alpaca: the "
+                               "response field (default output).")
 
     @model_validator(mode="after")
     def _check(self) -> FieldsSpec:
@@ -355,7 +356,8 @@ def _inherit(dataset: dict[str, Any], source: Any) -> Any:
 class SourceSpec(SpecModel):
     """One source of a mixture (dataset.train as a list)."""
 
-    path: str = Field(min_length=1, max_length=MAX_URI, description="The data: local path, file://, s3://, gs:// "
+    path: str = Field(min_length=1, max_length=MAX_URI,
+                      description="The data: local path, file://, s3://, gs:// "
                       "or hf://datasets/<id>/<file>.")
     type: RecordType = Field("fields", description="Record shape (default: dataset.type).")
     format: FileFormat = Field("auto", description="File format (default: dataset.format).")
