@@ -15,7 +15,8 @@ CHAT_TEMPLATES := $(TOOLS)/chat-templates
 CHAT_TEMPLATES_WHEEL := axolotl==0.19.0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool checkov
+.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool checkov \
+  e2e-containers push-images
 
 help:
 	@echo "make demo   - set up and run examples/tiny-lora.yaml locally (CPU, tiny model)"
@@ -122,7 +123,7 @@ lint: venv
 	$(BIN)/mypy api/kubetune_api client/kubetune operator/kubetune_operator trainer_image/kubetune_trainer
 
 test: venv tools chat-templates lint
-	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest -m "not containers"
 
 test-fast: venv
 	$(BIN)/pytest -m "not slow and not e2e"
@@ -170,6 +171,17 @@ images:
 # The real operator and trainer processes behind an emulated API server (no cluster needed).
 e2e: venv kubectl
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/e2e -m e2e
+
+# The images (make images), pushed to a registry on a free loopback port and pulled back by
+# digest; the operator and the trainer pods run as podman (runc) containers of them against
+# the emulated API server (tests/containers, docs/e2e.md "Pods as containers").
+e2e-containers: venv kubectl images
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/containers -m containers -rs
+
+# Push the built images to REGISTRY (e.g. registry.example.com/team); docs/helm.md.
+push-images:
+	@test -n "$(REGISTRY)" || { echo "make push-images REGISTRY=host[:port]/namespace" >&2; exit 1; }
+	$(PY) tests/support/images.py --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) push $(REGISTRY) $(PUSH_FLAGS)
 
 # kind + the images + the chart + MinIO, where Docker and kind exist (skips otherwise;
 # KIND_E2E_REQUIRED=1 makes a missing tool fail, as in .github/workflows/e2e-kind.yaml).

@@ -1,7 +1,7 @@
 """Build kubetune's images and push them to a registry, with or without a Docker engine.
 
     python3 tests/support/images.py build [--registry ghcr.io/kubetune] [--tag 0.1.0]
-    python3 tests/support/images.py push TARGET [--registry ...] [--tag ...] [--tls-verify]
+    python3 tests/support/images.py push TARGET [--registry ...] [--tag ...] [--insecure]
     python3 tests/support/images.py registry --port P --root DIR   (loopback, foreground)
 
 `make images` runs `build`, `make push-images` runs `push`; docs/e2e.md ("Images") explains.
@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     built.add_argument("--only", help="comma-separated keys: " + ",".join(i.key for i in IMAGES))
     pushed = sub.add_parser("push")
     pushed.add_argument("target", help="registry/namespace to push to, e.g. 127.0.0.1:5000/kt")
-    pushed.add_argument("--tls-verify", action="store_true", help="HTTPS with verified certs")
+    pushed.add_argument("--insecure", action="store_true",
+                        help="plain HTTP / unverified TLS (a registry on loopback)")
     served = sub.add_parser("registry")
     served.add_argument("--port", type=int, required=True)
     served.add_argument("--root", type=Path, required=True)
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only: unknown images {sorted(unknown)}")
         print(summary(build(args.registry, tag, only)))
     elif args.command == "push":
-        for key, reference in push(args.target, args.registry, tag, args.tls_verify).items():
+        for key, reference in push(args.target, args.registry, tag, not args.insecure).items():
             print(f"{key}: {reference}")
     else:
         config = WORK / f"registry-{args.port}.yml"
