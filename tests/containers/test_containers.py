@@ -144,7 +144,7 @@ def test_tiny_lora_on_two_nodes_to_s3(cluster: ContainerCluster, s3_server: Moto
 
 def test_killed_rank_container_restarts_the_gang_and_resumes(
         cluster: ContainerCluster, s3_server: MotoServer, s3: s3fs.S3FileSystem) -> None:
-    bucket = run_example(cluster, s3_server, "gang", training={"maxSteps": 100},
+    bucket = run_example(cluster, s3_server, "gang", training={"maxSteps": 40},
                          checkpoint={"everySteps": 10, "keepLast": 2})
 
     def checkpoints() -> list[str]:
