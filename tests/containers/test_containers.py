@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import s3fs
 
+from kubetune_api import contract
 from support import images
 from support.containers import ContainerPodRunner, OperatorContainer
 from support.e2e_cluster import (
@@ -129,8 +130,9 @@ def test_tiny_lora_on_two_nodes_to_s3(cluster: ContainerCluster, s3_server: Moto
     status = cluster.wait_finished("lora", RUN_TIMEOUT)
     assert status["phase"] == "Succeeded", cluster.diagnostics()
     assert_ran_as_containers(cluster, ["lora-a1-0", "lora-a1-1"])
-    root = f"{bucket}/lora"
-    manifest = json.loads(s3.cat(f"{root}/manifest.json"))
+    root = status["output"]["uri"].removeprefix("s3://")
+    assert root == f"{bucket}/lora"
+    manifest = json.loads(s3.cat(f"{root}/{contract.MANIFEST_FILE}"))
     assert manifest["worldSize"] == 2 and manifest["metrics"]["steps"] == 20
     local = tmp_path / "adapter"
     s3.get(f"{root}/", str(local), recursive=True)
@@ -149,7 +151,8 @@ def test_killed_rank_container_restarts_the_gang_and_resumes(
 
     def checkpoints() -> list[str]:
         s3.invalidate_cache()
-        return s3.glob(f"{bucket}/gang/checkpoints/checkpoint-*/*")
+        return s3.glob(f"{bucket}/gang/{contract.CHECKPOINTS_SUBDIR}/checkpoint-*/"
+                       f"{contract.CHECKPOINT_MARKER_FILE}")
     cluster.wait(checkpoints, "a checkpoint", RUN_TIMEOUT)
     assert cluster.runner is not None
     cluster.runner.crash("gang-a1-1")  # every process of rank 1's container: SIGKILL
@@ -157,7 +160,7 @@ def test_killed_rank_container_restarts_the_gang_and_resumes(
     assert status["phase"] == "Succeeded", cluster.diagnostics()
     assert (status["attempt"], status["restarts"]) == (2, 1)
     assert cluster.runner.exit_codes["gang-a1-1"] == 137
-    manifest = json.loads(s3.cat(f"{bucket}/gang/manifest.json"))
+    manifest = json.loads(s3.cat(f"{bucket}/gang/{contract.MANIFEST_FILE}"))
     assert manifest["resumedFromStep"] >= 10
     assert "resuming from" in cluster.runner.log("gang-a2-0")
 

@@ -294,7 +294,9 @@ def push(target: str, registry: str, tag: str, tls_verify: bool) -> dict[str, st
         remote = image.name(target, tag)
         digest_file = WORK / f"{image.key}.digest"
         WORK.mkdir(parents=True, exist_ok=True)
-        run(["podman", "push", f"--tls-verify={str(tls_verify).lower()}", "--digestfile",
+        # zstd: the trainer's 2.4 GB of layers compress several times faster than with gzip.
+        run(["podman", "push", f"--tls-verify={str(tls_verify).lower()}",
+             "--compression-format", "zstd", "--digestfile",
              str(digest_file), local, remote])
         pushed[image.key] = f"{target}/{image.repository}@{digest_file.read_text().strip()}"
     return pushed
