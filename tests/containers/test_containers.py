@@ -182,4 +182,4 @@ def test_bad_dataset_row_exits_2_and_the_job_fails_naming_the_row(
              if pod.startswith("bad-")}
     assert 2 in codes.values(), codes
     message = json.dumps(status)
-    assert "bad.jsonl" in message and ":3" in message, status
+    assert f"s3://{bucket}/bad.jsonl:3" in message, status  # the file and the line
