@@ -265,6 +265,15 @@ class ContainerPodRunner(PodRunner):
         self.processes[meta["uid"]] = PodProcess(process, log_path, files.termination_log, grace)
         self._write_status(pod, "Running", {"running": {"startedAt": now_stamp()}})
 
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        # The marker finds a container's processes only where its env reached them; removing
+        # the containers by name leaves none behind whatever happened.
+        names = [f"kt-{uid}" for uid in self.processes]
+        if names:
+            subprocess.run([*PODMAN, "rm", "--force", "--time", "0", "--ignore", *names],
+                           capture_output=True)
+
     def _pod_files(self, pod: JsonDict, container: JsonDict, pod_dir: Path) -> PodFiles:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         fs_group = (pod["spec"].get("securityContext") or {}).get("fsGroup")
