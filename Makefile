@@ -15,13 +15,15 @@ CHAT_TEMPLATES := $(TOOLS)/chat-templates
 CHAT_TEMPLATES_WHEEL := axolotl==0.19.0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help demo test test-fast lint e2e bench clean lock images kind-e2e tools kubectl promtool checkov \
-  e2e-containers push-images
+.PHONY: help demo test test-fast matrix gpu-check lint e2e bench clean lock images kind-e2e tools kubectl \
+  promtool checkov e2e-containers push-images
 
 help:
 	@echo "make demo   - set up and run examples/tiny-lora.yaml locally (CPU, tiny model)"
 	@echo "make test   - set up and run lint + the whole test suite (what CI runs)"
 	@echo "make lint   - ruff + mypy"
+	@echo "make gpu-check - one-GPU check: gpu tests, 8B LoRA/QLoRA/ZeRO-3 tokens/s, MFU, memory"
+	@echo "make matrix - every cell of the strategy matrix (2-rank CPU runs; slow)"
 	@echo "make bench  - benchmarks in bench/"
 	@echo "make faults - the fault table (tests/e2e/faults.py; make test runs it too)"
 
@@ -125,11 +127,22 @@ lint: venv
 test: venv tools chat-templates lint
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest -m "not containers"
 
+# Every cell of the strategy matrix (docs/trainer.md#strategy-matrix): 2-rank CPU runs, about
+# a minute or more each on 2 cores. `make test` runs one cell per strategy.
+matrix: venv
+	KUBETUNE_MATRIX=all $(BIN)/pytest tests/trainer/test_strategy_matrix.py
+
 test-fast: venv
 	$(BIN)/pytest -m "not slow and not e2e"
 
 bench: venv
 	$(BIN)/python bench/trainer_cpu.py
+
+# One CUDA GPU, under 8 minutes: the gpu tests, LoRA/QLoRA on a random Llama-3-8B at seq 2048
+# (SDPA and FlashAttention-2) and ZeRO-3 LoRA; tokens/s, MFU, peak memory per case
+# (bench/gpu_check.py, docs/benchmarks.md). `make gpu-check ARGS=--tiny` smoke-runs it on CPU.
+gpu-check: venv
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/python bench/gpu_check.py $(ARGS)
 
 lock:
 	{ echo '# Exact versions of the CPU stack (make venv, CI, Dockerfiles). Regenerate: make lock'; \

@@ -42,6 +42,21 @@ def test_examples_are_valid() -> None:
         load_job(path)
 
 
+# Hub organisations whose models are gated (a licence to accept, then a token): meta-llama's
+# Llama 2/3 and mistralai's instruct models. Without a token their download fails with 401.
+GATED_ORGS = ("meta-llama/", "mistralai/", "google/gemma")
+
+
+def test_examples_of_gated_models_carry_a_token_secret() -> None:
+    gated = []
+    for path in sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml")):
+        model = load_job(path).spec.model
+        if model.name.startswith(GATED_ORGS):
+            gated.append(path.name)
+            assert model.token_secret is not None, f"{path.name}: no spec.model.tokenSecret"
+    assert len(gated) == 3, gated
+
+
 def _error(yaml_text: str) -> str:
     with pytest.raises(SpecError) as info:
         parse_job(textwrap.dedent(yaml_text), source="job.yaml")

@@ -117,11 +117,54 @@ def test_fsdp_and_ddp_arguments(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="fsdp needs CUDA GPUs"):
         strategies.strategy_arguments(job.spec, Precision("fp32"), cuda=False)
     args = strategies.strategy_arguments(job.spec, Precision("bf16"), cuda=True)
-    assert args["fsdp"] == "full_shard auto_wrap"
-    assert args["fsdp_config"]["use_orig_params"] and args["fsdp_config"]["limit_all_gathers"]
+    assert args["fsdp"] is True and args["fsdp_config"]["limit_all_gathers"]
     assert args["fsdp_config"]["activation_checkpointing"] is True
     job.spec.training.strategy = "ddp"  # type: ignore[assignment]
     assert strategies.strategy_arguments(job.spec, Precision("bf16"), cuda=False) == {}
+
+
+def test_fsdp2_settings_are_explicit_and_only_node_leaders_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the Trainer's TrainingArguments make of the FSDP arguments (FSDP2, a full state dict
+    at save, rank-0 loading), and what from_pretrained reads to load on node leaders only."""
+    from transformers import TrainingArguments
+    from transformers.distributed import fsdp as hf_fsdp
+
+    for name in strategies.FSDP_LOADING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    job = example_job("tiny-lora", tmp_path, training={"strategy": "fsdp"})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                             **strategies.fsdp_arguments(job.spec))
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"
+    assert args.fsdp_plugin_args["cpu_ram_efficient_loading"] is True
+    monkeypatch.setattr(hf_fsdp, "_is_torch_distributed_initialized", lambda: True)
+    assert not hf_fsdp.is_fsdp_enabled()  # the arguments alone: every rank would load it all
+    strategies.prepare_loading(job.spec)
+    assert hf_fsdp.is_fsdp_enabled()
+    with strategies.unsharded_loading():  # the reloads after training: rank 0 alone, whole
+        assert not hf_fsdp.is_fsdp_enabled()
+    assert hf_fsdp.is_fsdp_enabled()
+
+
+def test_reloads_after_training_leave_zero3_sharded_loading_aside(tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    job = example_job("tiny-lora", tmp_path, training={"strategy": "deepspeed-zero3"})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                             **strategies.strategy_arguments(job.spec, Precision("fp32"), False))
+    try:
+        assert is_deepspeed_zero3_enabled()  # what from_pretrained reads: load sharded
+        with strategies.unsharded_loading():
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()  # back for the rest of the run
+    finally:
+        unset_hf_deepspeed_config()  # the global outlives this test otherwise
+    assert args.deepspeed
 
 
 @pytest.mark.parametrize(("strategy", "storage", "device_map"), [
@@ -133,10 +176,13 @@ def test_fsdp_and_ddp_arguments(tmp_path: Path) -> None:
 def test_qlora_placement_traps(tmp_path: Path, strategy: str, storage: torch.dtype | None,
                                device_map: dict | None) -> None:
     job = example_job("tiny-qlora", tmp_path, training={"strategy": strategy})
-    assert strategies.quant_storage(job.spec, torch.bfloat16) == storage
+    # The storage follows the training precision, not the compute dtype: ZeRO-3 and FSDP2
+    # cast every parameter to the mixed-precision dtype, packed 4-bit bytes included.
+    job.spec.method.quantization.compute_dtype = "float16"  # type: ignore[union-attr]
+    assert strategies.quant_storage(job.spec, Precision("bf16")) == storage
     assert strategies.device_map(job.spec, 3) == device_map
     lora = example_job("tiny-lora", tmp_path, training={"strategy": strategy})
-    assert strategies.quant_storage(lora.spec, torch.bfloat16) is None
+    assert strategies.quant_storage(lora.spec, Precision("bf16")) is None
     # Every method loads straight onto the rank's GPU unless the strategy shards; on CPU in place.
     assert strategies.device_map(lora.spec, 3) == device_map
     assert strategies.device_map(lora.spec, "cpu") is None
@@ -180,3 +226,31 @@ def test_sigterm_after_publishing_is_not_a_preemption(tmp_path: Path,
     assert not already_published()  # a crash message is not a success
     log.write_text('{"uri": "s3://b/out", "manifestSha256": "ab12"}')
     assert already_published()
+
+
+@pytest.mark.parametrize(("strategy", "precision", "refused"), [
+    ("deepspeed-zero3", "fp32", True),  # fp32 storage under ZeRO-3 breaks the 4-bit unpacking
+    ("fsdp", "fp32", True),
+    ("deepspeed-zero3", "bf16", False),
+    ("ddp", "fp32", False),  # uint8 storage, nothing flattens it
+])
+def test_sharded_qlora_needs_a_half_precision(tmp_path: Path, strategy: str, precision: str,
+                                              refused: bool) -> None:
+    job = example_job("tiny-qlora", tmp_path, training={"strategy": strategy})
+    if refused:
+        with pytest.raises(SpecError, match=f"spec.training.precision: qlora under {strategy}"):
+            strategies.check_precision(job.spec, Precision(precision))
+    else:
+        strategies.check_precision(job.spec, Precision(precision))
+
+
+def test_parameter_counts_read_zero3_placeholders_whole() -> None:
+    """Under ZeRO-3 every rank's parameter is an empty placeholder; ds_numel is its size."""
+    from kubetune_trainer.modeling import parameter_counts
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    for param, whole in zip(model.parameters(), (32, 8, 16, 2), strict=True):
+        param.data = torch.empty(0)
+        param.ds_numel = whole  # type: ignore[attr-defined]
+    assert parameter_counts(model) == (18, 58)

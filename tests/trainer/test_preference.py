@@ -239,6 +239,9 @@ def test_qlora_dpo_on_conversational_pairs_with_checkpointing(tmp_path: Path) ->
         "maxSeqLength": 64}, training={"gradientCheckpointing": True})
     ready, trainer = built_trainer(job, output)
     assert any(type(m).__name__ == "Linear4bit" for m in ready.model.modules())
+    # TRL casts a quantized model's adapters to bf16; the recipe's choice (fp32 masters) holds.
+    trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert trained == {torch.float32}
     assert ready.model.get_base_model().is_activation_checkpointing
     assert isinstance(trainer.train_dataset[0]["prompt"], list)  # rendered by the template
     result = recipe.run(job)

@@ -57,10 +57,20 @@ def test_sigterm_before_training_stops_at_once_and_during_training_waits() -> No
         callback.restore()
 
 
-def test_trainable_weights_stay_fp32_when_the_base_loads_in_half(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("strategy", "trained_dtype"), [
+    ("ddp", torch.float32),  # AMP: fp32 master weights on the model
+    ("deepspeed-zero2", torch.float32),
+    # ZeRO-3/FSDP flatten the head with the bf16 base and keep fp32 masters themselves: an fp32
+    # head failed ZeRO-3's first step ("mat1 and mat2 must have the same dtype").
+    ("deepspeed-zero3", torch.bfloat16),
+    ("fsdp", torch.bfloat16),
+])
+def test_trainable_weights_dtype_when_the_base_loads_in_half(
+        tmp_path: Path, strategy: str, trained_dtype: torch.dtype) -> None:
     build_tiny_model("bert", ["the meal was great", "the hotel was awful"] * 20, tmp_path,
                      max_positions=32, seed=0)
-    job = example_job("tiny-full-classification", tmp_path / "out")
+    job = example_job("tiny-full-classification", tmp_path / "out",
+                      training={"strategy": strategy})
     job.spec.method = job.spec.method.model_validate({"type": "lora"})
     tok = load_tokenizer(str(tmp_path), None, "sequence-classification")
     model = load_model(job.spec, str(tmp_path), tok, Precision("bf16"), ["negative", "positive"])
@@ -68,7 +78,7 @@ def test_trainable_weights_stay_fp32_when_the_base_loads_in_half(tmp_path: Path)
     model = make_trainable(model, job.spec)
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in trainable)  # the new head trains (modules_to_save)
-    assert set(trainable.values()) == {torch.float32}
+    assert set(trainable.values()) == {trained_dtype}
 
 
 @pytest.mark.parametrize(("strategy", "on_the_model"), [("ddp", True), ("fsdp", False)])
@@ -105,7 +115,7 @@ def test_sharded_qlora_is_not_prepared_like_single_device_qlora(
     tok = load_tokenizer(str(tmp_path), None, "causal-lm")
     model = load_model(job.spec, str(tmp_path), tok, Precision("bf16"), None,
                        device_map={"": "cpu"},
-                       quant_storage=strategies.quant_storage(job.spec, torch.bfloat16))
+                       quant_storage=strategies.quant_storage(job.spec, Precision("bf16")))
     model = make_trainable(model, job.spec)
     assert bool(calls) is prepared
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {adapter_dtype}

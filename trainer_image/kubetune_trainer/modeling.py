@@ -180,14 +180,23 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
     if adapter is None:
         return model
     _check_new_tokens_train(model, spec)
-    if spec.method.type == MethodType.QLORA and sharded:
-        # Adapters stay in the storage dtype: FSDP/ZeRO-3 flatten them with the base weights,
-        # which needs one dtype (peft#2016); mixed precision keeps the optimizer in fp32.
+    if sharded:
+        # Adapters and trained copies (modules_to_save) stay in the base's dtype: ZeRO-3 and
+        # FSDP flatten them with the base weights, which needs one dtype (peft#2016), and keep
+        # fp32 master copies in the optimizer themselves. An fp32 head beside a bf16 base made
+        # ZeRO-3's first step fail ("mat1 and mat2 must have the same dtype").
         return get_peft_model(model, adapter,  # type: ignore[return-value]
                               autocast_adapter_dtype=False)
     model = get_peft_model(model, adapter)  # type: ignore[assignment]
-    # peft upcasts adapter layers only; a new head (modules_to_save) loaded in fp16 would make
-    # the fp16 grad scaler fail and train in bf16 otherwise. Trainable weights stay fp32.
+    return upcast_trainable(model)
+
+
+def upcast_trainable(model: PreTrainedModel) -> PreTrainedModel:
+    """Trainable weights in fp32 (AMP keeps master weights there), frozen ones as loaded.
+
+    peft upcasts adapter layers only; a new head (modules_to_save) loaded in fp16 would make
+    the fp16 grad scaler fail and train in bf16 otherwise. Not under ZeRO-3/FSDP (see
+    make_trainable)."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -208,10 +217,13 @@ def _check_new_tokens_train(model: PreTrainedModel, spec: FineTuneJobSpec) -> No
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total); 4-bit weights count their logical size, not their packed one."""
+    """(trainable, total); 4-bit weights count their logical size, not their packed one.
+
+    Under ZeRO-3 a parameter is an empty placeholder on every rank (numel() is 0) and its
+    whole size is DeepSpeed's `ds_numel`."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()
         if param.__class__.__name__ == "Params4bit":  # two 4-bit values per storage byte
             n *= param.element_size() * 2
         total += n

@@ -222,8 +222,10 @@ def _trainer_and_collator(spec: FineTuneJobSpec,
 
     class KubetuneDPOTrainer(FrozenHeapTrainer, DPOTrainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            chosen = trainable_dtypes(kwargs["model"])
             super().__init__(*args, **kwargs)
             drop_reference_adapter(self.model)
+            restore_dtypes(self.model, chosen)
 
         def _send_telemetry(self) -> None:  # pods never phone home
             pass
@@ -245,6 +247,21 @@ def reference_model(ready: Setup) -> PreTrainedModel | None:
         ready.source, revision=spec.model.revision, dtype=ready.precision.dtype)
     reference.requires_grad_(False)
     return reference.eval()
+
+
+def trainable_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Trainable weights back in the dtype make_trainable chose. TRL's DPOTrainer casts the
+    adapters of a quantized model to bf16 whatever the training precision (trl#2889's
+    workaround): fp32 AMP masters became bf16, and under fp16 the grad scaler refuses bf16
+    grads. Done before the optimizer exists, so it optimizes these very tensors."""
+    for name, param in model.named_parameters():
+        wanted = dtypes.get(name)
+        if wanted is not None and param.dtype != wanted:
+            param.data = param.data.to(wanted)
 
 
 def drop_reference_adapter(model: Any) -> None:

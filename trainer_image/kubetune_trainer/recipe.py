@@ -49,7 +49,6 @@ from kubetune_api.spec import (
     FineTuneJobSpec,
     MethodType,
     Objective,
-    Strategy,
     Task,
 )
 from kubetune_trainer import (
@@ -76,7 +75,6 @@ from kubetune_trainer.losses import loss_function_for
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
-    compute_dtype,
     load_model,
     load_tokenizer,
     make_trainable,
@@ -234,6 +232,7 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     cache = data_dir or workdir / DATA_DIR
     data = read_data(spec.dataset, spec.model.task, spec.training.seed, cache)
     precision = resolve_precision(spec.training.precision, torch.cuda.is_available())
+    strategies.check_precision(spec, precision)
     source = model_source(job, data, workdir)
     tokenizer = load_tokenizer(source, spec.model.revision, spec.model.task,
                                spec.dataset.add_special_tokens)
@@ -255,10 +254,10 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     args = training_arguments(job, precision, workdir, has_eval=eval_features is not None,
                               cuda=torch.cuda.is_available(),
                               config=arguments_class(job))
-    compute = compute_dtype(spec, precision)
+    strategies.prepare_loading(spec)
     model = load_model(spec, source, tokenizer, precision, data.label_names,
                        device_map=strategies.device_map(spec, local_device()),
-                       quant_storage=strategies.quant_storage(spec, compute),
+                       quant_storage=strategies.quant_storage(spec, precision),
                        cuda=torch.cuda.is_available())
     return Setup(job, output_uri, workdir, precision, data, source, tokenizer, args,
                  make_trainable(model, spec), train_features, eval_features,
@@ -609,32 +608,37 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
 
 def sampling_model(ready: Setup, trainer: Trainer, staging: Path) -> PreTrainedModel:
     """The trained model, whole on rank 0: the one in memory, or under FSDP/ZeRO-3 (where rank 0
-    holds only a shard) a fresh load of what was just saved."""
-    if ready.job.spec.training.strategy not in (Strategy.FSDP, Strategy.DEEPSPEED_ZERO3):
+    holds only a shard) a fresh load of what was just saved. Rank 0 loads alone, the other
+    ranks have finished: never through the strategy's sharded loading (strategies.py)."""
+    if not strategies.shards_parameters(ready.job.spec):
         return trainer.model  # type: ignore[return-value]
     spec = ready.job.spec.model_copy(deep=True)
     spec.training.pretrain = False
-    if spec.method.type == MethodType.FULL:
-        return load_model(spec, str(staging), ready.tokenizer, ready.precision,
-                          ready.data.label_names, device_map=local_device())
-    from peft import PeftModel
+    cuda = torch.cuda.is_available()
+    with strategies.unsharded_loading():
+        if spec.method.type == MethodType.FULL:
+            return load_model(spec, str(staging), ready.tokenizer, ready.precision,
+                              ready.data.label_names, device_map=local_device(), cuda=cuda)
+        from peft import PeftModel
 
-    base = load_model(spec, ready.source, ready.tokenizer, ready.precision,
-                      ready.data.label_names, device_map=local_device())
-    return PeftModel.from_pretrained(base, str(staging))  # type: ignore[return-value]
+        base = load_model(spec, ready.source, ready.tokenizer, ready.precision,
+                          ready.data.label_names, device_map=local_device(), cuda=cuda)
+        return PeftModel.from_pretrained(base, str(staging))  # type: ignore[return-value]
 
 
 def merge_adapter(ready: Setup, staging: Path) -> None:
-    """Merge into a fresh, unquantized copy of the base (a 4-bit base cannot hold the sum)."""
+    """Merge into a fresh, unquantized copy of the base (a 4-bit base cannot hold the sum),
+    loaded by rank 0 alone outside the strategy's sharded loading (strategies.py)."""
     from peft import PeftModel
 
     spec = ready.job.spec
     base_spec = spec.model_copy(deep=True)
     base_spec.method.type = MethodType.LORA
     base_spec.method.quantization = None
-    base = load_model(base_spec, ready.source, ready.tokenizer, ready.precision,
-                      ready.data.label_names)
-    merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
+    with strategies.unsharded_loading():
+        base = load_model(base_spec, ready.source, ready.tokenizer, ready.precision,
+                          ready.data.label_names, cuda=torch.cuda.is_available())
+        merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
     merged.save_pretrained(staging / artifacts.MERGED_DIR)
     ready.tokenizer.save_pretrained(staging / artifacts.MERGED_DIR)
 

@@ -1,6 +1,7 @@
 """output.samples: what the trained model says to a few prompts, published as samples.jsonl.
 
-Greedy decoding, so the file is reproducible. Prompts are written the way the data was: a
+Greedy decoding, so the file is reproducible; rank 0 alone generates (recipe.save), with no
+collective. Prompts are written the way the data was: a
 `messages` dataset's prompt becomes one user turn rendered with the chat template (with the
 generation prompt), any other layout uses the prompt text as is.
 """
@@ -44,9 +45,12 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     inputs: dict[str, Any] = dict(tokenizer(text, return_tensors="pt"))
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    # synced_gpus=False: rank 0 generates alone after the other ranks have finished. Under
+    # ZeRO-3/FSDP transformers defaults to syncing every rank at each new token, an all-reduce
+    # with ranks that are gone (gloo: "Connection closed by peer"; NCCL: a hang).
     output = model.generate(  # type: ignore[operator]  # GenerationMixin, not nn.Module
         **inputs, max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id)
+        pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
     if spec.model.task == Task.CAUSAL_LM:  # the output repeats the prompt first
         output = output[:, inputs["input_ids"].shape[1]:]
     return str(tokenizer.decode(output[0], skip_special_tokens=True))

@@ -7,6 +7,9 @@ defaults are right for the common case and every knob stays reachable.
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -61,16 +64,51 @@ def _offloads_optimizer(config: dict[str, Any]) -> bool:
     return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
 
 
+# What transformers' from_pretrained reads (transformers.distributed.fsdp.is_fsdp_enabled) to
+# load real weights on each node's first rank only and empty (meta) ones on the others;
+# accelerate's FSDP2 preparation then broadcasts them. Nothing else sets ACCELERATE_USE_FSDP
+# outside `accelerate launch`, so without these every rank loaded the whole model into RAM.
+FSDP_LOADING_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+
+
 def fsdp_arguments(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """FSDP2 (`fully_shard`), named rather than left to transformers' default. FSDP1's
+    use_orig_params and sync_module_states do not exist there: FSDP2 shards each parameter
+    itself (frozen and trainable mix freely) and cpu_ram_efficient_loading broadcasts rank 0's
+    weights."""
     config = {
-        "use_orig_params": True,  # LoRA mixes frozen and trainable params in one wrapped unit
-        "sync_module_states": True,
+        "version": 2,
+        "reshard_after_forward": True,  # full shard (ZeRO-3 like)
         "cpu_ram_efficient_loading": True,
         "state_dict_type": "FULL_STATE_DICT",  # a plain HF-loadable file at save time
         "activation_checkpointing": spec.training.gradient_checkpointing,
     }
-    return {"fsdp": "full_shard auto_wrap",
+    return {"fsdp": True,  # the sharding lives in fsdp_config (strings are deprecated)
             "fsdp_config": deep_merge(config, spec.training.strategy_config)}
+
+
+def prepare_loading(spec: FineTuneJobSpec) -> None:
+    """Before the model loads: under FSDP, only each node's first rank reads the weights."""
+    if spec.training.strategy == Strategy.FSDP:
+        os.environ.update(FSDP_LOADING_ENV)
+
+
+@contextmanager
+def unsharded_loading() -> Iterator[None]:
+    """from_pretrained as in a single process, for the reloads after training (samples, merge)
+    that rank 0 does alone: no ZeRO-3 sharded init (it broadcasts to ranks that have already
+    left: gloo "Connection closed by peer", NCCL a hang until the collective timeout; with a
+    device_map it refuses outright) and no FSDP rank-0 loading."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    zero3 = hf_deepspeed._hf_deepspeed_config_weak_ref
+    saved = {name: os.environ.pop(name) for name in FSDP_LOADING_ENV if name in os.environ}
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3
+        os.environ.update(saved)
 
 
 def strategy_arguments(spec: FineTuneJobSpec, precision: Precision,
@@ -92,12 +130,26 @@ def shards_parameters(spec: FineTuneJobSpec) -> bool:
     return spec.training.strategy in (Strategy.FSDP, Strategy.DEEPSPEED_ZERO3)
 
 
-def quant_storage(spec: FineTuneJobSpec, compute: torch.dtype) -> torch.dtype | None:
-    """QLoRA under ZeRO-3/FSDP stores packed 4-bit weights in the compute dtype so they flatten
-    with the other parameters (peft#2016, peft#1432); other strategies keep uint8."""
+def quant_storage(spec: FineTuneJobSpec, precision: Precision) -> torch.dtype | None:
+    """QLoRA under ZeRO-3/FSDP stores packed 4-bit weights in the training precision's dtype so
+    they flatten with the other parameters (peft#2016, peft#1432); other strategies keep uint8.
+
+    Not the compute dtype: DeepSpeed and FSDP2 cast every parameter to the mixed-precision
+    dtype, and a cast of packed bytes destroys them (fp16 storage under bf16 FSDP2 changed the
+    loss; fp32 storage under ZeRO-3 crashed reshaping the weights)."""
     if spec.method.type == MethodType.QLORA and shards_parameters(spec):
-        return compute
+        return precision.dtype
     return None
+
+
+def check_precision(spec: FineTuneJobSpec, precision: Precision) -> None:
+    """Combinations that cannot train, refused before anything starts (exit 2)."""
+    if (spec.method.type == MethodType.QLORA and shards_parameters(spec)
+            and precision.name == "fp32"):
+        raise SpecError(f"spec.training.precision: qlora under {spec.training.strategy} needs "
+                        f"bf16 (or fp16 on GPUs): the sharded 4-bit weights are stored in the "
+                        f"training dtype, and fp32 storage breaks their unpacking (resolved "
+                        f"precision here: fp32); set precision bf16 or use strategy ddp")
 
 
 def device_map(spec: FineTuneJobSpec, local_device: str | int) -> dict[str, Any] | None:

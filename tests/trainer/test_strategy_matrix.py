@@ -1,0 +1,190 @@
+"""The strategy matrix on CPU: 2 ranks (`kubetune run --nodes 2`, gloo), each cell trains,
+publishes, and its published artifact reloads to the model that was trained, or the cell is
+refused before anything starts, naming the field and the reason.
+
+"The model that was trained": the run's final evaluation (manifest `evalLoss`) is computed by
+the trained model as the strategy holds it (sharded under ZeRO-3); the test evaluates the
+published adapter (on the published base), the merged model and, for contrast, the untrained
+base on the same eval data. The reloads must match the run, the base must not.
+`samples.jsonl` must be what the reloaded artifact generates.
+
+`make test` runs the cells marked CI (one per strategy). `make matrix` runs every cell
+(KUBETUNE_MATRIX=all); docs/trainer.md has the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from kubetune_api import contract
+from kubetune_api.load import validate_job
+from kubetune_trainer import artifacts, preference, recipe
+from kubetune_trainer.modeling import load_model
+from kubetune_trainer.samples import SAMPLES_FILE, write_samples
+from support.jobs import ROOT, example_dict
+
+pytestmark = pytest.mark.slow
+ALL_CELLS = os.environ.get("KUBETUNE_MATRIX") == "all"
+PROMPTS = ["How do I reset my password?"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    strategy: str
+    method: str  # full | lora | qlora
+    precision: str  # fp32 | bf16
+    task: str = "causal-lm"  # or sequence-classification (LoRA: the head is in modules_to_save)
+    objective: str = "sft"
+    new_tokens: bool = False  # dataset.addSpecialTokens + embeddings in modulesToSave
+    ci: bool = False  # runs in `make test`
+    refused: str | None = None  # the error `kubetune run` exits 2 with, before training
+
+    @property
+    def id(self) -> str:
+        parts = [self.strategy, self.method, self.precision, self.task, self.objective]
+        return "-".join(parts) + ("-newtokens" if self.new_tokens else "")
+
+
+CELLS = [
+    Cell("ddp", "lora", "bf16", new_tokens=True, ci=True),
+    Cell("ddp", "full", "fp32", "sequence-classification"),
+    Cell("ddp", "qlora", "bf16"),
+    Cell("ddp", "lora", "fp32", objective="dpo"),
+    Cell("deepspeed-zero2", "lora", "bf16", "sequence-classification", ci=True),
+    Cell("deepspeed-zero2", "full", "bf16"),
+    Cell("deepspeed-zero2", "qlora", "fp32"),
+    Cell("deepspeed-zero3", "lora", "bf16", new_tokens=True, ci=True),
+    Cell("deepspeed-zero3", "lora", "bf16", "sequence-classification"),
+    Cell("deepspeed-zero3", "full", "fp32"),
+    Cell("deepspeed-zero3", "qlora", "bf16"),
+    Cell("deepspeed-zero3", "lora", "bf16", objective="dpo"),
+    Cell("deepspeed-zero3", "qlora", "fp32",
+         refused="spec.training.precision: qlora under deepspeed-zero3 needs bf16"),
+]
+
+
+def job_dict(cell: Cell, output: Path) -> dict[str, Any]:
+    example = {"sequence-classification": "tiny-full-classification"}.get(
+        cell.task, "tiny-dpo" if cell.objective == "dpo" else "tiny-lora")
+    data = example_dict(example)
+    spec = data["spec"]
+    spec["method"] = {"type": cell.method}
+    if cell.method != "full":
+        spec["method"]["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0}
+    if cell.method == "qlora":
+        spec["method"]["quantization"] = {"bits": 4}
+    if cell.new_tokens:
+        spec["dataset"]["addSpecialTokens"] = ["<|ticket|>"]
+        spec["method"]["lora"]["modulesToSave"] = ["embed_tokens", "lm_head"]
+    spec["training"].update(strategy=cell.strategy, precision=cell.precision, maxSteps=6,
+                            learningRate=5e-3, logEverySteps=2)
+    spec["resources"] = {"nodes": 2, "gpusPerNode": 0}
+    spec["output"] = {"uri": str(output), "mergeAdapter": cell.method != "full"}
+    if cell.task == "causal-lm":
+        spec["output"]["samples"] = {"prompts": PROMPTS, "maxNewTokens": 8}
+    return data
+
+
+def run_cell(cell: Cell, tmp_path: Path) -> tuple[int, str, dict[str, Any]]:
+    output = tmp_path / "out"
+    data = job_dict(cell, output)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "kubetune_api.cli", "run", str(config),
+                           "--nodes", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1500)
+    log = proc.stdout + proc.stderr
+    (tmp_path / "run.log").write_text(log)
+    return proc.returncode, log, data
+
+
+def first_error(log: str) -> str:
+    """The first traceback's end (the cause); the tail of the log is torchrun's teardown."""
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), None)
+    if start is None:
+        return log[-3000:]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and lines[i][0] != " "
+                and not lines[i].startswith("Traceback")), len(lines) - 1)
+    return "\n".join(lines[max(start, end - 30):end + 1])
+
+
+def reloaded(ready: recipe.Setup, folder: Path, adapter: bool) -> Any:
+    """The published model as a user loads it: the adapter on the published base, or the
+    whole model in `folder`."""
+    spec = ready.job.spec.model_copy(deep=True)
+    spec.method.quantization = None  # the merge's and a user's view: an unquantized base
+    base = folder / artifacts.BASE_MODEL_DIR if adapter else folder
+    model = load_model(spec, str(base), ready.tokenizer, ready.precision,
+                       ready.data.label_names)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    return model.eval()
+
+
+def eval_loss(ready: recipe.Setup, model: Any) -> float:
+    """The run's final evaluation, repeated on `model` (same data, collator, loss)."""
+    ready = dataclasses.replace(ready, model=model)
+    if ready.job.spec.training.objective == "dpo":
+        trainer = preference.build_trainer(ready, [])
+    else:
+        trainer = recipe.sft_trainer(ready, [])
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def evaluation_setup(data: dict[str, Any], tmp_path: Path) -> recipe.Setup:
+    """The run's data, tokenizer and base, in this process (one rank, no strategy)."""
+    single = json.loads(json.dumps(data))
+    single["spec"]["training"]["strategy"] = "ddp"
+    single["spec"]["resources"]["nodes"] = 1
+    return recipe.setup(validate_job(single), str(tmp_path / "unused"), tmp_path / "eval")
+
+
+@pytest.mark.parametrize("cell", [c for c in CELLS if c.ci or ALL_CELLS], ids=lambda c: c.id)
+def test_cell_trains_publishes_and_reloads_or_is_refused(cell: Cell, tmp_path: Path) -> None:
+    code, log, data = run_cell(cell, tmp_path)
+    output = Path(data["spec"]["output"]["uri"])
+    if cell.refused:
+        assert code == contract.EXIT_INVALID_SPEC, log[-3000:]
+        assert cell.refused in log
+        assert not output.exists()  # refused before anything was written
+        return
+    assert code == 0, first_error(log)
+    manifest = json.loads((output / contract.MANIFEST_FILE).read_text())
+    assert manifest["worldSize"] == 2 and manifest["metrics"]["steps"] == 6
+    trainable, total = manifest["parameters"]["trainable"], manifest["parameters"]["total"]
+    assert 0 < trainable <= total  # ZeRO-3's empty placeholders counted whole (ds_numel)
+
+    ready = evaluation_setup(data, tmp_path)
+    trained = manifest["metrics"]["evalLoss"]
+    adapter = cell.method != "full"
+    published = eval_loss(ready, reloaded(ready, output, adapter))
+    untrained = eval_loss(ready, ready.model)
+    # The reload is the trained model: bf16 rounding apart, its loss is the run's; six steps at
+    # this learning rate move the loss far more than that rounding (the base shows it).
+    tolerance = 0.02 * abs(trained) + 1e-3
+    assert abs(published - trained) <= tolerance, (published, trained)
+    assert abs(untrained - trained) > 5 * tolerance, (untrained, trained)
+    if adapter:
+        merged = eval_loss(ready, reloaded(ready, output / artifacts.MERGED_DIR, False))
+        assert abs(merged - trained) <= tolerance, (merged, trained)
+    if cell.task == "causal-lm":
+        again = tmp_path / "samples-again"
+        again.mkdir()
+        with torch.no_grad():
+            write_samples(reloaded(ready, output, adapter), ready.tokenizer, ready.job.spec,
+                          again)
+        assert (again / SAMPLES_FILE).read_text() == (output / SAMPLES_FILE).read_text()
