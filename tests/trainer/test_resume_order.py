@@ -123,3 +123,27 @@ def test_sharded_qlora_is_not_prepared_like_single_device_qlora(
     assert embeddings.weight.dtype == (torch.float32 if prepared else torch.bfloat16)
     hidden = embeddings(torch.tensor([[1, 2]]))
     assert hidden.requires_grad  # input grads on: lora_B trains under checkpointing (peft#137)
+
+
+def test_modules_the_checkpoint_lacks_are_saved_with_the_adapter(tmp_path: Path) -> None:
+    """The tiny BERT is an MLM checkpoint: no pooler. from_pretrained initializes one at
+    random; frozen and unsaved, the published adapter reloaded onto another random pooler."""
+    from peft import PeftModel
+
+    build_tiny_model("bert", ["the meal was great", "the hotel was awful"] * 20, tmp_path,
+                     max_positions=32, seed=0)
+    job = example_job("tiny-full-classification", tmp_path / "out")
+    job.spec.method = job.spec.method.model_validate({"type": "lora"})
+    tok = load_tokenizer(str(tmp_path), None, "sequence-classification")
+
+    def base() -> torch.nn.Module:
+        return load_model(job.spec, str(tmp_path), tok, Precision("fp32"), ["neg", "pos"])
+
+    torch.manual_seed(1)
+    model = make_trainable(base(), job.spec)
+    assert any("pooler" in n for n, p in model.named_parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path / "adapter")
+    inputs = tok(["the meal was awful"], return_tensors="pt")
+    torch.manual_seed(2)  # another random init for whatever the adapter does not carry
+    reloaded = PeftModel.from_pretrained(base(), str(tmp_path / "adapter"))
+    assert torch.equal(model.eval()(**inputs).logits, reloaded.eval()(**inputs).logits)

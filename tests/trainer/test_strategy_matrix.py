@@ -61,7 +61,9 @@ CELLS = [
     Cell("ddp", "full", "fp32", "sequence-classification"),
     Cell("ddp", "qlora", "bf16"),
     Cell("ddp", "lora", "fp32", objective="dpo"),
-    Cell("deepspeed-zero2", "lora", "bf16", "sequence-classification", ci=True),
+    Cell("deepspeed-zero2", "lora", "fp32", ci=True),
+    Cell("deepspeed-zero2", "lora", "fp32", "sequence-classification"),
+    Cell("deepspeed-zero2", "lora", "bf16", "sequence-classification"),
     Cell("deepspeed-zero2", "full", "bf16"),
     Cell("deepspeed-zero2", "qlora", "fp32"),
     Cell("deepspeed-zero3", "lora", "bf16", new_tokens=True, ci=True),
@@ -84,11 +86,18 @@ def job_dict(cell: Cell, output: Path) -> dict[str, Any]:
         spec["method"]["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0}
     if cell.method == "qlora":
         spec["method"]["quantization"] = {"bits": 4}
+    if cell.task == "sequence-classification":
+        # 20 of the 126 rows: an even count. With an odd one each of the 2 ranks evaluates
+        # half and the sampler pads with a repeated record, which the run's eval loss counts.
+        spec["dataset"]["evalFraction"] = 0.16
     if cell.new_tokens:
         spec["dataset"]["addSpecialTokens"] = ["<|ticket|>"]
         spec["method"]["lora"]["modulesToSave"] = ["embed_tokens", "lm_head"]
+    # Enough learning that the trained model's eval loss is far from the base's (the test's
+    # contrast): the classifier starts near ln 2 and needs a higher rate to leave it.
+    rate = 3e-2 if cell.task == "sequence-classification" else 5e-3
     spec["training"].update(strategy=cell.strategy, precision=cell.precision, maxSteps=6,
-                            learningRate=5e-3, logEverySteps=2)
+                            learningRate=rate, logEverySteps=2)
     spec["resources"] = {"nodes": 2, "gpusPerNode": 0}
     spec["output"] = {"uri": str(output), "mergeAdapter": cell.method != "full"}
     if cell.task == "causal-lm":
@@ -173,9 +182,13 @@ def test_cell_trains_publishes_and_reloads_or_is_refused(cell: Cell, tmp_path: P
     adapter = cell.method != "full"
     published = eval_loss(ready, reloaded(ready, output, adapter))
     untrained = eval_loss(ready, ready.model)
-    # The reload is the trained model: bf16 rounding apart, its loss is the run's; six steps at
-    # this learning rate move the loss far more than that rounding (the base shows it).
-    tolerance = 0.02 * abs(trained) + 1e-3
+    # The reload is the trained model: its loss is the run's within what the two evaluations
+    # do differently, and six steps move the loss far more than that (the base shows it).
+    # They differ in batching (the run splits the eval set over 2 ranks, and each batch's mean
+    # loss is weighted by its sequence count: 0.8 % apart on the same weights, measured with
+    # DDP and ZeRO-2 alike) and, in bf16, in rounding (DeepSpeed evaluates pure bf16 weights,
+    # the reload autocasts).
+    tolerance = (0.04 if cell.precision == "bf16" else 0.02) * abs(trained)
     assert abs(published - trained) <= tolerance, (published, trained)
     assert abs(untrained - trained) > 5 * tolerance, (untrained, trained)
     if adapter:

@@ -109,9 +109,11 @@ def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenize
             return auto_class.from_config(AutoConfig.from_pretrained(source, **kwargs),
                                           attn_implementation=attn)
         quant = quantization_config(spec.method, compute_dtype(spec, precision), quant_storage)
-        return auto_class.from_pretrained(
+        loaded, info = auto_class.from_pretrained(
             source, dtype=_load_dtype(spec, precision), quantization_config=quant,
-            device_map=device_map, attn_implementation=attn, **kwargs)
+            device_map=device_map, attn_implementation=attn, output_loading_info=True, **kwargs)
+        loaded.kubetune_new_modules = new_modules(info["missing_keys"])
+        return loaded
 
     try:
         model = load(attention)
@@ -129,6 +131,14 @@ def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenize
         if config is not None and config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def new_modules(missing_keys: Any) -> list[str]:
+    """Modules the checkpoint lacks, initialized at random by from_pretrained: a task head,
+    or e.g. BERT's pooler when the checkpoint was saved without one (an MLM checkpoint).
+    Under an adapter they must train and be saved with it (modules_to_save): frozen and
+    unsaved, the published adapter would reload onto different random weights."""
+    return sorted({key.rsplit(".", 1)[0] for key in missing_keys if "." in key})
 
 
 def attention_implementation(requested: str, cuda: bool, precision: Precision) -> str | None:
@@ -180,6 +190,9 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
     if adapter is None:
         return model
     _check_new_tokens_train(model, spec)
+    fresh = getattr(model, "kubetune_new_modules", [])
+    if fresh:  # with peft's per-task defaults (the classification head) kept
+        adapter.modules_to_save = sorted({*(adapter.modules_to_save or []), *fresh})
     if sharded:
         # Adapters and trained copies (modules_to_save) stay in the base's dtype: ZeRO-3 and
         # FSDP flatten them with the base weights, which needs one dtype (peft#2016), and keep

@@ -45,6 +45,22 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     inputs: dict[str, Any] = dict(tokenizer(text, return_tensors="pt"))
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    half = half_dtype(model)
+    with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+        return _generate(model, tokenizer, spec, inputs, max_new_tokens)
+
+
+def half_dtype(model: PreTrainedModel) -> torch.dtype | None:
+    """The half dtype the frozen base holds beside fp32 trained weights (an adapter, a
+    modulesToSave head), if any: generation then runs under the autocast training ran under,
+    else the fp32 head meets bf16 activations ("expected m1 and m2 to have the same dtype")."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = dtypes & {torch.bfloat16, torch.float16}
+    return next(iter(half)) if half and torch.float32 in dtypes else None
+
+
+def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              spec: FineTuneJobSpec, inputs: dict[str, Any], max_new_tokens: int) -> str:
     # synced_gpus=False: rank 0 generates alone after the other ranks have finished. Under
     # ZeRO-3/FSDP transformers defaults to syncing every rank at each new token, an all-reduce
     # with ranks that are gone (gloo: "Connection closed by peer"; NCCL: a hang).
