@@ -50,3 +50,27 @@ def test_with_cuda_deepspeed_is_left_to_detect(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     launch.use_cpu_accelerator_without_cuda()
     assert "DS_ACCELERATOR" not in os.environ
+
+
+@pytest.mark.parametrize(("strategy", "via"), [
+    ("ddp", "in-process"),
+    # DeepSpeed needs a process group even for one rank: in-process it went looking for MPI
+    # ("No module named 'mpi4py'") and failed at the model load.
+    ("deepspeed-zero2", "torchrun"),
+    ("deepspeed-zero3", "torchrun"),
+])
+def test_one_local_rank_runs_in_process_only_under_ddp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, via: str) -> None:
+    import yaml
+
+    from support.jobs import example_dict
+
+    data = example_dict("tiny-lora")
+    data["spec"]["training"]["strategy"] = strategy
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(data))
+    taken: list[str] = []
+    monkeypatch.setattr(launch, "train_rank", lambda *a, **k: taken.append("in-process") or 0)
+    monkeypatch.setattr(launch, "run_nodes", lambda *a, **k: taken.append("torchrun") or 0)
+    assert launch.run_local(str(config), workdir=str(tmp_path)) == 0
+    assert taken == [via]

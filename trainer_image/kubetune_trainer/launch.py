@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kubetune_api import contract
 from kubetune_api.load import SpecError, load_job
+from kubetune_api.spec import Strategy
 
 PROGRESS_ENV = "KUBETUNE_PROGRESS"  # kubetune_trainer.console reads them (no torch imported here)
 SUMMARY_ENV = "KUBETUNE_SUMMARY"
@@ -92,7 +93,9 @@ def run_local(file: str, *, output: str | None = None, nodes: int | None = None,
     os.environ[PROGRESS_ENV] = "none" if quiet else os.environ.get(PROGRESS_ENV, "auto")
     os.environ[SUMMARY_ENV] = "json" if json_summary else "none" if quiet else "text"
     nodes = nodes or job.spec.resources.nodes
-    if nodes == 1 and nproc_per_node == 1:
+    # DeepSpeed and FSDP need a process group even for one rank (in-process, DeepSpeed went
+    # looking for MPI): they go through torchrun like a pod.
+    if nodes == 1 and nproc_per_node == 1 and job.spec.training.strategy == Strategy.DDP:
         return train_rank(file, output=output, workdir=workdir)
     scratch = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kubetune-nodes-"))
     try:

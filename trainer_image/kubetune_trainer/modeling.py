@@ -118,6 +118,8 @@ def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenize
     try:
         model = load(attention)
     except (ValueError, ImportError) as exc:
+        if not _about_attention(exc):
+            raise  # e.g. DeepSpeed without a process group: not the attention's fault
         if spec.model.attention == "auto" and attention is not None:
             model = load(None)  # FlashAttention-2 not supported by this model: SDPA or eager
         elif attention is not None:
@@ -131,6 +133,11 @@ def load_model(spec: FineTuneJobSpec, source: str, tokenizer: PreTrainedTokenize
         if config is not None and config.pad_token_id is None:
             config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _about_attention(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("attn", "attention", "flash", "sdpa"))
 
 
 def new_modules(missing_keys: Any) -> list[str]:

@@ -225,6 +225,7 @@ def _trainer_and_collator(spec: FineTuneJobSpec,
             chosen = trainable_dtypes(kwargs["model"])
             super().__init__(*args, **kwargs)
             drop_reference_adapter(self.model)
+            assert self.model is not None
             restore_dtypes(self.model, chosen)
 
         def _send_telemetry(self) -> None:  # pods never phone home
