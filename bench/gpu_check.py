@@ -185,7 +185,7 @@ def run_case(case: Case, work: Path, model: Path, data: Path, shape: dict[str, i
     config.write_text(job_yaml(case, model, data, output, args.steps, args.tiny))
     started = time.monotonic()
     with PeakMemory() as memory:
-        proc = subprocess.run([sys.executable, "-m", "kubetune_api.cli", "run", str(config)],
+        proc = subprocess.run([sys.executable, "-m", "kubetune", "run", str(config)],
                               cwd=ROOT, capture_output=True, text=True)
     wall = time.monotonic() - started
     if proc.returncode != 0:

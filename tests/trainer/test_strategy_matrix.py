@@ -120,7 +120,7 @@ def run_cell(cell: Cell, tmp_path: Path) -> tuple[int, str, dict[str, Any]]:
     data = job_dict(cell, output)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "kubetune_api.cli", "run", str(config),
+    proc = subprocess.run([sys.executable, "-m", "kubetune", "run", str(config),
                            "--nodes", "2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1500)
     log = proc.stdout + proc.stderr
