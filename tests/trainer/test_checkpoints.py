@@ -130,8 +130,9 @@ def test_fsdp2_settings_are_explicit_and_only_node_leaders_load(
     from transformers import TrainingArguments
     from transformers.distributed import fsdp as hf_fsdp
 
-    for name in strategies.FSDP_LOADING_ENV:
-        monkeypatch.delenv(name, raising=False)
+    for name in strategies.FSDP_LOADING_ENV:  # set, then removed: undone after the test,
+        monkeypatch.setenv(name, "")  # so prepare_loading's variables do not outlive it (they
+        monkeypatch.delenv(name)  # turned a later test's plain Trainer into an FSDP one)
     job = example_job("tiny-lora", tmp_path, training={"strategy": "fsdp"})
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                              **strategies.fsdp_arguments(job.spec))
