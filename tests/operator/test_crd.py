@@ -174,6 +174,8 @@ def test_runtime_crds_are_generated_valid_structural_and_described(kind: str) ->
         assert field in spec["properties"], field
     assert set(spec["properties"]["policy"]["properties"]) == {
         "allowedMethods", "maxGpusPerJob", "allowedStoragePrefixes"}
+    assert [f"{p}: {what}" for p, node in walk(spec, "spec")
+            if (what := unbounded(node)) is not None] == []
     for node_path, node in walk(spec):
         assert {"$ref", "anyOf", "oneOf", "allOf", "const", "title"}.isdisjoint(node), node_path
         if node_path and not node_path.endswith(("[]", "{}")):
