@@ -173,3 +173,20 @@ def test_a_later_attempt_keeps_the_runtime_its_first_attempt_resolved(
     assert pod_spec(second)["nodeSelector"]["pool"] == "t4"
     assert team_b.status("pinned")["runtime"]["spec"]["image"] == \
         "registry.corp/ml/trainer-small:1"
+
+
+def test_a_job_relabelled_to_another_queue_fails_before_its_next_attempt(
+        team_a: OperatorCluster) -> None:
+    team_a.api.create(FTJ, finetunejob("relabel", "team-a",
+                                       {"kind": "ClusterFineTuneRuntime", "name": "big"}, 1, 1))
+    first = team_a.job("relabel-a1")
+    team_a.api.patch(JOBS, "team-a", "relabel-a1", {"spec": {"suspend": False}})  # Kueue
+    start_job_pods(team_a.api, first)
+    team_a.wait_phase("relabel", "Running")
+    team_a.api.patch(FTJ, "team-a", "relabel", {"metadata": {"labels": {QUEUE_LABEL: "gold"}}})
+    set_pod_state(team_a.api, "team-a", "relabel-a1-0", "Failed", exit_code=1, message="NCCL")
+    failed = failure(team_a, "relabel")
+    assert failed["reason"] == "PolicyViolation"
+    assert "gold differs from the runtime's team-a (ClusterFineTuneRuntime big: queue is set " \
+           "by the runtime)" in failed["message"], failed["message"]
+    assert team_a.api.get(JOBS, "team-a", "relabel-a2") is None
