@@ -156,7 +156,7 @@ clean:
 
 crds: venv  ## regenerate crds/ and the chart's copy from the contract (tests fail while stale)
 	$(BIN)/python -m kubetune_api.crd
-	cp crds/finetunejobs.kubetune.dev.yaml charts/kubetune/files/crds/finetunejobs.kubetune.dev.yaml
+	cp crds/*.yaml charts/kubetune/files/crds/
 
 bench-operator: venv  ## N FineTuneJobs against the emulated API server: latency and RSS
 	$(BIN)/python bench/operator_scale.py

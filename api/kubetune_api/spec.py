@@ -981,6 +981,20 @@ class RunPolicySpec(SpecModel):
         "has not advanced for this long while training (default: off).")
 
 
+RUNTIME_KIND = "FineTuneRuntime"
+CLUSTER_RUNTIME_KIND = "ClusterFineTuneRuntime"
+
+
+class RuntimeRef(SpecModel):
+    """A runtime curated by the cluster's admins (docs/runtimes.md)."""
+
+    kind: Literal["ClusterFineTuneRuntime", "FineTuneRuntime"] = Field(
+        "ClusterFineTuneRuntime", description="ClusterFineTuneRuntime (cluster-wide) or "
+        "FineTuneRuntime (in the job's namespace).")
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                      description="The runtime's name.")
+
+
 class FineTuneJobSpec(SpecModel):
     model: ModelSpec = Field(description="Base model and task.")
     method: MethodSpec = Field(description="Which weights train, and how.")
@@ -997,6 +1011,9 @@ class FineTuneJobSpec(SpecModel):
                                  description="Object storage.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec,
                                  description="Prometheus metrics.")
+    runtime_ref: RuntimeRef | None = Field(
+        None, description="Runtime curated by admins: its image, placement and defaults apply, "
+        "and its policy limits this job (the job may only narrow it; docs/runtimes.md).")
 
     @model_validator(mode="after")
     def _check(self) -> FineTuneJobSpec:

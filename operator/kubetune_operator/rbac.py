@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune_api.runtime import CLUSTER_RUNTIME_PLURAL, RUNTIME_PLURAL
 from kubetune_api.spec import GROUP, PLURAL
 
 WATCH = ["get", "list", "watch"]
@@ -31,6 +32,10 @@ RULES: list[dict[str, Any]] = [
     # the job is Pending; deleted with its Job by the garbage collector.
     {"apiGroups": ["scheduling.volcano.sh", "scheduling.x-k8s.io"], "resources": ["podgroups"],
      "verbs": ["get", "create"]},
+    # Curated runtimes (runtimes.py): each job's one read before its first attempt; the
+    # operator never lists or watches them (a job pins the runtime it started with).
+    {"apiGroups": [GROUP], "resources": [RUNTIME_PLURAL], "verbs": ["get"]},
+    {"apiGroups": [GROUP], "resources": [CLUSTER_RUNTIME_PLURAL], "verbs": ["get"]},
     # Pods: read; a finished attempt's pods deleted, force-deleted when their node is gone.
     {"apiGroups": [""], "resources": ["pods"], "verbs": [*WATCH, "delete"]},
     # Events for every transition (kopf posts them); the Job controller's FailedCreate events
@@ -49,6 +54,7 @@ CLUSTER_PEERINGS = ("kopf.dev", "clusterkopfpeerings")
 NAMESPACED_PEERINGS = ("kopf.dev", "kopfpeerings")
 NAMESPACES = ("", "namespaces")
 NETWORK_POLICIES = ("networking.k8s.io", "networkpolicies")
+CLUSTER_RUNTIMES = (GROUP, CLUSTER_RUNTIME_PLURAL)
 
 
 def rules_for(clusterwide: bool, peering: bool,

@@ -22,8 +22,9 @@ import kopf
 
 from kubetune_api.crd import Phase, Runtime
 from kubetune_api.load import SpecError, validate_job
+from kubetune_api.runtime import RUNTIME_KINDS
 from kubetune_api.spec import GROUP, PLURAL, VERSION, FineTuneJob
-from kubetune_operator import gang, policy
+from kubetune_operator import gang, policy, runtimes
 from kubetune_operator import status as st
 from kubetune_operator.builders import (
     ANNOTATION_SUSPENDED_BY_OPERATOR,
@@ -56,6 +57,8 @@ FINETUNEJOBS = Resource(GROUP, VERSION, PLURAL)
 CHILD_RESOURCES = {"ConfigMap": CONFIG_MAPS, "Service": SERVICES,
                    "NetworkPolicy": NETWORK_POLICIES, "Job": JOBS}
 
+# Curated runtimes (runtimes.py), by kind: read once per job, before its first attempt.
+RUNTIMES = {kind: runtimes.resource(kind) for kind in RUNTIME_KINDS}
 # The gang schedulers' PodGroups (gang.py), by gang.GangApi.name.
 POD_GROUPS = {g.name: g.resource for g in (gang.VOLCANO, gang.COSCHEDULING)}
 Key = tuple[str, str]  # (namespace, name)
@@ -185,10 +188,15 @@ class Reconciler:
         except SpecError as exc:
             await self._reject(body, status, str(exc))
             raise InvalidSpec(str(exc)) from None
-        owner = self._admitted_owner(body)
+        try:
+            job, curated, runtime_problems = await self._under_runtime(job, namespace, status)
+        except runtimes.RuntimeUnusable as exc:
+            await self._reject(body, status, str(exc), reason=exc.reason)
+            raise InvalidSpec(str(exc)) from None
+        owner = self._admitted_owner(body, curated, runtime_problems)
         if not status.attempt and status.phase is None:  # before the first child exists
-            problems = policy.violations(job.spec, owner.labels, self.settings.policy,
-                                         self.settings.trainer_image)
+            problems = runtime_problems + policy.violations(
+                job.spec, owner.labels, self.settings.policy, self.settings.trainer_image)
             if problems:
                 message = policy.summary(problems)
                 await self._reject(body, status, message, reason=policy.REASON_POLICY_VIOLATION)
@@ -198,19 +206,22 @@ class Reconciler:
         plan = st.plan(name, job.spec, generation, status, children,
                        self.clock(), queue_managed=is_queue_managed(owner),
                        limits=self.limits)
+        if curated is not None and plan.status.runtime is not None:
+            plan.status.runtime = runtimes.record(plan.status.runtime, curated)
         if plan.create_attempt is not None:
-            await self._admit_attempt(plan, job, owner, body, children)
+            await self._admit_attempt(plan, job, owner, body, children, runtime_problems)
         plan.status = await self._gang_reason(job, owner, plan.status, generation)
         await self._execute(plan, job, owner, body, status)
 
     async def _admit_attempt(self, plan: st.Plan, job: FineTuneJob, owner: Owner,
-                             body: dict[str, Any], children: st.Children) -> None:
+                             body: dict[str, Any], children: st.Children,
+                             runtime_problems: list[str]) -> None:
         """The policy, re-checked on the FineTuneJob as it is now, before every attempt: labels
         a tenant changed since, a spec changed behind the API server's back, a policy the
         admin tightened. A violation fails the job and stops what is left of it."""
         status = st.parse_status(body.get("status"))
         runtime = plan.status.runtime or self.limits.runtime
-        problems = policy.attempt_violations(
+        problems = runtime_problems + policy.attempt_violations(
             job.spec, owner.labels, self.settings.policy,
             runtime.trainer_image if runtime else self.settings.trainer_image,
             status.admitted_spec_hash)
@@ -235,10 +246,34 @@ class Reconciler:
                                    attempt_job_name(owner.name, status.attempt))
         return gang.explain_pending(status, gang.pending_reason(gang_kind, group), generation)
 
-    def _admitted_owner(self, body: dict[str, Any]) -> Owner:
-        """The owner with the admin's default Kueue queue applied (policy.py)."""
+    async def _under_runtime(self, job: FineTuneJob, namespace: str,
+                             status: st.FineTuneJobStatus
+                             ) -> tuple[FineTuneJob, runtimes.Resolved | None, list[str]]:
+        """The job merged with its curated runtime (runtimes.py): the one status.runtime
+        recorded, else the one the API serves now."""
+        ref = job.spec.runtime_ref
+        if ref is None:
+            return job, None, []
+        curated = runtimes.pinned(ref, status.runtime)
+        if curated is None:
+            # A FineTuneRuntime is read in the job's namespace only (no team borrows another
+            # team's); a ClusterFineTuneRuntime's path has no namespace (Resource.path).
+            body = await self.api.get(RUNTIMES[ref.kind], namespace, ref.name)
+            curated = runtimes.resolve(ref, namespace, body)
+        merged, problems = runtimes.merge(job, curated)
+        return merged, curated, problems
+
+    def _admitted_owner(self, body: dict[str, Any], curated: runtimes.Resolved | None = None,
+                        problems: list[str] | None = None) -> Owner:
+        """The owner with the runtime's Kueue queue (its conflicts added to problems), else
+        the admin's default queue, applied (policy.py)."""
         owner = Owner.from_body(body)
-        labels = policy.with_default_queue(owner.labels, self.settings.policy)
+        labels = owner.labels
+        if curated is not None:
+            labels, conflicts = runtimes.queue_labels(labels, curated)
+            if problems is not None:
+                problems += conflicts
+        labels = policy.with_default_queue(labels, self.settings.policy)
         return Owner(owner.name, owner.namespace, owner.uid, labels)
 
     def _children_of(self, owner: Owner) -> st.Children:

@@ -23,7 +23,7 @@ SCENARIO_IDS = [name for name, _ in SCENARIOS]
 CLUSTER_PEERINGS, NAMESPACED_PEERINGS = rbac.CLUSTER_PEERINGS, rbac.NAMESPACED_PEERINGS
 NAMESPACES = rbac.NAMESPACES
 CRDS = ("apiextensions.k8s.io", "customresourcedefinitions")
-CLUSTER_SCOPED = {CLUSTER_PEERINGS, NAMESPACES, CRDS}
+CLUSTER_SCOPED = {CLUSTER_PEERINGS, NAMESPACES, CRDS, rbac.CLUSTER_RUNTIMES}
 
 
 def triples(rules: list[dict[str, Any]]) -> set[Triple]:

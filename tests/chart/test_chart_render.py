@@ -33,13 +33,12 @@ from chartlib import (
 )
 from monitoring_schemas import MONITORING_SCHEMAS
 
-from kubetune_api.crd import CRD_PATH
+from kubetune_api.crd import CRD_PATH, RUNTIME_CRD_PATHS
 from kubetune_api.load import validate_job
 from kubetune_operator import settings as operator_settings
 from kubetune_operator.settings import Settings
 
 SCENARIO_IDS = [name for name, _ in SCENARIOS]
-CHART_CRD = CHART / "files" / "crds" / CRD_PATH.name
 KEEP = {"helm.sh/resource-policy": "keep"}
 
 
@@ -127,13 +126,19 @@ def test_objects_have_dns_names_and_namespaces(scenario: str, values: Path | Non
 
 # --- the CRD ----------------------------------------------------------------------------------
 
-def test_chart_crd_file_is_a_byte_copy_of_crds() -> None:
-    assert CHART_CRD.read_bytes() == CRD_PATH.read_bytes(), \
-        f"{CHART_CRD.relative_to(ROOT)} differs from {CRD_PATH.relative_to(ROOT)}: run `make crds`"
+GENERATED_CRDS = [CRD_PATH, *RUNTIME_CRD_PATHS.values()]
 
 
-def test_rendered_crd_equals_crds_dir_plus_keep_annotation() -> None:
-    source = yaml.safe_load(CRD_PATH.read_text())
+@pytest.mark.parametrize("crd_path", GENERATED_CRDS, ids=lambda p: p.name)
+def test_chart_crd_file_is_a_byte_copy_of_crds(crd_path: Path) -> None:
+    chart_crd = CHART / "files" / "crds" / crd_path.name
+    assert chart_crd.read_bytes() == crd_path.read_bytes(), \
+        f"{chart_crd.relative_to(ROOT)} differs from {crd_path.relative_to(ROOT)}: run `make crds`"
+
+
+@pytest.mark.parametrize("crd_path", GENERATED_CRDS, ids=lambda p: p.name)
+def test_rendered_crd_equals_crds_dir_plus_keep_annotation(crd_path: Path) -> None:
+    source = yaml.safe_load(crd_path.read_text())
     rendered = one(render(), "CustomResourceDefinition", source["metadata"]["name"])
     expected = json.loads(json.dumps(source))
     expected["metadata"]["annotations"] = KEEP
@@ -146,7 +151,7 @@ def test_rendered_crd_equals_crds_dir_plus_keep_annotation() -> None:
 def test_crd_can_be_left_out() -> None:
     names = {o["metadata"]["name"] for o in find(render(None, ("crds.install=false",)),
                                                   "CustomResourceDefinition")}
-    assert "finetunejobs.kubetune.dev" not in names
+    assert not {p.stem for p in GENERATED_CRDS} & names
     # kopf's peering CRDs live in the chart's crds/ directory (`helm install --skip-crds`).
     assert names == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
 

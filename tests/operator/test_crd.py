@@ -154,3 +154,36 @@ def test_a_spec_too_large_for_its_configmap_is_refused_with_its_size() -> None:
         validate_job(body, source="ml/big")
     body["spec"]["output"]["samples"] = {"prompts": ["p" * 60_000] * 4}
     assert validate_job(body).spec.output.samples is not None
+
+
+# --- the runtimes' CRDs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(crd.RUNTIME_CRD_PATHS))
+def test_runtime_crds_are_generated_valid_structural_and_described(kind: str) -> None:
+    path = crd.RUNTIME_CRD_PATHS[kind]
+    assert path.read_text() == crd.render_runtime_crd(kind), "stale CRD: run `make crds`"
+    manifest = yaml.safe_load(path.read_text())
+    kubernetes_validate.validate(manifest, "1.35", strict=True)
+    assert manifest["spec"]["names"]["kind"] == kind
+    assert manifest["spec"]["scope"] == ("Cluster" if kind.startswith("Cluster") else
+                                         "Namespaced")
+    spec = manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for field in ("image", "cpu", "memory", "nodeSelector", "tolerations", "affinity",
+                  "schedulerName", "priorityClassName", "queue", "labels", "annotations",
+                  "env", "policy"):
+        assert field in spec["properties"], field
+    assert set(spec["properties"]["policy"]["properties"]) == {
+        "allowedMethods", "maxGpusPerJob", "allowedStoragePrefixes"}
+    assert [f"{p}: {what}" for p, node in walk(spec, "spec")
+            if (what := unbounded(node)) is not None] == []
+    for node_path, node in walk(spec):
+        assert {"$ref", "anyOf", "oneOf", "allOf", "const", "title"}.isdisjoint(node), node_path
+        if node_path and not node_path.endswith(("[]", "{}")):
+            assert node.get("description"), node_path
+
+
+def test_a_job_names_its_runtime_and_may_not_change_it_while_active() -> None:
+    ref = openapi()["properties"]["spec"]["properties"]["runtimeRef"]
+    assert ref["properties"]["kind"]["enum"] == ["ClusterFineTuneRuntime", "FineTuneRuntime"]
+    rule = openapi()["x-kubernetes-validations"][0]["rule"]
+    assert "self.spec.runtimeRef == oldSelf.spec.runtimeRef" in rule

@@ -32,6 +32,10 @@
 - apiGroups: [scheduling.volcano.sh, scheduling.x-k8s.io]
   resources: [podgroups]
   verbs: [get, create]
+# FineTuneRuntimes (curated per namespace): read once per job before its first attempt.
+- apiGroups: [kubetune.dev]
+  resources: [finetuneruntimes]
+  verbs: [get]
 # Trainer pods: read; pods of a finished attempt deleted, force-deleted when their node is
 # gone (the next attempt waits for every one of them).
 - apiGroups: [""]
@@ -43,9 +47,13 @@
   verbs: [create, list]
 {{- end }}
 
-{{/* kopf discovers and watches CRDs (a CRD installed later is noticed). */}}
+{{/* kopf discovers and watches CRDs (a CRD installed later is noticed); ClusterFineTuneRuntimes
+(cluster-scoped) are read once per job before its first attempt. */}}
 {{- define "kubetune.crdRules" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [get, list, watch]
+- apiGroups: [kubetune.dev]
+  resources: [clusterfinetuneruntimes]
+  verbs: [get]
 {{- end }}
