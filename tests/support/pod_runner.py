@@ -131,6 +131,7 @@ class PodRunner:
     lost: set[str] = field(default_factory=set)  # uids of pods whose node is gone
     _master_ports: dict[str, int] = field(default_factory=dict)  # Job uid -> torchrun port
     exit_codes: dict[str, int] = field(default_factory=dict)  # pod name -> its last exit code
+    hold_step: int | None = None  # the trainer's pacing seam (kubetune_trainer/hold.py)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -196,6 +197,27 @@ class PodRunner:
         self.api.patch(PODS, namespace, pod_name, {"status": {"conditions": conditions}},
                        subresource="status")
         self.api.delete(PODS, namespace, pod_name)
+
+    # --- pacing (kubetune_trainer/hold.py) -------------------------------------------------------
+
+    @property
+    def hold_gate(self) -> Path:
+        return self.workdir / "hold-gate"
+
+    def hold_at(self, step: int) -> None:
+        """Pods started from now on stop after optimizer step `step` until `release()`."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.hold_gate.write_text(str(step))
+        self.hold_step = step
+
+    def held_ranks(self) -> dict[int, str]:
+        """rank -> what it wrote at the hold: its step, then " sigterm" once SIGTERM ended
+        its hold; for every rank that reached the hold."""
+        return {int(path.name.rsplit("rank", 1)[1]): path.read_text()
+                for path in self.workdir.glob(f"{self.hold_gate.name}.held-rank*")}
+
+    def release(self) -> None:
+        self.hold_gate.unlink(missing_ok=True)
 
     def pause(self, pod_name: str) -> None:
         """SIGSTOP every process of the pod's container: a frozen rank (a hung collective, a
@@ -333,6 +355,9 @@ class PodRunner:
             else:
                 value = expand(var.get("value", ""), env)
             env[var["name"]] = mounts.localize(self._resolve(pod, value))
+        if self.hold_step is not None:
+            env.update(KUBETUNE_HOLD_AT_STEP=str(self.hold_step),
+                       KUBETUNE_HOLD_FILE=str(self.hold_gate))
         if contract.PET_MASTER_PORT in env:
             # One port for the whole machine would clash with anything else on it (another
             # gang, another test run): each Job's gang gets its own free port instead.
