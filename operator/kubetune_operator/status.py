@@ -248,10 +248,17 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
     # The Job's own size: a spec edited behind the API server's back must not change it.
     nodes = int((job or {}).get("spec", {}).get("completions") or spec.resources.nodes)
     pods = [p for p in pods if not _before_resume(p, job)]
-    if job is not None and job.get("spec", {}).get("suspend"):
+    if job is not None and (job.get("spec", {}).get("suspend") or _has_condition(job, "Suspended")):
         if failed := _condition(job, "Failed"):  # failed while suspended: not queued
             return AttemptState("failed", REASON_ATTEMPT_FAILED, "Job failed while suspended: "
                                 f"{failed.get('reason')}: {failed.get('message') or ''}".strip())
+        if not job.get("spec", {}).get("suspend"):
+            # Unsuspended (Kueue admitted it) but the Job controller has not resumed it yet:
+            # it writes Suspended=False and the new startTime in the sync that creates the
+            # pods. Until then the old pods still terminating are the suspension's, and the
+            # attempt has not started: no failure, no scheduling clock.
+            return AttemptState("waiting", REASON_QUEUED, "unsuspended; waiting for the Job "
+                                "controller to resume it")
         # Pods of a suspended Job are being stopped on purpose (by the user or by Kueue's
         # preemption): their exits are not failures.
         who = "Kueue admission" if queue_managed or queued_by_others(job) \
@@ -305,6 +312,13 @@ def queued_by_others(job: Manifest) -> bool:
         return True
     return bool(job.get("spec", {}).get("suspend")) and \
         ANNOTATION_SUSPENDED_BY_OPERATOR not in (meta.get("annotations") or {})
+
+
+def was_suspended(job: Manifest) -> bool:
+    """Queued in Kueue, or suspended at some point (the Job controller's Suspended condition,
+    True or False): its attempt's creation time says nothing about when its pods started."""
+    return queued_by_others(job) or any(
+        c.get("type") == "Suspended" for c in job.get("status", {}).get("conditions") or [])
 
 
 def _before_resume(pod: Manifest, job: Manifest | None) -> bool:
@@ -754,9 +768,13 @@ class _Planner:
     def scheduling_late(self, state: AttemptState, job: Manifest) -> AttemptState | None:
         """A partial gang holds its GPUs while the rest waits: tear it down after
         runPolicy.schedulingTimeoutSeconds from the pods' creation (the Job's startTime:
-        time queued in Kueue does not count)."""
+        time queued in Kueue does not count). A Job that was ever suspended has no other
+        clock: Kueue clears its startTime on preemption, and after an admission the Job
+        controller writes it only once it has created the pods."""
         timeout = self.spec.run_policy.scheduling_timeout_seconds
-        started = (job.get("status") or {}).get("startTime") or self.status.attempt_start_time
+        started = (job.get("status") or {}).get("startTime")
+        if started is None and not was_suspended(job):
+            started = self.status.attempt_start_time  # the Job controller has not synced it
         elapsed = self.seconds_since(started)
         if elapsed is None:
             return None

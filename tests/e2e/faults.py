@@ -17,6 +17,7 @@ is missing or does not match status.output's digest. Exit status 1 when any run 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -49,6 +50,9 @@ HOLD = 15  # the step every paced fault lands at (kubetune_trainer/hold.py)
 RUN_TIMEOUT = 420.0
 T = TypeVar("T")
 STALL_TIMEOUT = 30  # runPolicy.stallTimeoutSeconds of the frozen-rank scenario
+SCHEDULING_TIMEOUT = 10  # runPolicy.schedulingTimeoutSeconds of the long-queue-wait scenario
+# The operator's word for a Job Kueue admitted that the Job controller has not resumed yet.
+UNSUSPENDED = "unsuspended; waiting for the Job controller to resume it"
 
 
 @dataclass
@@ -161,7 +165,7 @@ class Run:
         outcome = Outcome(False, status.get("restarts", 0), status.get("preemptions", 0))
         problems = []
         ended = terminal_condition(status)
-        got = {"phase": status.get("phase"), "reason": ended.get("reason"),
+        got: dict[str, Any] = {"phase": status.get("phase"), "reason": ended.get("reason"),
                "restarts": outcome.restarts, "preemptions": outcome.preemptions,
                "attempt": status.get("attempt"), "warnings": frozenset(self.warnings())}
         if expected.phase == "Succeeded":
@@ -170,12 +174,12 @@ class Run:
                 outcome.artifacts_lost = 1
                 problems.append("artifact missing or not the one status.output names")
             else:
-                got["resumed_from"] = manifest.get("resumedFromStep")
+                resumed = got["resumed_from"] = manifest.get("resumedFromStep")
                 if manifest["metrics"]["steps"] != STEPS:
                     problems.append(f"trained {manifest['metrics']['steps']} steps, "
                                     f"not {STEPS}")
-                if step_at_fault is not None and got["resumed_from"] is not None:
-                    outcome.steps_lost = step_at_fault - got["resumed_from"]
+                if step_at_fault is not None and resumed is not None:
+                    outcome.steps_lost = step_at_fault - int(resumed)
         for what, value in got.items():
             want = getattr(expected, what)
             if value != want:
@@ -371,6 +375,82 @@ def kueue_preempted(run: Run) -> Outcome:
     return outcome
 
 
+def queued_job(run: Run, kueue: KueueModel) -> str:
+    """The FineTuneJob in Kueue's queue, its Job created and suspended (the Job controller's
+    Suspended=True condition written)."""
+    job = f"{run.name}-a1"
+
+    def suspended() -> bool:
+        kueue.webhook()
+        conditions = ((run.cluster.api.get(JOBS, NAMESPACE, job) or {}).get("status") or {}).get(
+            "conditions") or []
+        return any(c["type"] == "Suspended" and c["status"] == "True" for c in conditions)
+    run.wait(suspended, "the Job queued and suspended")
+    return job
+
+
+def saw_the_admission(run: Run) -> bool:
+    """The operator reconciled the unsuspended Job before the Job controller did: its status
+    says so, or (without the handling) it already restarted or failed the attempt."""
+    status = run.cluster.status(run.name)
+    running: dict[str, Any] = next(
+        (c for c in status.get("conditions", []) if c["type"] == "Running"), {})
+    return running.get("message") == UNSUSPENDED or status.get("attempt") != 1 \
+        or status.get("phase") in ("Restarting", "Failed")
+
+
+def admitted_after_a_long_queue_wait(run: Run) -> Outcome:
+    """Queued longer than schedulingTimeoutSeconds, then admitted: the Job controller writes
+    startTime only in the sync that creates the pods, so right after the admission the Job has
+    none. The attempt must not be timed from its creation (a SchedulingTimeout, counted)."""
+    cluster, kueue = run.cluster, KueueModel(run.cluster.api, quota=2)
+    run.apply({QUEUE_LABEL: "team-a"},
+              runPolicy={"backoffLimit": 0, "schedulingTimeoutSeconds": SCHEDULING_TIMEOUT})
+    job = queued_job(run, kueue)
+    run.wait(lambda: (age := seconds_since(cluster.status(run.name).get("attemptStartTime")))
+             is not None and age > SCHEDULING_TIMEOUT + 1, "a queue wait past the timeout")
+    run.runner.lag(job)  # the Job controller has not synced the admission yet
+    assert kueue.admit() == [job]
+    run.expect_failed = True  # without the handling the attempt fails right here
+    run.wait(lambda: saw_the_admission(run), "the operator to see the admission")
+    run.runner.catch_up(job)
+    return run.judge(run.finish(), Expected())
+
+
+def readmitted_while_old_pods_terminate(run: Run) -> Outcome:
+    """Kueue frees the quota once the Job's status.active is 0, while the preempted pods are
+    still checkpointing (Terminating): it admits the Job again before they are gone. Those
+    pods are the suspension's, not failures: the same attempt resumes from step HOLD."""
+    cluster, kueue = run.cluster, KueueModel(run.cluster.api, quota=2)
+    run.runner.hold_at(HOLD)
+    run.apply({QUEUE_LABEL: "team-a"}, runPolicy={"backoffLimit": 0})
+    job = queued_job(run, kueue)
+    assert kueue.admit() == [job]
+    step = run.held()
+    kueue.preempt(job)
+    # The ranks got SIGTERM and stay held (Terminating); the Job counts them inactive.
+    run.wait(lambda: all(r.endswith(" sigterm") for r in run.runner.held_ranks().values())
+             and not (cluster.api.get(JOBS, NAMESPACE, job) or {}).get("status", {}).get(
+                 "active"), "the preempted pods terminating, the Job's active count 0")
+    run.runner.lag(job)
+    assert kueue.admit() == [job]
+    run.expect_failed = True
+    run.wait(lambda: saw_the_admission(run), "the operator to see the re-admission")
+    if len(cluster.api.find("v1/pods", NAMESPACE, f"job-name={job}")) != 2:
+        return Outcome(False, problem="the old pods were gone before the re-admission was seen")
+    run.release()
+    run.runner.catch_up(job)
+    return run.judge(run.finish(), Expected(preemptions=1, resumed_from=HOLD,
+                                            warnings=frozenset({"Preempted"})), step)
+
+
+def seconds_since(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    moment = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (datetime.datetime.now(datetime.UTC) - moment).total_seconds()
+
+
 SCENARIOS: list[tuple[str, int, Callable[[Run], Outcome]]] = [
     ("rank killed mid-run", 3, rank_killed),
     ("node lost (pod stuck Terminating)", 1, node_lost),
@@ -382,6 +462,9 @@ SCENARIOS: list[tuple[str, int, Callable[[Run], Outcome]]] = [
     ("permanent exit code (bad data)", 1, permanent_exit),
     ("operator SIGKILLed after each kind of write", 1, operator_killed),
     ("Kueue preemption and re-admission", 1, kueue_preempted),
+    ("Kueue admission after a queue wait past the scheduling timeout", 1,
+     admitted_after_a_long_queue_wait),
+    ("Kueue re-admission before the old pods are gone", 1, readmitted_while_old_pods_terminate),
 ]
 
 

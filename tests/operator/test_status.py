@@ -855,3 +855,47 @@ def test_a_leftover_is_ours_only_if_its_owner_is_our_group_and_kind() -> None:
     assert st.left_by_namesake(owned_by("kubetune.dev/v1alpha1"), "llama", "new")
     assert not st.left_by_namesake(owned_by("ml.example.com/v1"), "llama", "new")
     assert not st.left_by_namesake(owned_by("kubetune.dev/v1alpha1"), "llama", "old")
+
+
+def admitted_before_the_job_controller(old_pods: list[dict[str, Any]]) -> st.Children:
+    """Kueue unsuspended the Job; the Job controller has not synced it yet: its Suspended
+    condition is still True and its startTime is gone (Kueue's ResetStatus on the stop)."""
+    unsuspended = kueue_job()
+    unsuspended["status"]["conditions"] = [{"type": "Suspended", "status": "True",
+                                            "reason": "JobSuspended", "message": ""}]
+    return children([unsuspended], old_pods)
+
+
+def test_a_long_queue_wait_never_becomes_a_scheduling_timeout() -> None:
+    # Queued for an hour, schedulingTimeoutSeconds 600: right after the admission the Job has
+    # no startTime yet; the attempt's creation is not the pods' start.
+    queued_long = status(Phase.PENDING, attempt_start_time=ago(3600))
+    plan = run(spec(schedulingTimeoutSeconds=600, backoffLimit=0), queued_long,
+               admitted_before_the_job_controller([]))
+    assert (plan.status.phase, plan.status.attempt, plan.status.restarts) == \
+        (Phase.PENDING, 1, 0)
+    running = condition(plan, st.COND_RUNNING)
+    assert (running.reason, running.message) == \
+        (st.REASON_QUEUED, "unsuspended; waiting for the Job controller to resume it")
+    # Resumed without a startTime (any Job that was ever suspended): still no clock.
+    resumed = kueue_job()
+    resumed["status"]["conditions"] = [{"type": "Suspended", "status": "False",
+                                        "reason": "JobResumed", "message": ""}]
+    waiting = run(spec(schedulingTimeoutSeconds=600, backoffLimit=0), queued_long,
+                  children([resumed], [pod(0, "Pending"), pod(1, "Pending")]))
+    assert (waiting.status.phase, waiting.status.restarts) == (Phase.PENDING, 0)
+    # A Job never suspended and not synced yet keeps the attempt's creation as its clock.
+    late = run(spec(schedulingTimeoutSeconds=600), queued_long,
+               children([job()], [pod(0, "Pending"), pod(1, "Pending")]))
+    assert condition(late, st.COND_RESTARTING).reason == st.REASON_SCHEDULING_TIMEOUT
+
+
+def test_a_readmission_while_the_old_pods_terminate_resumes_the_same_attempt() -> None:
+    # Kueue frees the quota once status.active is 0: the preempted pods may still be
+    # checkpointing (Terminating) when it admits the Job again.
+    stopping = [pod(0, terminating=True), pod(1, terminating=True)]
+    preempted = status(Phase.PENDING, preemptions=1, active_seconds=100)
+    plan = run(spec(backoffLimit=0), preempted, admitted_before_the_job_controller(stopping))
+    assert (plan.status.phase, plan.status.attempt) == (Phase.PENDING, 1)
+    assert (plan.status.restarts, plan.status.preemptions) == (0, 1)
+    assert not plan.delete_jobs and all(e.type == "Normal" for e in plan.events)

@@ -9,7 +9,11 @@
   pods gracefully (SIGTERM; not counted as failed) and sets the `Suspended` condition
   (`JobSuspended`); false again sets it False (`JobResumed`), resets `status.startTime` and
   creates pods again for every index without a succeeded pod, once the old ones are gone
-  (`podReplacementPolicy: Failed` waits for terminating pods);
+  (`podReplacementPolicy: Failed` waits for terminating pods). `status.startTime` is written
+  in the status update of the sync that creates the pods, never while suspended (syncJob's
+  "Job first start"). `lag(job)` stops syncing one Job until `catch_up(job)`: a controller
+  behind its work queue, so the fault table can show the operator the moment between
+  Kueue's unsuspend and the controller's sync;
 - kubelet: each pod runs its container's real command as a process in the repository root
   (the image's working directory), with the pod's environment — `$(VAR)` expansion, fieldRefs
   (the completion index annotation), values and `envFrom` of Secrets and ConfigMaps — and its
@@ -132,6 +136,9 @@ class PodRunner:
     _master_ports: dict[str, int] = field(default_factory=dict)  # Job uid -> torchrun port
     exit_codes: dict[str, int] = field(default_factory=dict)  # pod name -> its last exit code
     hold_step: int | None = None  # the trainer's pacing seam (kubetune_trainer/hold.py)
+    # Jobs the Job controller has not synced yet (a controller behind its work queue): their
+    # pods and status stay as they are until `catch_up`.
+    lagging: set[str] = field(default_factory=set)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -198,6 +205,12 @@ class PodRunner:
                        subresource="status")
         self.api.delete(PODS, namespace, pod_name)
 
+    def lag(self, job_name: str) -> None:
+        self.lagging.add(job_name)
+
+    def catch_up(self, job_name: str) -> None:
+        self.lagging.discard(job_name)
+
     # --- pacing (kubetune_trainer/hold.py) -------------------------------------------------------
 
     @property
@@ -254,7 +267,8 @@ class PodRunner:
 
     def _sync_job(self, job: JsonDict) -> None:
         spec, meta = job["spec"], job["metadata"]
-        if spec.get("completionMode") != "Indexed" or _job_finished(job):
+        if spec.get("completionMode") != "Indexed" or _job_finished(job) \
+                or meta["name"] in self.lagging:
             return
         pods = self.api.find(PODS, meta["namespace"], labels=f"job-name={meta['name']}")
         if spec.get("suspend"):
@@ -498,8 +512,10 @@ def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
     status = {k: v for k, v in status.items() if v}
     old_status = job.get("status") or {}
     old = {c["type"]: c for c in old_status.get("conditions") or []}
-    if "startTime" in old_status:
+    if old_status.get("startTime"):
         status["startTime"] = old_status["startTime"]
+    elif not job["spec"].get("suspend"):
+        status["startTime"] = now_stamp()  # syncJob: "Job first start", never while suspended
     conditions = []
     if job["spec"].get("suspend"):
         conditions.append(_condition("Suspended", "JobSuspended", "Job suspended"))

@@ -3,9 +3,11 @@ optimizer step while a gate file exists, so that a fault lands at a known step.
 
 Inert unless both KUBETUNE_HOLD_AT_STEP and KUBETUNE_HOLD_FILE are set (the e2e pod runner
 sets them; the operator never does). A held rank writes `<gate>.held-rank<R>` with its step,
-and goes on when the gate file is removed, or at once when SIGTERM arrived (a preemption
-must still checkpoint within the grace period; it then appends " sigterm" to that file, so
-the harness knows the signal reached the rank before it lets the others go).
+and goes on when the gate file is removed. SIGTERM does not end the hold: the rank appends
+" sigterm" to that file, so the harness knows the signal reached it (torchrun forwards it on
+its next monitor tick), and the rank checkpoints once released (the harness releases well
+within the pod's grace period). So a pod being deleted stays Terminating as long as the
+harness needs it to.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from kubetune_trainer.ranks import global_rank
 HOLD_STEP_ENV = "KUBETUNE_HOLD_AT_STEP"
 HOLD_FILE_ENV = "KUBETUNE_HOLD_FILE"
 POLL_SECONDS = 0.05
-SIGTERM_MARK = "sigterm"  # appended to the held file when SIGTERM ended the hold
+SIGTERM_MARK = "sigterm"  # appended to the held file once SIGTERM reached the rank
 
 
 class HoldCallback(TrainerCallback):
@@ -35,10 +37,11 @@ class HoldCallback(TrainerCallback):
             return
         held = self.gate.with_name(f"{self.gate.name}.held-rank{global_rank()}")
         held.write_text(str(state.global_step))
+        marked = False
         while self.gate.exists():
-            if self.preemption is not None and self.preemption.requested:
+            if not marked and self.preemption is not None and self.preemption.requested:
                 held.write_text(f"{state.global_step} {SIGTERM_MARK}")
-                return
+                marked = True
             time.sleep(POLL_SECONDS)
 
 
