@@ -186,12 +186,23 @@ def pod_failure(pod: Manifest) -> AttemptState | None:
     return AttemptState("failed", REASON_RANK_FAILED, text)
 
 
+# Disruptions a pod's own status names (the eviction API's or taint manager's
+# DisruptionTarget, the node controller's NodeLost): never the Job controller's doing.
+NAMED_DISRUPTIONS = frozenset({REASON_EVICTED, REASON_NODE_LOST})
+
+
 def _failure_order(failure: AttemptState) -> int:
     """Which failure explains an attempt: a permanent exit code (restarting cannot help),
-    then a disruption (the other ranks' crashes are its collateral), then the rest."""
+    then a disruption the pod's status names (the other ranks' crashes are its collateral),
+    then a crash, then a pod deleted or stopped by SIGTERM (exit 75) for no reason it names:
+    with a crash beside it, that is the Job controller deleting the survivors of a failed Job
+    (backoffLimit 0: FailureTarget, then deleteActivePods), so the crash counts. Ranked the
+    other way, a deterministic crash reconciled late would restart forever, uncounted."""
     if not failure.retryable:
         return 0
-    return 1 if failure.preemption else 2
+    if not failure.preemption:
+        return 2
+    return 1 if failure.reason in NAMED_DISRUPTIONS else 3
 
 
 def _has_condition(obj: Manifest, type_: str) -> bool:
@@ -267,7 +278,9 @@ def observe_attempt(job: Manifest | None, pods: list[Manifest], spec: FineTuneJo
     failures = [f for f in map(pod_failure, pods) if f is not None]
     if failures:
         return sorted(failures, key=_failure_order)[0]  # stable: the lowest rank first
-    if job is not None and (failed := _condition(job, "Failed")):
+    # The Job controller's verdict: FailureTarget while it deletes the survivors, then Failed.
+    if job is not None and (failed := _condition(job, "Failed")
+                            or _condition(job, "FailureTarget")):
         return _job_failed(failed, pods, now)
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
     succeeded = [p for p in live if p.get("status", {}).get("phase") == "Succeeded"]
@@ -349,7 +362,7 @@ def _job_failed(failed: Manifest, pods: list[Manifest],
     if left <= 0:
         return verdict
     ranks = ", ".join(str(pod_rank(p)) for p in unreported)
-    verb = "failed" if failed.get("type") == "Failed" else "completed"
+    verb = "completed" if failed.get("type") == "Complete" else "failed"
     return AttemptState("waiting", REASON_JOB_FAILED_PENDING, f"the Job {verb}; waiting for "
                         f"rank(s) {ranks} to report their exit", recheck_after=left)
 

@@ -1,15 +1,18 @@
 """`make faults`: the fault table. Each scenario runs a tiny 2-node LoRA job through the e2e
 harness (real operator process, real torchrun/trainer processes, moto S3, emulated API server
-and kubelet; docs/e2e.md), injects one fault once training has a complete checkpoint, and
-checks that the job ends as it must:
+and kubelet; docs/e2e.md). Paced rows hold every rank after step HOLD (the trainer's hold seam),
+inject their fault there and release the ranks; every row then compares the job's end with its
+exact expected outcome (phase, reason, restarts, preemptions, attempt, resumedFromStep, Warning
+event reasons):
 
     scenario | runs | passed | restarts | preemptions | steps lost | artifacts lost
     ...
     faults: P/N passed
 
-"steps lost" is rank 0's step when the fault hit minus the step the next attempt resumed
-from (at most one checkpoint interval); "artifacts lost" counts succeeded runs whose artifact
-is missing or does not match status.output's digest. Exit status 1 when any run failed.
+"steps lost" is the held step minus the artifact's resumedFromStep; "artifacts lost" counts
+succeeded runs whose artifact is missing or does not match status.output's digest. Exit status
+1 when any run failed. `make fault-mutations` (tests/faults/mutate.py) runs each row once more
+without the handling it proves: every row must then fail.
 
     python tests/e2e/faults.py [--only NAME ...] [--runs N] [--list]
 """
@@ -444,6 +447,34 @@ def readmitted_while_old_pods_terminate(run: Run) -> Outcome:
                                             warnings=frozenset({"Preempted"})), step)
 
 
+def crash_reconciled_late(run: Run) -> Outcome:
+    """A deterministic crash the operator sees late: by then the Job controller has set
+    FailureTarget and is deleting the surviving rank (SIGTERM; held, so it stays
+    Terminating). The crash explains the attempt, not the deletion: counted, so with
+    backoffLimit 0 the job ends Failed (taken for a preemption, it would restart forever)."""
+    cluster = run.cluster
+    assert cluster.operator is not None
+    run.runner.hold_at(HOLD)
+    run.apply(runPolicy={"backoffLimit": 0})
+    run.held()
+    cluster.operator.kill()  # back only after the Job controller's teardown began
+    run.runner.crash(run.pod(1))
+
+    def tearing_down() -> bool:
+        job = cluster.api.get(JOBS, NAMESPACE, f"{run.name}-a1") or {}
+        return any(c["type"] == "FailureTarget" for c in job.get("status", {}).get(
+            "conditions") or []) and run.runner.held_ranks().get(0, "").endswith(" sigterm")
+    run.wait(tearing_down, "FailureTarget and the survivor's SIGTERM")
+    cluster.operator.start()
+    run.expect_failed = True
+    run.wait(lambda: cluster.status(run.name).get("phase") in ("Failed", "Restarting"),
+             "the operator's verdict")
+    run.release()
+    return run.judge(run.finish(), Expected(
+        phase="Failed", reason="BackoffLimitExceeded",
+        warnings=frozenset({"BackoffLimitExceeded"})))
+
+
 def seconds_since(stamp: str | None) -> float | None:
     if not stamp:
         return None
@@ -465,6 +496,7 @@ SCENARIOS: list[tuple[str, int, Callable[[Run], Outcome]]] = [
     ("Kueue admission after a queue wait past the scheduling timeout", 1,
      admitted_after_a_long_queue_wait),
     ("Kueue re-admission before the old pods are gone", 1, readmitted_while_old_pods_terminate),
+    ("a deterministic crash under a late reconcile", 1, crash_reconciled_late),
 ]
 
 

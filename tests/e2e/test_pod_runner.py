@@ -55,3 +55,17 @@ def test_the_clock_starts_at_the_first_sync_that_is_not_suspended() -> None:
     # Kueue cleared it on a preemption: a resume writes it again.
     cleared = job_status(indexed_job(True), [])
     assert job_status(indexed_job(False, cleared), [])["startTime"]
+
+
+def test_a_failed_job_is_a_failure_target_until_its_survivors_are_gone() -> None:
+    # syncJob: FailureTarget, deleteActivePods, Failed once no pod is left terminating.
+    crashed = job_status(indexed_job(False), [pod(0, "Running"), pod(1, "Failed")])
+    assert [c["type"] for c in crashed["conditions"]] == ["FailureTarget"]
+    assert crashed["conditions"][0]["reason"] == "BackoffLimitExceeded"
+    terminating = job_status(indexed_job(False, crashed),
+                             [pod(0, "Running", deleting=True), pod(1, "Failed")])
+    assert [c["type"] for c in terminating["conditions"]] == ["FailureTarget"]
+    gone = job_status(indexed_job(False, terminating), [pod(1, "Failed")])
+    assert [c["type"] for c in gone["conditions"]] == ["FailureTarget", "Failed"]
+    assert gone["conditions"][0]["lastTransitionTime"] == crashed["conditions"][0][
+        "lastTransitionTime"]

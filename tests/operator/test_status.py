@@ -899,3 +899,48 @@ def test_a_readmission_while_the_old_pods_terminate_resumes_the_same_attempt() -
     assert (plan.status.phase, plan.status.attempt) == (Phase.PENDING, 1)
     assert (plan.status.restarts, plan.status.preemptions) == (0, 1)
     assert not plan.delete_jobs and all(e.type == "Normal" for e in plan.events)
+
+
+def failing_job(type_: str = "FailureTarget") -> dict[str, Any]:
+    return job(condition=type_)  # BackoffLimitExceeded: the Job controller's verdict
+
+
+def test_a_crash_whose_survivors_the_job_controller_deleted_counts_as_a_failure() -> None:
+    # Rank 1 crashed; the Job controller set FailureTarget and deleted rank 0, which got
+    # SIGTERM and checkpointed (exit 75) or is still terminating: its collateral, not a
+    # preemption. Reconciled late, the crash must still be what counts.
+    for survivor in (pod(0, terminating=True),
+                     pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True)):
+        for verdict in ("FailureTarget", "Failed"):
+            plan = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                       children([failing_job(verdict)],
+                                [survivor, pod(1, "Failed", exit_code=137)]))
+            assert plan.status.phase == Phase.FAILED, (survivor, verdict)
+            failed = condition(plan, st.COND_FAILED)
+            assert failed.reason == st.REASON_BACKOFF_LIMIT_EXCEEDED
+            assert "rank 1 exited with code 137" in failed.message
+            assert plan.status.preemptions == 0
+    # Before the verdict reaches us (the Job controller deletes the survivors first, then
+    # writes FailureTarget): the same.
+    early = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                children([job()], [pod(0, terminating=True), pod(1, "Failed", exit_code=1)]))
+    assert (early.status.phase, early.status.preemptions) == (Phase.FAILED, 0)
+    # A deleted pod alone is a disruption (a drain, a person): not counted.
+    alone = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                children([job()], [pod(0, terminating=True), pod(1)]))
+    assert (alone.status.phase, alone.status.preemptions) == (Phase.RESTARTING, 1)
+    # A disruption the pod's status names stays one, whoever deletes the survivors.
+    evicted = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                  children([failing_job()], [pod(0, "Failed", exit_code=137, evicted=True),
+                                             pod(1, "Failed", exit_code=1)]))
+    assert (evicted.status.phase, evicted.status.preemptions) == (Phase.RESTARTING, 1)
+    assert condition(evicted, st.COND_RESTARTING).reason == st.REASON_EVICTED
+
+
+def test_a_failure_target_without_pod_failures_waits_for_their_exit_codes() -> None:
+    target = failing_job()
+    target["status"]["conditions"][0]["lastTransitionTime"] = ago(5)
+    plan = run(spec(), status(Phase.RUNNING), children([target], [pod(0), pod(1)]))
+    running = condition(plan, st.COND_RUNNING)
+    assert (plan.status.phase, running.reason) == (Phase.PENDING, st.REASON_JOB_FAILED_PENDING)
+    assert running.message.startswith("the Job failed; waiting for rank(s) 0, 1")

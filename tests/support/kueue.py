@@ -81,9 +81,9 @@ class KueueModel:
 
     def preempt(self, name: str) -> None:
         """Evict an admitted Job's Workload: suspend the Job, clear its startTime (Kueue's
-        batch/v1 Job integration, ResetStatus: "Reset start time so we can update the
-        scheduling directives later when unsuspending") and release its quota (Kueue frees
-        it once the Job's status.active is 0, while deleted pods may still terminate)."""
+        batch/v1 Job integration, `Job.Stop`: "Reset start time if necessary, so we can
+        update the scheduling directives") and release its quota (`IsActive` is
+        `status.active != 0`: deleted pods still terminating do not hold it)."""
         self.api.patch(JOBS, self.namespace, name, {
             "metadata": {"annotations": {ADMITTED: None}}, "spec": {"suspend": True}})
         self.api.patch(JOBS, self.namespace, name, {"status": {"startTime": None}},

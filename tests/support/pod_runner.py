@@ -4,7 +4,9 @@
 
 - Job controller: for each Indexed Job it creates one pod per completion index (once per
   run of the Job: a pod that fails or is deleted is not replaced, as with `backoffLimit: 0`)
-  and keeps the Job's status (active/succeeded/failed, Complete/Failed conditions).
+  and keeps the Job's status (active/succeeded/failed, Complete/Failed conditions). A failed
+  pod past `backoffLimit` makes the Job `FailureTarget` first: the controller deletes the
+  surviving pods gracefully and writes `Failed` only once none is left terminating.
   Suspension as the real controller does it: `spec.suspend` true deletes the Job's active
   pods gracefully (SIGTERM; not counted as failed) and sets the `Suspended` condition
   (`JobSuspended`); false again sets it False (`JobResumed`), resets `status.startTime` and
@@ -283,21 +285,29 @@ class PodRunner:
                     self.api.create(PODS, job_pod(job, index))
         status = job_status(job, self.api.find(PODS, meta["namespace"],
                                                labels=f"job-name={meta['name']}"))
+        if any(c["type"] == "FailureTarget" for c in status.get("conditions", [])):
+            self._delete_active(job, pods)  # deleteActivePods: the survivors of a failed Job
         if status != job.get("status", {}):
-            self.api.patch(JOBS, meta["namespace"], meta["name"], {"status": status},
-                           subresource="status")
+            # A merge patch keeps keys it does not name: counts that fell to 0 and a startTime
+            # Kueue cleared must be removed by name.
+            cleared = dict.fromkeys(("active", "succeeded", "failed", "startTime"))
+            self.api.patch(JOBS, meta["namespace"], meta["name"],
+                           {"status": {**cleared, **status}}, subresource="status")
 
     def _suspend(self, job: JsonDict, pods: list[JsonDict]) -> None:
         """The real controller's manageJob for a suspended Job: delete its active pods
         (it drops their tracking finalizer first, so they never count as failed); a resume
         creates every index without a succeeded pod again."""
-        meta = job["metadata"]
+        self._delete_active(job, pods)
+        self._created -= {key for key in self._created if key[0] == job["metadata"]["uid"]}
+
+    def _delete_active(self, job: JsonDict, pods: list[JsonDict]) -> None:
         for pod in pods:
             if pod["metadata"].get("deletionTimestamp") or pod.get("status", {}).get(
                     "phase") in ("Succeeded", "Failed"):
                 continue
-            self.api.delete(PODS, meta["namespace"], pod["metadata"]["name"])  # graceful
-        self._created -= {key for key in self._created if key[0] == meta["uid"]}
+            with contextlib.suppress(Exception):  # gone already
+                self.api.delete(PODS, job["metadata"]["namespace"], pod["metadata"]["name"])
 
     # --- kubelet ---------------------------------------------------------------------------------
 
@@ -502,8 +512,8 @@ class PodRunner:
 # --- pure helpers ------------------------------------------------------------------------------
 
 def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
-    """Counts, the Suspended condition and the Complete/Failed condition of an Indexed Job
-    with backoffLimit 0 (pods being deleted count as neither active nor failed)."""
+    """Counts, the Suspended condition and the Complete/FailureTarget/Failed conditions of an
+    Indexed Job (pods being deleted count as neither active nor failed)."""
     phases = [p.get("status", {}).get("phase") for p in pods
               if not p["metadata"].get("deletionTimestamp")]
     succeeded, failed = phases.count("Succeeded"), phases.count("Failed")
@@ -523,9 +533,17 @@ def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
         conditions.append(_condition("Suspended", "JobResumed", "Job resumed", "False"))
         if old["Suspended"]["status"] == "True":
             status["startTime"] = now_stamp()  # a resumed Job's clock starts again
-    if failed > int(job["spec"].get("backoffLimit", 6)):
-        conditions.append(_condition("Failed", "BackoffLimitExceeded",
-                                     "Job has reached the specified backoff limit"))
+    failing = failed > int(job["spec"].get("backoffLimit", 6)) or (
+        old.get("FailureTarget", {}).get("status") == "True")
+    if failing:
+        # syncJob: FailureTarget first; the controller deletes the active pods; Failed only
+        # once none is left terminating (delayTerminalCondition).
+        target = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        conditions.append(_condition("FailureTarget", *target))
+        terminating = [p for p in pods if p["metadata"].get("deletionTimestamp")
+                       and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+        if not terminating and not status.get("active"):
+            conditions.append(_condition("Failed", *target))
     elif succeeded >= int(job["spec"]["completions"]):
         conditions.append(_condition("Complete", "", ""))
     for cond in conditions:  # the time moves only when the status flips
