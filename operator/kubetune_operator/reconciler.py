@@ -65,7 +65,10 @@ RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
 CHILD_EVENT_WINDOW_SECONDS = 0.1
 ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → labelled ones
 SCRAPE_CONCURRENCY = 32  # rank-0 scrapes in flight at once per tick
-FAILED_CREATE_EVENTS = 20  # at most this many FailedCreate events read per reconcile
+# FailedCreate events are read 20 a page, at most 10 pages a reconcile: pages come in name
+# order, so the newest may be on the last one. The API server folds repeats of one message
+# into one event (its count), so one Job rarely has more than a few.
+FAILED_CREATE_EVENTS, FAILED_CREATE_PAGES = 20, 10
 
 
 class InvalidSpec(Exception):
@@ -253,14 +256,15 @@ class Reconciler:
 
     async def _with_failed_creates(self, children: st.Children, namespace: str,
                                    job_name: str) -> st.Children:
-        """The Job controller's FailedCreate events of the current Job, read (one bounded,
-        server-side filtered list) only while it has fewer pods than ranks."""
+        """The Job controller's FailedCreate events of the current Job, read (a bounded,
+        server-side filtered list, every page) only while it has fewer pods than ranks."""
         job = st.creating_pods(children, job_name)
         if job is None:
             return children
         try:
             events = await self.api.list(EVENTS, namespace, st.failed_create_selector(job),
-                                         limit=FAILED_CREATE_EVENTS)
+                                         limit=FAILED_CREATE_EVENTS,
+                                         pages=FAILED_CREATE_PAGES)
         except ApiError as exc:  # e.g. RBAC without events/list: the rest still works
             logger.warning("%s/%s: cannot read its pod-creation events (%s)", namespace,
                            job_name, exc)

@@ -25,7 +25,9 @@ API-server semantics an operator depends on:
 
 Not emulated (see docs/operator.md): admission (CRD schema, defaults, CEL rules), controllers
 (Job, kubelet, scheduler: tests play them), foreground deletion ordering, server-side apply,
-field managers, RBAC, bookmarks, pagination (`limit`/`continue`).
+field managers, RBAC, bookmarks. Lists honour `limit`/`continue` as the apiserver's storage
+does (key order, a continue token that starts after the page's last key,
+`remainingItemCount`), without its snapshot consistency across pages.
 
 Use `EmulatorThread` from synchronous code (tests that run the operator or `kubectl` as a
 subprocess): it runs the server in its own thread and event loop.
@@ -34,6 +36,7 @@ subprocess): it runs the server in its own thread and event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import copy
@@ -237,6 +240,25 @@ def json_patch(target: JsonDict, operations: list[JsonDict]) -> JsonDict:
 def _error(code: int, reason: str, message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=code, reason=reason, message=message,
                                  details={"causes": []})
+
+
+def _list_key(obj: JsonDict) -> str:
+    """The object's storage key below its resource's prefix: lists come in this order."""
+    meta = obj["metadata"]
+    return f"{meta.get('namespace') or ''}/{meta['name']}"
+
+
+def _encode_continue(start: str, revision: int) -> str:
+    token = {"apiVersion": "meta.k8s.io/v1", "rv": revision, "start": start}
+    return base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
+
+
+def _decode_continue(value: str) -> str:
+    try:
+        token = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        return str(token["start"])
+    except (ValueError, KeyError, TypeError):
+        raise _error(400, "BadRequest", f"continue key is not valid: {value}") from None
 
 
 def now_stamp(later: float = 0.0) -> str:
@@ -676,12 +698,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: kmock.Request) -> JsonDict:
         assert request.resource is not None
         info = self._info(request.resource)
-        items = self._select(request.resource, Selection.from_params(
-            dict(request.params), request.namespace))
+        params = dict(request.params)
+        items = self._select(request.resource, Selection.from_params(params, request.namespace))
+        metadata: JsonDict = {"resourceVersion": str(self._last_revision)}
+        if params.get("continue"):
+            start = _decode_continue(params["continue"])
+            items = [o for o in items if _list_key(o) >= start]
+        limit = int(params.get("limit") or 0)
+        if 0 < limit < len(items):
+            # apiserver storage/continue.go: the next page starts just after the last key
+            # of this one (key + "\x00"); remainingItemCount says how many are left.
+            last = _list_key(items[limit - 1])
+            metadata["continue"] = _encode_continue(last + "\x00", self._last_revision)
+            metadata["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
         return {"apiVersion": self._api_version(request.resource),
-                "kind": f"{info.kind}List", "metadata": {"resourceVersion":
-                                                          str(self._last_revision)},
-                "items": items}
+                "kind": f"{info.kind}List", "metadata": metadata, "items": items}
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         assert request.resource is not None
