@@ -132,6 +132,12 @@ class Reconciler:
         self._tasks: set[asyncio.Task[None]] = set()
         # (uid, names of its Jobs seen in the index) per object
         self._seen_jobs: dict[Key, tuple[str, set[str]]] = {}
+        # Per object, uids of children a uid-precondition DELETE found gone (404, or 409: the
+        # name is another object's now) while kopf's index still holds them: after a watch
+        # expired (410 Gone) kopf relists, and its indexes drop an entry only on a DELETED
+        # event, so an object deleted in the gap stays there, a ghost the planner would wait
+        # for forever. Kept while the index holds them.
+        self._gone: dict[Key, set[str]] = {}
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -246,13 +252,36 @@ class Reconciler:
 
     def _children_of(self, owner: Owner) -> st.Children:
         labelled = self.children(owner.namespace, base_name(owner.name))
-        children = st.owned_children(labelled.jobs, labelled.pods, owner.uid, owner.name)
         key = (owner.namespace, owner.name)
+        jobs, pods = self._without_ghosts(key, labelled.jobs, labelled.pods)
+        children = st.owned_children(jobs, pods, owner.uid, owner.name)
         if key not in self._seen_jobs or self._seen_jobs[key][0] != owner.uid:
             self._seen_jobs[key] = (owner.uid, set())
         seen = self._seen_jobs[key][1]
         seen.update(j["metadata"]["name"] for j in children.jobs)
         return dataclasses.replace(children, seen=frozenset(seen))
+
+    def _without_ghosts(self, key: Key, jobs: list[dict[str, Any]],
+                        pods: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                             list[dict[str, Any]]]:
+        gone = self._gone.get(key)
+        if not gone:
+            return jobs, pods
+        indexed = {o["metadata"].get("uid") for o in [*jobs, *pods]}
+        gone &= indexed  # the index dropped the rest: nothing to hide any more
+        return ([j for j in jobs if j["metadata"].get("uid") not in gone],
+                [p for p in pods if p["metadata"].get("uid") not in gone])
+
+    async def _delete(self, key: Key, resource: Any, namespace: str, name: str,
+                      uid: str | None, grace_seconds: int | None = None) -> bool:
+        """A DELETE with the uid precondition; True when it found the object gone: a ghost
+        of the index, left out of the children from now on."""
+        deleted = await self.api.delete(resource, namespace, name, uid=uid,
+                                        grace_seconds=grace_seconds)
+        if deleted or uid is None:
+            return False
+        self._gone.setdefault(key, set()).add(uid)
+        return True
 
     async def _with_failed_creates(self, children: st.Children, namespace: str,
                                    job_name: str) -> st.Children:
@@ -300,13 +329,14 @@ class Reconciler:
             except CreateRefused as exc:
                 await self._create_failed(body, plan.status, str(exc))
                 return
+        key, ghosts = (ns, name), False
         for job_name in plan.delete_jobs:
-            await self.api.delete(JOBS, ns, job_name, uid=plan.uids.get(job_name))
+            ghosts |= await self._delete(key, JOBS, ns, job_name, plan.uids.get(job_name))
         for pod_name in plan.delete_pods:
-            await self.api.delete(PODS, ns, pod_name, uid=plan.uids.get(pod_name))
+            ghosts |= await self._delete(key, PODS, ns, pod_name, plan.uids.get(pod_name))
         for pod_name in plan.force_delete_pods:
-            await self.api.delete(PODS, ns, pod_name, grace_seconds=0,
-                                  uid=plan.uids.get(pod_name))
+            ghosts |= await self._delete(key, PODS, ns, pod_name, plan.uids.get(pod_name),
+                                         grace_seconds=0)
         if plan.suspend_job is not None:
             current = attempt_job_name(name, plan.status.attempt or 1)
             mark = "true" if plan.suspend_job else None  # null removes it
@@ -316,8 +346,10 @@ class Reconciler:
         for event in plan.events:
             kopf.event(_as_body(body), type=event.type, reason=event.reason, message=event.message)
         self._count(old, plan.status, body)
-        if plan.recheck_after is not None:
-            self._recheck_later((ns, name), plan.recheck_after)
+        if ghosts:  # no event will come for them: plan again at once, without them
+            self._recheck_later(key, 0)
+        elif plan.recheck_after is not None:
+            self._recheck_later(key, plan.recheck_after)
 
     async def _create_attempt(self, plan: st.Plan, job: FineTuneJob, owner: Owner,
                               body: dict[str, Any]) -> None:
@@ -454,6 +486,7 @@ class Reconciler:
                 timers.pop(key).cancel()
         self._created.pop(key, None)
         self._seen_jobs.pop(key, None)
+        self._gone.pop(key, None)
         lock = self._locks.get(key)
         if lock is not None and not lock.locked():
             del self._locks[key]
