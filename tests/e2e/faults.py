@@ -475,6 +475,30 @@ def crash_reconciled_late(run: Run) -> Outcome:
         warnings=frozenset({"BackoffLimitExceeded"})))
 
 
+def watch_expired_with_deletions(run: Run) -> Outcome:
+    """The operator's watches break while attempt 1's pods terminate (an API server restart),
+    the pods go in the gap and the history expires: kopf gets 410 Gone and relists, but its
+    index keeps the deleted pods (it drops entries on DELETED events only). The ghost must
+    not keep the job waiting for old pods: attempt 2 starts."""
+    cluster, emulator = run.cluster, run.cluster.api.emulator
+    run.runner.hold_at(HOLD)
+    run.apply()
+    step = run.held()
+    run.runner.crash(run.pod(1))
+    run.wait(lambda: cluster.status(run.name).get("attempt") == 2
+             and run.runner.held_ranks().get(0, "").endswith(" sigterm"),
+             "the restart, rank 0 terminating")
+    emulator.partition_watches()
+    run.release()
+    run.wait(lambda: not cluster.api.find("v1/pods", NAMESPACE, f"job-name={run.name}-a1"),
+             "attempt 1's pods gone in the gap")
+    emulator.compact()
+    emulator.heal_watches()
+    return run.judge(run.finish(), Expected(
+        restarts=1, attempt=2, resumed_from=CRASHED,
+        warnings=frozenset({"RankFailed", "ForceDeletedPods"})), step)
+
+
 def seconds_since(stamp: str | None) -> float | None:
     if not stamp:
         return None
@@ -497,6 +521,7 @@ SCENARIOS: list[tuple[str, int, Callable[[Run], Outcome]]] = [
      admitted_after_a_long_queue_wait),
     ("Kueue re-admission before the old pods are gone", 1, readmitted_while_old_pods_terminate),
     ("a deterministic crash under a late reconcile", 1, crash_reconciled_late),
+    ("watch expiry with deletions in the gap", 1, watch_expired_with_deletions),
 ]
 
 

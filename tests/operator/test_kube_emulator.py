@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,28 @@ def test_lists_page_in_key_order_with_continue_tokens(api: EmulatorThread) -> No
     assert len(requests.get(url, timeout=10).json()["items"]) == 5  # no limit: everything
     bad = requests.get(url, params={"limit": 2, "continue": "not-a-token"}, timeout=10)
     assert bad.status_code == 400
+
+
+def test_a_partition_ends_watches_and_compaction_makes_resuming_410() -> None:
+    # A watch that resumes from before an etcd compaction gets 410 Gone (reason Expired) and
+    # must list again; during a partition new watches wait and open ones end.
+    with EmulatorThread() as api:
+        call(api, "POST", CM_URL, {"metadata": {"name": "kept"}})
+        start = call(api, "GET", CM_URL).json()["metadata"]["resourceVersion"]
+        call(api, "POST", CM_URL, {"metadata": {"name": "gap"}})
+        api.emulator.partition_watches()
+        answered: list[requests.Response] = []
+        waiting = threading.Thread(target=lambda: answered.append(call(
+            api, "GET", CM_URL, params={"watch": "true", "resourceVersion": start,
+                                        "timeoutSeconds": "1"})))
+        waiting.start()
+        call(api, "DELETE", CM_URL + "/gap")  # deleted in the gap
+        api.emulator.compact()
+        assert waiting.is_alive() and not answered  # no answer while partitioned
+        api.emulator.heal_watches()
+        waiting.join(30)
+        (event,) = [json.loads(line) for line in answered[0].text.splitlines() if line.strip()]
+        assert (event["type"], event["object"]["code"], event["object"]["reason"]) == \
+            ("ERROR", 410, "Expired")
+        relisted = call(api, "GET", CM_URL).json()["items"]
+        assert [o["metadata"]["name"] for o in relisted] == ["kept"]  # "gap" is gone

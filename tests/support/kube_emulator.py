@@ -301,6 +301,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     _builtin_reactions: int = attrs.field(default=0, init=False)
     _faults: list[list[Any]] = attrs.field(factory=list, init=False)
+    # A partition (an API server restart, a long network cut): watch streams end and new ones
+    # wait until it heals; a watch resuming from before the compaction revision gets 410.
+    partitioned: bool = attrs.field(default=False, init=False)
+    _compacted: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -721,6 +725,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._info(res)
         params = dict(request.params)
         selection = Selection.from_params(params, request.namespace, request.name)
+        while self.partitioned:  # the client reconnects; nothing answers until it heals
+            await asyncio.sleep(WATCH_QUEUE_POLL)
         watcher = _Watcher(selection)
         backlog = self._backlog(res, selection, params.get("resourceVersion"))
         self._watchers[res].append(watcher)
@@ -731,7 +737,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 yield event
                 if event["type"] == "ERROR":
                     return
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self.partitioned:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(WATCH_QUEUE_POLL,
                                                    deadline - time.monotonic())):
@@ -739,13 +745,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
         finally:
             self._watchers[res].remove(watcher)
 
+    def partition_watches(self) -> None:
+        """Every watch stream ends; new ones wait until `heal_watches()`."""
+        self.partitioned = True
+
+    def compact(self) -> None:
+        """The watch history so far expires (etcd compaction): a watch resuming from an older
+        resourceVersion gets 410 Gone and its client must list again."""
+        self._compacted = self._last_revision
+        for log in self._log.values():
+            log.clear()
+
+    def heal_watches(self) -> None:
+        self.partitioned = False
+
     def _backlog(self, res: kmock.resource, selection: Selection,
                  since: str | None) -> list[JsonDict]:
         if not since or since == "0":
             return [{"type": "ADDED", "object": o} for o in self._select(res, selection)]
         since_revision = int(since)
         log = self._log[res]
-        if len(log) == log.maxlen and log[0][0] > since_revision + 1:
+        if since_revision < self._compacted or (
+                len(log) == log.maxlen and log[0][0] > since_revision + 1):
             return [{"type": "ERROR", "object": {
                 "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
                 "reason": "Expired", "message": f"too old resource version: {since}"}}]
