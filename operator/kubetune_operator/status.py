@@ -158,6 +158,10 @@ def pod_failure(pod: Manifest) -> AttemptState | None:
         return AttemptState("failed", REASON_NODE_LOST, f"rank {rank}: "
                             f"{status.get('message') or 'its node is unreachable'}",
                             preemption=True)
+    if _node_not_ready(pod):
+        return AttemptState("failed", REASON_NODE_LOST, f"rank {rank}: its node stopped "
+                            "reporting (pod Ready=False while its container runs: node "
+                            "unreachable)", preemption=True)
     terminated = _terminated(pod)
     if terminated is None or terminated.get("exitCode", 0) == 0:
         if status.get("phase") == "Failed":
@@ -186,8 +190,21 @@ def pod_failure(pod: Manifest) -> AttemptState | None:
     return AttemptState("failed", REASON_RANK_FAILED, text)
 
 
+def _node_not_ready(pod: Manifest) -> bool:
+    """The node lifecycle controller's mark for a pod on an unreachable node (MarkPodsNotReady):
+    Ready=False while the pod runs and its container's last word is still "running". The
+    trainer has no readiness probe, so only a node that stopped reporting does this; its
+    taint eviction (DisruptionTarget) comes only after the toleration (300 s by default)."""
+    ready = next((c for c in pod.get("status", {}).get("conditions") or []
+                  if c.get("type") == "Ready"), None)
+    return ready is not None and ready.get("status") == "False" \
+        and pod.get("status", {}).get("phase") == "Running" \
+        and "running" in trainer_status(pod).get("state", {})
+
+
 # Disruptions a pod's own status names (the eviction API's or taint manager's
-# DisruptionTarget, the node controller's NodeLost): never the Job controller's doing.
+# DisruptionTarget, the node controller's Ready=False or NodeLost): never the Job
+# controller's doing.
 NAMED_DISRUPTIONS = frozenset({REASON_EVICTED, REASON_NODE_LOST})
 
 

@@ -508,7 +508,7 @@ def seconds_since(stamp: str | None) -> float | None:
 
 SCENARIOS: list[tuple[str, int, Callable[[Run], Outcome]]] = [
     ("rank killed mid-run", 3, rank_killed),
-    ("node lost (pod stuck Terminating)", 1, node_lost),
+    ("node lost (Ready=False, taint eviction, stuck Terminating)", 1, node_lost),
     ("eviction", 1, evicted),
     ("current Job deleted by a user", 1, job_deleted),
     ("delete + re-create with the same name", 1, recreated),

@@ -944,3 +944,23 @@ def test_a_failure_target_without_pod_failures_waits_for_their_exit_codes() -> N
     running = condition(plan, st.COND_RUNNING)
     assert (plan.status.phase, running.reason) == (Phase.PENDING, st.REASON_JOB_FAILED_PENDING)
     assert running.message.startswith("the Job failed; waiting for rank(s) 0, 1")
+
+
+def test_a_node_that_stopped_reporting_is_a_preemption_before_its_taint_eviction() -> None:
+    # Current clusters: the node lifecycle controller marks the pod Ready=False; the taint
+    # eviction (DisruptionTarget) comes only after the toleration. Rank 0's crash (its peer
+    # vanished) is the lost node's collateral, whoever deletes the lost pod meanwhile.
+    def lost(terminating: bool) -> dict[str, Any]:
+        made = pod(1, terminating=terminating)
+        made["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+        return made
+    for terminating in (False, True):
+        plan = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                   children([failing_job()], [pod(0, "Failed", exit_code=1), lost(terminating)]))
+        assert (plan.status.phase, plan.status.preemptions) == (Phase.RESTARTING, 1)
+        assert condition(plan, st.COND_RESTARTING).reason == st.REASON_NODE_LOST
+    ready = pod(1)
+    ready["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    crashed = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                  children([failing_job()], [pod(0, "Failed", exit_code=1), ready]))
+    assert crashed.status.phase == Phase.FAILED

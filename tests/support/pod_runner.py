@@ -135,6 +135,7 @@ class PodRunner:
     _thread: threading.Thread | None = None
     errors: list[BaseException] = field(default_factory=list)
     lost: set[str] = field(default_factory=set)  # uids of pods whose node is gone
+    _taint_evictions: dict[str, float] = field(default_factory=dict)  # pod uid -> when
     _master_ports: dict[str, int] = field(default_factory=dict)  # Job uid -> torchrun port
     exit_codes: dict[str, int] = field(default_factory=dict)  # pod name -> its last exit code
     hold_step: int | None = None  # the trainer's pacing seam (kubetune_trainer/hold.py)
@@ -166,6 +167,8 @@ class PodRunner:
                 self.errors.append(exc)
 
     def sync(self) -> None:
+        if self._taint_evictions:
+            self._evict_tainted()
         for job in self.api.find(JOBS):
             self._sync_job(job)
         pods = self.api.find(PODS)
@@ -182,19 +185,43 @@ class PodRunner:
         pod = self._pod(pod_name)
         kill_container(pod["metadata"]["uid"], self.processes[pod["metadata"]["uid"]].process)
 
-    def lose_node(self, pod_name: str) -> None:
-        """The pod's node goes away: its processes vanish without a word (the peers see a
-        dead connection), its status is what the node controller writes for an unreachable
-        node, and a deletion of it never completes (only a force delete removes it)."""
+    def lose_node(self, pod_name: str, toleration_seconds: float = 10.0) -> None:
+        """The pod's node goes away, as on current clusters: its processes vanish without a
+        word (the peers see a dead connection); the node lifecycle controller marks the pod
+        Ready=False (MarkPodsNotReady) and taints the node `unreachable:NoExecute`; after the
+        pod's toleration of that taint (300 s by default: DefaultTolerationSeconds; short
+        here) the taint eviction controller deletes it with a DisruptionTarget condition
+        (DeletionByTaintManager). No kubelet confirms any deletion: it stays Terminating
+        until someone force-deletes it."""
         pod = self._pod(pod_name)
         uid = pod["metadata"]["uid"]
         self.lost.add(uid)
         kill_container(uid, self.processes[uid].process)
-        status = {**pod.get("status", {}), "reason": "NodeLost",
-                  "message": f"Node localhost which was running pod {pod_name} is "
-                             "unresponsive"}
-        self.api.patch(PODS, pod["metadata"]["namespace"], pod_name, {"status": status},
-                       subresource="status")
+        conditions = [c for c in pod.get("status", {}).get("conditions") or []
+                      if c["type"] != "Ready"]
+        conditions.append({"type": "Ready", "status": "False", "lastTransitionTime": now_stamp()})
+        self.api.patch(PODS, pod["metadata"]["namespace"], pod_name,
+                       {"status": {"conditions": conditions}}, subresource="status")
+        self._taint_evictions[uid] = time.monotonic() + toleration_seconds
+
+    def _evict_tainted(self) -> None:
+        """The taint eviction controller: pods of a lost node whose toleration ran out."""
+        for pod in self.api.find(PODS):
+            uid, meta = pod["metadata"]["uid"], pod["metadata"]
+            due = self._taint_evictions.get(uid)
+            if due is None or time.monotonic() < due:
+                continue
+            del self._taint_evictions[uid]
+            if meta.get("deletionTimestamp"):
+                continue  # being deleted already (its Job failed)
+            conditions = [*(pod.get("status", {}).get("conditions") or []), {
+                "type": "DisruptionTarget", "status": "True",
+                "reason": "DeletionByTaintManager",
+                "message": "Taint manager: deleting due to NoExecute taint",
+                "lastTransitionTime": now_stamp()}]
+            self.api.patch(PODS, meta["namespace"], meta["name"],
+                           {"status": {"conditions": conditions}}, subresource="status")
+            self.api.delete(PODS, meta["namespace"], meta["name"])
 
     def evict(self, pod_name: str) -> None:
         """An eviction (drain, preemption): DisruptionTarget, then a graceful delete."""
@@ -498,12 +525,14 @@ class PodRunner:
 
     def _write_status(self, pod: JsonDict, phase: str, state: JsonDict) -> None:
         meta = pod["metadata"]
+        old = pod.get("status", {})
         status = {"phase": phase, "podIP": self._ip_for(pod), "hostIP": "127.0.0.1",
                   "containerStatuses": [{
                       "name": pod["spec"]["containers"][0]["name"], "state": state,
                       "ready": phase == "Running", "restartCount": 0,
-                      "image": pod["spec"]["containers"][0].get("image", "")}]}
-        if pod.get("status", {}) != status:
+                      "image": pod["spec"]["containers"][0].get("image", "")}],
+                  "conditions": _ready_condition(old, phase == "Running")}
+        if {key: old.get(key) for key in status} != status:
             with contextlib.suppress(Exception):  # the pod may be gone already
                 self.api.patch(PODS, meta["namespace"], meta["name"], {"status": status},
                                subresource="status")
@@ -591,6 +620,17 @@ def kill_container(uid: str, process: subprocess.Popen[bytes]) -> None:
 def _job_finished(job: JsonDict) -> bool:
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
                for c in job.get("status", {}).get("conditions") or [])
+
+
+def _ready_condition(old_status: JsonDict, ready: bool) -> list[JsonDict]:
+    """The pod's conditions with Ready set as the kubelet does (no readiness probe: ready
+    while running); others (DisruptionTarget) kept, the time moving only on a flip."""
+    conditions = old_status.get("conditions") or []
+    value = "True" if ready else "False"
+    old = next((c for c in conditions if c["type"] == "Ready"), None)
+    if old is None or old["status"] != value:
+        old = {"type": "Ready", "status": value, "lastTransitionTime": now_stamp()}
+    return [*(c for c in conditions if c["type"] != "Ready"), old]
 
 
 def _completion_index(pod: JsonDict) -> int:
