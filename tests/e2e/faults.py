@@ -20,6 +20,7 @@ without the handling it proves: every row must then fail.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -51,6 +52,7 @@ from support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, create_bucket  # noqa
 STEPS, EVERY = 60, 10  # a checkpoint every EVERY steps: at most that many may be lost
 HOLD = 15  # the step every paced fault lands at (kubetune_trainer/hold.py)
 RUN_TIMEOUT = 420.0
+EVENT_GRACE = 30.0  # seconds the expected events may follow the status that ends a row
 T = TypeVar("T")
 STALL_TIMEOUT = 30  # runPolicy.stallTimeoutSeconds of the frozen-rank scenario
 SCHEDULING_TIMEOUT = 10  # runPolicy.schedulingTimeoutSeconds of the long-queue-wait scenario
@@ -168,6 +170,10 @@ class Run:
         outcome = Outcome(False, status.get("restarts", 0), status.get("preemptions", 0))
         problems = []
         ended = terminal_condition(status)
+        # The operator posts an event after the status write that carries the same words.
+        with contextlib.suppress(AssertionError):
+            self.cluster.wait(lambda: expected.warnings <= self.warnings(),
+                              "the expected Warning events", EVENT_GRACE)
         got: dict[str, Any] = {"phase": status.get("phase"), "reason": ended.get("reason"),
                "restarts": outcome.restarts, "preemptions": outcome.preemptions,
                "attempt": status.get("attempt"), "warnings": frozenset(self.warnings())}
