@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MUTATIONS = Path(__file__).resolve().parent / "mutations"
-PACKAGES = ("api", "operator", "trainer_image")  # pyproject's package folders
+PACKAGES = ("api", "client", "operator", "trainer_image")  # pyproject's package folders
 ROW_TIMEOUT = 900
 
 
