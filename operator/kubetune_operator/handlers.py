@@ -1,5 +1,5 @@
 """kopf wiring: which events reach the reconciler. Thin on purpose; decisions live in
-status.py, manifests in builders.py, API calls in reconciler.py.
+observe.py and planner.py (status.py), manifests in builders.py, API calls in reconciler.py.
 
 - FineTuneJob created / resumed (operator start) / updated → reconcile it.
 - A trainer pod or Job changed → reconcile its FineTuneJob (found through an index) a moment

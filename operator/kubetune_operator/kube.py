@@ -130,11 +130,20 @@ class KubeApi:
         return await self.request("GET", resource.path(namespace, name))
 
     async def list(self, resource: Resource, namespace: str, field_selector: str,
-                   limit: int) -> list[Manifest]:
-        """One page of at most `limit` objects the API server selected by `field_selector`."""
-        result = await self.request("GET", resource.path(namespace), params={
-            "fieldSelector": field_selector, "limit": str(limit)})
-        return list((result or {}).get("items") or [])
+                   limit: int, pages: int = 1) -> list[Manifest]:
+        """The objects the API server selected by `field_selector`, `limit` a page, following
+        `continue` for at most `pages` pages. A server returns a page in key (name) order, not
+        by time: a caller that wants the newest must read every page."""
+        items: list[Manifest] = []
+        params = {"fieldSelector": field_selector, "limit": str(limit)}
+        for _ in range(pages):
+            result = await self.request("GET", resource.path(namespace), params=params) or {}
+            items += result.get("items") or []
+            token = (result.get("metadata") or {}).get("continue")
+            if not token:
+                break
+            params = {**params, "continue": token}
+        return items
 
     async def create(self, resource: Resource, namespace: str, body: Manifest) -> bool:
         """Create unless it exists; True when this call created it."""

@@ -68,7 +68,10 @@ RETRY_SECONDS = 5.0  # after a failed reconcile that no handler will retry
 CHILD_EVENT_WINDOW_SECONDS = 0.1
 ChildrenLookup = Callable[[str, str], st.Children]  # (namespace, base name) → labelled ones
 SCRAPE_CONCURRENCY = 32  # rank-0 scrapes in flight at once per tick
-FAILED_CREATE_EVENTS = 20  # at most this many FailedCreate events read per reconcile
+# FailedCreate events are read 20 a page, at most 10 pages a reconcile: pages come in name
+# order, so the newest may be on the last one. The API server folds repeats of one message
+# into one event (its count), so one Job rarely has more than a few.
+FAILED_CREATE_EVENTS, FAILED_CREATE_PAGES = 20, 10
 
 
 class InvalidSpec(Exception):
@@ -132,6 +135,12 @@ class Reconciler:
         self._tasks: set[asyncio.Task[None]] = set()
         # (uid, names of its Jobs seen in the index) per object
         self._seen_jobs: dict[Key, tuple[str, set[str]]] = {}
+        # Per object, uids of children a uid-precondition DELETE found gone (404, or 409: the
+        # name is another object's now) while kopf's index still holds them: after a watch
+        # expired (410 Gone) kopf relists, and its indexes drop an entry only on a DELETED
+        # event, so an object deleted in the gap stays there, a ghost the planner would wait
+        # for forever. Kept while the index holds them.
+        self._gone: dict[Key, set[str]] = {}
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -278,24 +287,48 @@ class Reconciler:
 
     def _children_of(self, owner: Owner) -> st.Children:
         labelled = self.children(owner.namespace, base_name(owner.name))
-        children = st.owned_children(labelled.jobs, labelled.pods, owner.uid, owner.name)
         key = (owner.namespace, owner.name)
+        jobs, pods = self._without_ghosts(key, labelled.jobs, labelled.pods)
+        children = st.owned_children(jobs, pods, owner.uid, owner.name)
         if key not in self._seen_jobs or self._seen_jobs[key][0] != owner.uid:
             self._seen_jobs[key] = (owner.uid, set())
         seen = self._seen_jobs[key][1]
         seen.update(j["metadata"]["name"] for j in children.jobs)
         return dataclasses.replace(children, seen=frozenset(seen))
 
+    def _without_ghosts(self, key: Key, jobs: list[dict[str, Any]],
+                        pods: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                             list[dict[str, Any]]]:
+        gone = self._gone.get(key)
+        if not gone:
+            return jobs, pods
+        indexed = {o["metadata"].get("uid") for o in [*jobs, *pods]}
+        gone &= indexed  # the index dropped the rest: nothing to hide any more
+        return ([j for j in jobs if j["metadata"].get("uid") not in gone],
+                [p for p in pods if p["metadata"].get("uid") not in gone])
+
+    async def _delete(self, key: Key, resource: Any, namespace: str, name: str,
+                      uid: str | None, grace_seconds: int | None = None) -> bool:
+        """A DELETE with the uid precondition; True when it found the object gone: a ghost
+        of the index, left out of the children from now on."""
+        deleted = await self.api.delete(resource, namespace, name, uid=uid,
+                                        grace_seconds=grace_seconds)
+        if deleted or uid is None:
+            return False
+        self._gone.setdefault(key, set()).add(uid)
+        return True
+
     async def _with_failed_creates(self, children: st.Children, namespace: str,
                                    job_name: str) -> st.Children:
-        """The Job controller's FailedCreate events of the current Job, read (one bounded,
-        server-side filtered list) only while it has fewer pods than ranks."""
+        """The Job controller's FailedCreate events of the current Job, read (a bounded,
+        server-side filtered list, every page) only while it has fewer pods than ranks."""
         job = st.creating_pods(children, job_name)
         if job is None:
             return children
         try:
             events = await self.api.list(EVENTS, namespace, st.failed_create_selector(job),
-                                         limit=FAILED_CREATE_EVENTS)
+                                         limit=FAILED_CREATE_EVENTS,
+                                         pages=FAILED_CREATE_PAGES)
         except ApiError as exc:  # e.g. RBAC without events/list: the rest still works
             logger.warning("%s/%s: cannot read its pod-creation events (%s)", namespace,
                            job_name, exc)
@@ -331,13 +364,14 @@ class Reconciler:
             except CreateRefused as exc:
                 await self._create_failed(body, plan.status, str(exc))
                 return
+        key, ghosts = (ns, name), False
         for job_name in plan.delete_jobs:
-            await self.api.delete(JOBS, ns, job_name, uid=plan.uids.get(job_name))
+            ghosts |= await self._delete(key, JOBS, ns, job_name, plan.uids.get(job_name))
         for pod_name in plan.delete_pods:
-            await self.api.delete(PODS, ns, pod_name, uid=plan.uids.get(pod_name))
+            ghosts |= await self._delete(key, PODS, ns, pod_name, plan.uids.get(pod_name))
         for pod_name in plan.force_delete_pods:
-            await self.api.delete(PODS, ns, pod_name, grace_seconds=0,
-                                  uid=plan.uids.get(pod_name))
+            ghosts |= await self._delete(key, PODS, ns, pod_name, plan.uids.get(pod_name),
+                                         grace_seconds=0)
         if plan.suspend_job is not None:
             current = attempt_job_name(name, plan.status.attempt or 1)
             mark = "true" if plan.suspend_job else None  # null removes it
@@ -347,8 +381,10 @@ class Reconciler:
         for event in plan.events:
             kopf.event(_as_body(body), type=event.type, reason=event.reason, message=event.message)
         self._count(old, plan.status, body)
-        if plan.recheck_after is not None:
-            self._recheck_later((ns, name), plan.recheck_after)
+        if ghosts:  # no event will come for them: plan again at once, without them
+            self._recheck_later(key, 0)
+        elif plan.recheck_after is not None:
+            self._recheck_later(key, plan.recheck_after)
 
     async def _create_attempt(self, plan: st.Plan, job: FineTuneJob, owner: Owner,
                               body: dict[str, Any]) -> None:
@@ -485,6 +521,7 @@ class Reconciler:
                 timers.pop(key).cancel()
         self._created.pop(key, None)
         self._seen_jobs.pop(key, None)
+        self._gone.pop(key, None)
         lock = self._locks.get(key)
         if lock is not None and not lock.locked():
             del self._locks[key]

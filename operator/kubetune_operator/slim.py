@@ -11,7 +11,7 @@ anyone may put the kubetune.dev/finetunejob label on a pod of their own.
 
 A pod that has finished (Succeeded or Failed) changes no more: the pods of finished attempts
 and of finished FineTuneJobs are most of a busy cluster's trainer pods, kept until their Job's
-TTL. Such a pod keeps only what the status logic reads of it (status.py: its rank, attempt,
+TTL. Such a pod keeps only what the status logic reads of it (observe.py: its rank, attempt,
 owners, timestamps, phase, reason, pod IP, the trainer's termination and the conditions that
 explain a failure). Whoever reads another field of a pod must add it here; test_slim.py checks
 that the decisions are the same on whole bodies.

@@ -1,5 +1,5 @@
 """The e2e harness's Job controller (tests/support/pod_runner.py): its Job status, as pure
-functions, for what the fault table's Kueue scenario relies on (suspend and resume)."""
+functions, for what the fault table's Kueue scenarios rely on (suspend, resume, startTime)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,26 @@ def test_a_resume_flips_suspended_and_restarts_the_clock() -> None:
 def test_a_job_never_suspended_has_no_suspended_condition() -> None:
     status = job_status(indexed_job(False), [pod(0, "Succeeded"), pod(1, "Succeeded")])
     assert [c["type"] for c in status["conditions"]] == ["Complete"]
+
+
+def test_the_clock_starts_at_the_first_sync_that_is_not_suspended() -> None:
+    # syncJob: "Job first start. Set StartTime only if the job is not in the suspended state."
+    assert "startTime" not in job_status(indexed_job(True), [])
+    assert job_status(indexed_job(False), [pod(0, None), pod(1, None)])["startTime"]
+    # Kueue cleared it on a preemption: a resume writes it again.
+    cleared = job_status(indexed_job(True), [])
+    assert job_status(indexed_job(False, cleared), [])["startTime"]
+
+
+def test_a_failed_job_is_a_failure_target_until_its_survivors_are_gone() -> None:
+    # syncJob: FailureTarget, deleteActivePods, Failed once no pod is left terminating.
+    crashed = job_status(indexed_job(False), [pod(0, "Running"), pod(1, "Failed")])
+    assert [c["type"] for c in crashed["conditions"]] == ["FailureTarget"]
+    assert crashed["conditions"][0]["reason"] == "BackoffLimitExceeded"
+    terminating = job_status(indexed_job(False, crashed),
+                             [pod(0, "Running", deleting=True), pod(1, "Failed")])
+    assert [c["type"] for c in terminating["conditions"]] == ["FailureTarget"]
+    gone = job_status(indexed_job(False, terminating), [pod(1, "Failed")])
+    assert [c["type"] for c in gone["conditions"]] == ["FailureTarget", "Failed"]
+    assert gone["conditions"][0]["lastTransitionTime"] == crashed["conditions"][0][
+        "lastTransitionTime"]

@@ -17,9 +17,10 @@ import yaml
 from kubetune_api import contract
 from kubetune_operator.builders import network_policy_name
 from support.jobs import ftj_body
-from support.kube_emulator import EmulatorThread
+from support.kube_emulator import EmulatorThread, now_stamp
 from support.kueue import KueueModel
 from support.operator_process import (
+    EVENTS,
     FTJ,
     JOBS,
     PODS,
@@ -425,6 +426,25 @@ def pending_reason(world: World, namespace: str, name: str) -> tuple[str, str] |
     return (running["reason"], running["message"]) if running else None
 
 
+def test_the_newest_failed_create_is_read_past_the_first_page(world: World) -> None:
+    # A list page comes in name order (not by time) and event names are random: the newest
+    # refusal may be on the last page. 24 old events sort before it; a page holds 20.
+    api, ns = world.api, "paged"
+    api.create(FTJ, ftj_body("paged", namespace=ns, resources={"nodes": 2}))
+    job = world.wait(lambda: api.get(JOBS, ns, "paged-a1"), "Job paged-a1")
+    involved = {"apiVersion": "batch/v1", "kind": "Job", "name": "paged-a1", "namespace": ns,
+                "uid": job["metadata"]["uid"]}
+    for name, message, stamp in [*((f"paged-a1.a{i:02}", "quota gpus", now_stamp(-60))
+                                   for i in range(24)),
+                                 ("paged-a1.zz", "no PriorityClass gpu-high", now_stamp())]:
+        api.create(EVENTS, {"apiVersion": "v1", "kind": "Event", "metadata": {
+            "name": name, "namespace": ns}, "involvedObject": involved,
+            "reason": "FailedCreate", "type": "Warning", "message": f"Error creating: {message}",
+            "count": 1, "firstTimestamp": stamp, "lastTimestamp": stamp})
+    world.wait(lambda: (r := pending_reason(world, ns, "paged")) and r[0] == "PodCreationFailed"
+               and "no PriorityClass gpu-high" in r[1], "the newest refusal shown")
+
+
 def test_pods_refused_by_quota_or_priority_class_show_in_pending_then_clear(
         world: World) -> None:
     api, ns = world.api, "quota"  # a namespace of its own: the quota counts its pods only
@@ -440,8 +460,10 @@ def test_pods_refused_by_quota_or_priority_class_show_in_pending_then_clear(
                               '"capped-a1-1" is forbidden: exceeded quota: gpus')
     assert message.endswith("(1/2 pods created)")
     assert (api.get(FTJ, ns, "capped") or {})["status"]["phase"] == "Pending"
-    assert any(e["reason"] == "PodCreationFailed" and e["type"] == "Warning"
-               for e in api.find("v1/events", ns) if e["involvedObject"]["name"] == "capped")
+    # The event is posted after the status write that carries the same words.
+    world.wait(lambda: any(e["reason"] == "PodCreationFailed" and e["type"] == "Warning"
+                           for e in api.find("v1/events", ns)
+                           if e["involvedObject"]["name"] == "capped"), "the Warning event")
     api.delete(QUOTAS, ns, "gpus")  # the admin raises the quota: the controller retries
     assert len(start_job_pods(api, job)) == 1
     world.wait(lambda: (api.get(FTJ, ns, "capped") or {}).get("status", {}).get("phase")

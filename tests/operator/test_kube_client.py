@@ -136,3 +136,13 @@ def test_conflict_on_create_means_it_exists(api: EmulatorThread) -> None:
     [first, second], _ = run(api, lambda c: c.create(CONFIG_MAPS, NS, configmap("twice")),
                              lambda c: c.create(CONFIG_MAPS, NS, configmap("twice")))
     assert (first, second) == (True, False)
+
+
+def test_list_follows_continue_for_the_pages_it_may_read(api: EmulatorThread) -> None:
+    for index in range(5):
+        api.create("v1/configmaps", {"metadata": {"name": f"p{index}", "namespace": "pages"}})
+    [every, one], _ = run(
+        api, lambda c: c.list(CONFIG_MAPS, "pages", "", limit=2, pages=10),
+        lambda c: c.list(CONFIG_MAPS, "pages", "", limit=2))
+    assert [o["metadata"]["name"] for o in every] == [f"p{i}" for i in range(5)]
+    assert [o["metadata"]["name"] for o in one] == ["p0", "p1"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,49 @@ def test_crd_deletion_removes_its_resources_then_stops_serving_them() -> None:
         call(api, "PATCH", widgets + "/w2", {"metadata": {"finalizers": None}}, headers=MERGE)
         assert call(api, "GET", f"{crd_url}/widgets.example.dev").status_code == 404
         assert call(api, "GET", widgets).status_code == 404  # no longer served
+
+
+def test_lists_page_in_key_order_with_continue_tokens(api: EmulatorThread) -> None:
+    # apiserver storage/continue.go: a page of `limit` in key order, a token to go on from
+    # just after its last key, remainingItemCount; a token that is not one is a 400.
+    for name in ("e3", "e1", "e5", "e2", "e4"):
+        api.create("v1/configmaps", {"metadata": {"name": name, "namespace": "paging"}})
+    url = f"{api.url}/api/v1/namespaces/paging/configmaps"
+    first = requests.get(url, params={"limit": 2}, timeout=10).json()
+    assert [o["metadata"]["name"] for o in first["items"]] == ["e1", "e2"]
+    assert first["metadata"]["remainingItemCount"] == 3
+    second = requests.get(url, params={"limit": 2, "continue": first["metadata"]["continue"]},
+                          timeout=10).json()
+    assert [o["metadata"]["name"] for o in second["items"]] == ["e3", "e4"]
+    last = requests.get(url, params={"limit": 2, "continue": second["metadata"]["continue"]},
+                        timeout=10).json()
+    assert [o["metadata"]["name"] for o in last["items"]] == ["e5"]
+    assert "continue" not in last["metadata"]
+    assert len(requests.get(url, timeout=10).json()["items"]) == 5  # no limit: everything
+    bad = requests.get(url, params={"limit": 2, "continue": "not-a-token"}, timeout=10)
+    assert bad.status_code == 400
+
+
+def test_a_partition_ends_watches_and_compaction_makes_resuming_410() -> None:
+    # A watch that resumes from before an etcd compaction gets 410 Gone (reason Expired) and
+    # must list again; during a partition new watches wait and open ones end.
+    with EmulatorThread() as api:
+        call(api, "POST", CM_URL, {"metadata": {"name": "kept"}})
+        start = call(api, "GET", CM_URL).json()["metadata"]["resourceVersion"]
+        call(api, "POST", CM_URL, {"metadata": {"name": "gap"}})
+        api.emulator.partition_watches()
+        answered: list[requests.Response] = []
+        waiting = threading.Thread(target=lambda: answered.append(call(
+            api, "GET", CM_URL, params={"watch": "true", "resourceVersion": start,
+                                        "timeoutSeconds": "1"})))
+        waiting.start()
+        call(api, "DELETE", CM_URL + "/gap")  # deleted in the gap
+        api.emulator.compact()
+        assert waiting.is_alive() and not answered  # no answer while partitioned
+        api.emulator.heal_watches()
+        waiting.join(30)
+        (event,) = [json.loads(line) for line in answered[0].text.splitlines() if line.strip()]
+        assert (event["type"], event["object"]["code"], event["object"]["reason"]) == \
+            ("ERROR", 410, "Expired")
+        relisted = call(api, "GET", CM_URL).json()["items"]
+        assert [o["metadata"]["name"] for o in relisted] == ["kept"]  # "gap" is gone

@@ -855,3 +855,112 @@ def test_a_leftover_is_ours_only_if_its_owner_is_our_group_and_kind() -> None:
     assert st.left_by_namesake(owned_by("kubetune.dev/v1alpha1"), "llama", "new")
     assert not st.left_by_namesake(owned_by("ml.example.com/v1"), "llama", "new")
     assert not st.left_by_namesake(owned_by("kubetune.dev/v1alpha1"), "llama", "old")
+
+
+def admitted_before_the_job_controller(old_pods: list[dict[str, Any]]) -> st.Children:
+    """Kueue unsuspended the Job; the Job controller has not synced it yet: its Suspended
+    condition is still True and its startTime is gone (Kueue's ResetStatus on the stop)."""
+    unsuspended = kueue_job()
+    unsuspended["status"]["conditions"] = [{"type": "Suspended", "status": "True",
+                                            "reason": "JobSuspended", "message": ""}]
+    return children([unsuspended], old_pods)
+
+
+def test_a_long_queue_wait_never_becomes_a_scheduling_timeout() -> None:
+    # Queued for an hour, schedulingTimeoutSeconds 600: right after the admission the Job has
+    # no startTime yet; the attempt's creation is not the pods' start.
+    queued_long = status(Phase.PENDING, attempt_start_time=ago(3600))
+    plan = run(spec(schedulingTimeoutSeconds=600, backoffLimit=0), queued_long,
+               admitted_before_the_job_controller([]))
+    assert (plan.status.phase, plan.status.attempt, plan.status.restarts) == \
+        (Phase.PENDING, 1, 0)
+    running = condition(plan, st.COND_RUNNING)
+    assert (running.reason, running.message) == \
+        (st.REASON_QUEUED, "unsuspended; waiting for the Job controller to resume it")
+    # Resumed without a startTime (any Job that was ever suspended): still no clock.
+    resumed = kueue_job()
+    resumed["status"]["conditions"] = [{"type": "Suspended", "status": "False",
+                                        "reason": "JobResumed", "message": ""}]
+    waiting = run(spec(schedulingTimeoutSeconds=600, backoffLimit=0), queued_long,
+                  children([resumed], [pod(0, "Pending"), pod(1, "Pending")]))
+    assert (waiting.status.phase, waiting.status.restarts) == (Phase.PENDING, 0)
+    # A Job never suspended and not synced yet keeps the attempt's creation as its clock.
+    late = run(spec(schedulingTimeoutSeconds=600), queued_long,
+               children([job()], [pod(0, "Pending"), pod(1, "Pending")]))
+    assert condition(late, st.COND_RESTARTING).reason == st.REASON_SCHEDULING_TIMEOUT
+
+
+def test_a_readmission_while_the_old_pods_terminate_resumes_the_same_attempt() -> None:
+    # Kueue frees the quota once status.active is 0: the preempted pods may still be
+    # checkpointing (Terminating) when it admits the Job again.
+    stopping = [pod(0, terminating=True), pod(1, terminating=True)]
+    preempted = status(Phase.PENDING, preemptions=1, active_seconds=100)
+    plan = run(spec(backoffLimit=0), preempted, admitted_before_the_job_controller(stopping))
+    assert (plan.status.phase, plan.status.attempt) == (Phase.PENDING, 1)
+    assert (plan.status.restarts, plan.status.preemptions) == (0, 1)
+    assert not plan.delete_jobs and all(e.type == "Normal" for e in plan.events)
+
+
+def failing_job(type_: str = "FailureTarget") -> dict[str, Any]:
+    return job(condition=type_)  # BackoffLimitExceeded: the Job controller's verdict
+
+
+def test_a_crash_whose_survivors_the_job_controller_deleted_counts_as_a_failure() -> None:
+    # Rank 1 crashed; the Job controller set FailureTarget and deleted rank 0, which got
+    # SIGTERM and checkpointed (exit 75) or is still terminating: its collateral, not a
+    # preemption. Reconciled late, the crash must still be what counts.
+    for survivor in (pod(0, terminating=True),
+                     pod(0, "Failed", exit_code=contract.EXIT_PREEMPTED, terminating=True)):
+        for verdict in ("FailureTarget", "Failed"):
+            plan = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                       children([failing_job(verdict)],
+                                [survivor, pod(1, "Failed", exit_code=137)]))
+            assert plan.status.phase == Phase.FAILED, (survivor, verdict)
+            failed = condition(plan, st.COND_FAILED)
+            assert failed.reason == st.REASON_BACKOFF_LIMIT_EXCEEDED
+            assert "rank 1 exited with code 137" in failed.message
+            assert plan.status.preemptions == 0
+    # Before the verdict reaches us (the Job controller deletes the survivors first, then
+    # writes FailureTarget): the same.
+    early = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                children([job()], [pod(0, terminating=True), pod(1, "Failed", exit_code=1)]))
+    assert (early.status.phase, early.status.preemptions) == (Phase.FAILED, 0)
+    # A deleted pod alone is a disruption (a drain, a person): not counted.
+    alone = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                children([job()], [pod(0, terminating=True), pod(1)]))
+    assert (alone.status.phase, alone.status.preemptions) == (Phase.RESTARTING, 1)
+    # A disruption the pod's status names stays one, whoever deletes the survivors.
+    evicted = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                  children([failing_job()], [pod(0, "Failed", exit_code=137, evicted=True),
+                                             pod(1, "Failed", exit_code=1)]))
+    assert (evicted.status.phase, evicted.status.preemptions) == (Phase.RESTARTING, 1)
+    assert condition(evicted, st.COND_RESTARTING).reason == st.REASON_EVICTED
+
+
+def test_a_failure_target_without_pod_failures_waits_for_their_exit_codes() -> None:
+    target = failing_job()
+    target["status"]["conditions"][0]["lastTransitionTime"] = ago(5)
+    plan = run(spec(), status(Phase.RUNNING), children([target], [pod(0), pod(1)]))
+    running = condition(plan, st.COND_RUNNING)
+    assert (plan.status.phase, running.reason) == (Phase.PENDING, st.REASON_JOB_FAILED_PENDING)
+    assert running.message.startswith("the Job failed; waiting for rank(s) 0, 1")
+
+
+def test_a_node_that_stopped_reporting_is_a_preemption_before_its_taint_eviction() -> None:
+    # Current clusters: the node lifecycle controller marks the pod Ready=False; the taint
+    # eviction (DisruptionTarget) comes only after the toleration. Rank 0's crash (its peer
+    # vanished) is the lost node's collateral, whoever deletes the lost pod meanwhile.
+    def lost(terminating: bool) -> dict[str, Any]:
+        made = pod(1, terminating=terminating)
+        made["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+        return made
+    for terminating in (False, True):
+        plan = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                   children([failing_job()], [pod(0, "Failed", exit_code=1), lost(terminating)]))
+        assert (plan.status.phase, plan.status.preemptions) == (Phase.RESTARTING, 1)
+        assert condition(plan, st.COND_RESTARTING).reason == st.REASON_NODE_LOST
+    ready = pod(1)
+    ready["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    crashed = run(spec(backoffLimit=0), status(Phase.RUNNING),
+                  children([failing_job()], [pod(0, "Failed", exit_code=1), ready]))
+    assert crashed.status.phase == Phase.FAILED

@@ -25,7 +25,9 @@ API-server semantics an operator depends on:
 
 Not emulated (see docs/operator.md): admission (CRD schema, defaults, CEL rules), controllers
 (Job, kubelet, scheduler: tests play them), foreground deletion ordering, server-side apply,
-field managers, RBAC, bookmarks, pagination (`limit`/`continue`).
+field managers, RBAC, bookmarks. Lists honour `limit`/`continue` as the apiserver's storage
+does (key order, a continue token that starts after the page's last key,
+`remainingItemCount`), without its snapshot consistency across pages.
 
 Use `EmulatorThread` from synchronous code (tests that run the operator or `kubectl` as a
 subprocess): it runs the server in its own thread and event loop.
@@ -34,6 +36,7 @@ subprocess): it runs the server in its own thread and event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import copy
@@ -239,6 +242,25 @@ def _error(code: int, reason: str, message: str) -> kmock.KubernetesError:
                                  details={"causes": []})
 
 
+def _list_key(obj: JsonDict) -> str:
+    """The object's storage key below its resource's prefix: lists come in this order."""
+    meta = obj["metadata"]
+    return f"{meta.get('namespace') or ''}/{meta['name']}"
+
+
+def _encode_continue(start: str, revision: int) -> str:
+    token = {"apiVersion": "meta.k8s.io/v1", "rv": revision, "start": start}
+    return base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
+
+
+def _decode_continue(value: str) -> str:
+    try:
+        token = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        return str(token["start"])
+    except (ValueError, KeyError, TypeError):
+        raise _error(400, "BadRequest", f"continue key is not valid: {value}") from None
+
+
 def now_stamp(later: float = 0.0) -> str:
     moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=later)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -279,6 +301,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     _builtin_reactions: int = attrs.field(default=0, init=False)
     _faults: list[list[Any]] = attrs.field(factory=list, init=False)
+    # A partition (an API server restart, a long network cut): watch streams end and new ones
+    # wait until it heals; a watch resuming from before the compaction revision gets 410.
+    partitioned: bool = attrs.field(default=False, init=False)
+    _compacted: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -676,12 +702,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: kmock.Request) -> JsonDict:
         assert request.resource is not None
         info = self._info(request.resource)
-        items = self._select(request.resource, Selection.from_params(
-            dict(request.params), request.namespace))
+        params = dict(request.params)
+        items = self._select(request.resource, Selection.from_params(params, request.namespace))
+        metadata: JsonDict = {"resourceVersion": str(self._last_revision)}
+        if params.get("continue"):
+            start = _decode_continue(params["continue"])
+            items = [o for o in items if _list_key(o) >= start]
+        limit = int(params.get("limit") or 0)
+        if 0 < limit < len(items):
+            # apiserver storage/continue.go: the next page starts just after the last key
+            # of this one (key + "\x00"); remainingItemCount says how many are left.
+            last = _list_key(items[limit - 1])
+            metadata["continue"] = _encode_continue(last + "\x00", self._last_revision)
+            metadata["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
         return {"apiVersion": self._api_version(request.resource),
-                "kind": f"{info.kind}List", "metadata": {"resourceVersion":
-                                                          str(self._last_revision)},
-                "items": items}
+                "kind": f"{info.kind}List", "metadata": metadata, "items": items}
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         assert request.resource is not None
@@ -689,6 +725,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._info(res)
         params = dict(request.params)
         selection = Selection.from_params(params, request.namespace, request.name)
+        while self.partitioned:  # the client reconnects; nothing answers until it heals
+            await asyncio.sleep(WATCH_QUEUE_POLL)
         watcher = _Watcher(selection)
         backlog = self._backlog(res, selection, params.get("resourceVersion"))
         self._watchers[res].append(watcher)
@@ -699,7 +737,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 yield event
                 if event["type"] == "ERROR":
                     return
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self.partitioned:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(WATCH_QUEUE_POLL,
                                                    deadline - time.monotonic())):
@@ -707,13 +745,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
         finally:
             self._watchers[res].remove(watcher)
 
+    def partition_watches(self) -> None:
+        """Every watch stream ends; new ones wait until `heal_watches()`."""
+        self.partitioned = True
+
+    def compact(self) -> None:
+        """The watch history so far expires (etcd compaction): a watch resuming from an older
+        resourceVersion gets 410 Gone and its client must list again."""
+        self._compacted = self._last_revision
+        for log in self._log.values():
+            log.clear()
+
+    def heal_watches(self) -> None:
+        self.partitioned = False
+
     def _backlog(self, res: kmock.resource, selection: Selection,
                  since: str | None) -> list[JsonDict]:
         if not since or since == "0":
             return [{"type": "ADDED", "object": o} for o in self._select(res, selection)]
         since_revision = int(since)
         log = self._log[res]
-        if len(log) == log.maxlen and log[0][0] > since_revision + 1:
+        if since_revision < self._compacted or (
+                len(log) == log.maxlen and log[0][0] > since_revision + 1):
             return [{"type": "ERROR", "object": {
                 "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
                 "reason": "Expired", "message": f"too old resource version: {since}"}}]

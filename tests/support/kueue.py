@@ -3,9 +3,10 @@
 Kueue (https://kueue.sigs.k8s.io) manages a batch/v1 Job that names a LocalQueue (label or
 annotation `kueue.x-k8s.io/queue-name`), or any Job when `manageJobsWithoutQueueName` is on
 (the "default LocalQueue"): its webhook makes the Job suspended at creation; it admits the whole
-Job as one Workload when the ClusterQueue has quota, by unsuspending it (the Job controller
-then sets the Job's `status.startTime` and creates the pods); it preempts an admitted Job by
-suspending it again (the Job controller deletes its pods, which get SIGTERM).
+Job as one Workload when the ClusterQueue has quota, by unsuspending it only (the Job
+controller then creates the pods and, in that sync, writes `status.startTime` and
+Suspended=False); it preempts an admitted Job by suspending it again and clearing its
+`status.startTime` (the Job controller deletes its pods, which get SIGTERM).
 
 This model keeps a quota in pods (one per completion), admits in creation order, and leaves
 the Job controller's part to the caller (the operator-process tests create and delete pods;
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from support.kube_emulator import EmulatorThread, now_stamp
+from support.kube_emulator import EmulatorThread
 from support.operator_process import JOBS
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -71,14 +72,19 @@ class KueueModel:
             if self.used() + size > self.quota:
                 break
             name = job["metadata"]["name"]
+            # Kueue only unsuspends (jobframework's startJob): the Job controller writes
+            # startTime and Suspended=False in the sync that creates the pods.
             self.api.patch(JOBS, self.namespace, name, {
                 "metadata": {"annotations": {ADMITTED: "true"}}, "spec": {"suspend": False}})
-            self.api.patch(JOBS, self.namespace, name, {"status": {"startTime": now_stamp()}},
-                           subresource="status")
             admitted.append(name)
         return admitted
 
     def preempt(self, name: str) -> None:
-        """Evict an admitted Job's Workload: suspend the Job and release its quota."""
+        """Evict an admitted Job's Workload: suspend the Job, clear its startTime (Kueue's
+        batch/v1 Job integration, `Job.Stop`: "Reset start time if necessary, so we can
+        update the scheduling directives") and release its quota (`IsActive` is
+        `status.active != 0`: deleted pods still terminating do not hold it)."""
         self.api.patch(JOBS, self.namespace, name, {
             "metadata": {"annotations": {ADMITTED: None}}, "spec": {"suspend": True}})
+        self.api.patch(JOBS, self.namespace, name, {"status": {"startTime": None}},
+                       subresource="status")

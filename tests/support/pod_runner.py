@@ -4,12 +4,18 @@
 
 - Job controller: for each Indexed Job it creates one pod per completion index (once per
   run of the Job: a pod that fails or is deleted is not replaced, as with `backoffLimit: 0`)
-  and keeps the Job's status (active/succeeded/failed, Complete/Failed conditions).
+  and keeps the Job's status (active/succeeded/failed, Complete/Failed conditions). A failed
+  pod past `backoffLimit` makes the Job `FailureTarget` first: the controller deletes the
+  surviving pods gracefully and writes `Failed` only once none is left terminating.
   Suspension as the real controller does it: `spec.suspend` true deletes the Job's active
   pods gracefully (SIGTERM; not counted as failed) and sets the `Suspended` condition
   (`JobSuspended`); false again sets it False (`JobResumed`), resets `status.startTime` and
   creates pods again for every index without a succeeded pod, once the old ones are gone
-  (`podReplacementPolicy: Failed` waits for terminating pods);
+  (`podReplacementPolicy: Failed` waits for terminating pods). `status.startTime` is written
+  in the status update of the sync that creates the pods, never while suspended (syncJob's
+  "Job first start"). `lag(job)` stops syncing one Job until `catch_up(job)`: a controller
+  behind its work queue, so the fault table can show the operator the moment between
+  Kueue's unsuspend and the controller's sync;
 - kubelet: each pod runs its container's real command as a process in the repository root
   (the image's working directory), with the pod's environment — `$(VAR)` expansion, fieldRefs
   (the completion index annotation), values and `envFrom` of Secrets and ConfigMaps — and its
@@ -129,8 +135,13 @@ class PodRunner:
     _thread: threading.Thread | None = None
     errors: list[BaseException] = field(default_factory=list)
     lost: set[str] = field(default_factory=set)  # uids of pods whose node is gone
+    _taint_evictions: dict[str, float] = field(default_factory=dict)  # pod uid -> when
     _master_ports: dict[str, int] = field(default_factory=dict)  # Job uid -> torchrun port
     exit_codes: dict[str, int] = field(default_factory=dict)  # pod name -> its last exit code
+    hold_step: int | None = None  # the trainer's pacing seam (kubetune_trainer/hold.py)
+    # Jobs the Job controller has not synced yet (a controller behind its work queue): their
+    # pods and status stay as they are until `catch_up`.
+    lagging: set[str] = field(default_factory=set)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -156,6 +167,8 @@ class PodRunner:
                 self.errors.append(exc)
 
     def sync(self) -> None:
+        if self._taint_evictions:
+            self._evict_tainted()
         for job in self.api.find(JOBS):
             self._sync_job(job)
         pods = self.api.find(PODS)
@@ -172,19 +185,43 @@ class PodRunner:
         pod = self._pod(pod_name)
         kill_container(pod["metadata"]["uid"], self.processes[pod["metadata"]["uid"]].process)
 
-    def lose_node(self, pod_name: str) -> None:
-        """The pod's node goes away: its processes vanish without a word (the peers see a
-        dead connection), its status is what the node controller writes for an unreachable
-        node, and a deletion of it never completes (only a force delete removes it)."""
+    def lose_node(self, pod_name: str, toleration_seconds: float = 10.0) -> None:
+        """The pod's node goes away, as on current clusters: its processes vanish without a
+        word (the peers see a dead connection); the node lifecycle controller marks the pod
+        Ready=False (MarkPodsNotReady) and taints the node `unreachable:NoExecute`; after the
+        pod's toleration of that taint (300 s by default: DefaultTolerationSeconds; short
+        here) the taint eviction controller deletes it with a DisruptionTarget condition
+        (DeletionByTaintManager). No kubelet confirms any deletion: it stays Terminating
+        until someone force-deletes it."""
         pod = self._pod(pod_name)
         uid = pod["metadata"]["uid"]
         self.lost.add(uid)
         kill_container(uid, self.processes[uid].process)
-        status = {**pod.get("status", {}), "reason": "NodeLost",
-                  "message": f"Node localhost which was running pod {pod_name} is "
-                             "unresponsive"}
-        self.api.patch(PODS, pod["metadata"]["namespace"], pod_name, {"status": status},
-                       subresource="status")
+        conditions = [c for c in pod.get("status", {}).get("conditions") or []
+                      if c["type"] != "Ready"]
+        conditions.append({"type": "Ready", "status": "False", "lastTransitionTime": now_stamp()})
+        self.api.patch(PODS, pod["metadata"]["namespace"], pod_name,
+                       {"status": {"conditions": conditions}}, subresource="status")
+        self._taint_evictions[uid] = time.monotonic() + toleration_seconds
+
+    def _evict_tainted(self) -> None:
+        """The taint eviction controller: pods of a lost node whose toleration ran out."""
+        for pod in self.api.find(PODS):
+            uid, meta = pod["metadata"]["uid"], pod["metadata"]
+            due = self._taint_evictions.get(uid)
+            if due is None or time.monotonic() < due:
+                continue
+            del self._taint_evictions[uid]
+            if meta.get("deletionTimestamp"):
+                continue  # being deleted already (its Job failed)
+            conditions = [*(pod.get("status", {}).get("conditions") or []), {
+                "type": "DisruptionTarget", "status": "True",
+                "reason": "DeletionByTaintManager",
+                "message": "Taint manager: deleting due to NoExecute taint",
+                "lastTransitionTime": now_stamp()}]
+            self.api.patch(PODS, meta["namespace"], meta["name"],
+                           {"status": {"conditions": conditions}}, subresource="status")
+            self.api.delete(PODS, meta["namespace"], meta["name"])
 
     def evict(self, pod_name: str) -> None:
         """An eviction (drain, preemption): DisruptionTarget, then a graceful delete."""
@@ -196,6 +233,33 @@ class PodRunner:
         self.api.patch(PODS, namespace, pod_name, {"status": {"conditions": conditions}},
                        subresource="status")
         self.api.delete(PODS, namespace, pod_name)
+
+    def lag(self, job_name: str) -> None:
+        self.lagging.add(job_name)
+
+    def catch_up(self, job_name: str) -> None:
+        self.lagging.discard(job_name)
+
+    # --- pacing (kubetune_trainer/hold.py) -------------------------------------------------------
+
+    @property
+    def hold_gate(self) -> Path:
+        return self.workdir / "hold-gate"
+
+    def hold_at(self, step: int) -> None:
+        """Pods started from now on stop after optimizer step `step` until `release()`."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.hold_gate.write_text(str(step))
+        self.hold_step = step
+
+    def held_ranks(self) -> dict[int, str]:
+        """rank -> what it wrote at the hold: its step, then " sigterm" once SIGTERM ended
+        its hold; for every rank that reached the hold."""
+        return {int(path.name.rsplit("rank", 1)[1]): path.read_text()
+                for path in self.workdir.glob(f"{self.hold_gate.name}.held-rank*")}
+
+    def release(self) -> None:
+        self.hold_gate.unlink(missing_ok=True)
 
     def pause(self, pod_name: str) -> None:
         """SIGSTOP every process of the pod's container: a frozen rank (a hung collective, a
@@ -232,7 +296,8 @@ class PodRunner:
 
     def _sync_job(self, job: JsonDict) -> None:
         spec, meta = job["spec"], job["metadata"]
-        if spec.get("completionMode") != "Indexed" or _job_finished(job):
+        if spec.get("completionMode") != "Indexed" or _job_finished(job) \
+                or meta["name"] in self.lagging:
             return
         pods = self.api.find(PODS, meta["namespace"], labels=f"job-name={meta['name']}")
         if spec.get("suspend"):
@@ -247,21 +312,29 @@ class PodRunner:
                     self.api.create(PODS, job_pod(job, index))
         status = job_status(job, self.api.find(PODS, meta["namespace"],
                                                labels=f"job-name={meta['name']}"))
+        if any(c["type"] == "FailureTarget" for c in status.get("conditions", [])):
+            self._delete_active(job, pods)  # deleteActivePods: the survivors of a failed Job
         if status != job.get("status", {}):
-            self.api.patch(JOBS, meta["namespace"], meta["name"], {"status": status},
-                           subresource="status")
+            # A merge patch keeps keys it does not name: counts that fell to 0 and a startTime
+            # Kueue cleared must be removed by name.
+            cleared = dict.fromkeys(("active", "succeeded", "failed", "startTime"))
+            self.api.patch(JOBS, meta["namespace"], meta["name"],
+                           {"status": {**cleared, **status}}, subresource="status")
 
     def _suspend(self, job: JsonDict, pods: list[JsonDict]) -> None:
         """The real controller's manageJob for a suspended Job: delete its active pods
         (it drops their tracking finalizer first, so they never count as failed); a resume
         creates every index without a succeeded pod again."""
-        meta = job["metadata"]
+        self._delete_active(job, pods)
+        self._created -= {key for key in self._created if key[0] == job["metadata"]["uid"]}
+
+    def _delete_active(self, job: JsonDict, pods: list[JsonDict]) -> None:
         for pod in pods:
             if pod["metadata"].get("deletionTimestamp") or pod.get("status", {}).get(
                     "phase") in ("Succeeded", "Failed"):
                 continue
-            self.api.delete(PODS, meta["namespace"], pod["metadata"]["name"])  # graceful
-        self._created -= {key for key in self._created if key[0] == meta["uid"]}
+            with contextlib.suppress(Exception):  # gone already
+                self.api.delete(PODS, job["metadata"]["namespace"], pod["metadata"]["name"])
 
     # --- kubelet ---------------------------------------------------------------------------------
 
@@ -333,6 +406,9 @@ class PodRunner:
             else:
                 value = expand(var.get("value", ""), env)
             env[var["name"]] = mounts.localize(self._resolve(pod, value))
+        if self.hold_step is not None:
+            env.update(KUBETUNE_HOLD_AT_STEP=str(self.hold_step),
+                       KUBETUNE_HOLD_FILE=str(self.hold_gate))
         if contract.PET_MASTER_PORT in env:
             # One port for the whole machine would clash with anything else on it (another
             # gang, another test run): each Job's gang gets its own free port instead.
@@ -449,12 +525,14 @@ class PodRunner:
 
     def _write_status(self, pod: JsonDict, phase: str, state: JsonDict) -> None:
         meta = pod["metadata"]
+        old = pod.get("status", {})
         status = {"phase": phase, "podIP": self._ip_for(pod), "hostIP": "127.0.0.1",
                   "containerStatuses": [{
                       "name": pod["spec"]["containers"][0]["name"], "state": state,
                       "ready": phase == "Running", "restartCount": 0,
-                      "image": pod["spec"]["containers"][0].get("image", "")}]}
-        if pod.get("status", {}) != status:
+                      "image": pod["spec"]["containers"][0].get("image", "")}],
+                  "conditions": _ready_condition(old, phase == "Running")}
+        if {key: old.get(key) for key in status} != status:
             with contextlib.suppress(Exception):  # the pod may be gone already
                 self.api.patch(PODS, meta["namespace"], meta["name"], {"status": status},
                                subresource="status")
@@ -463,8 +541,8 @@ class PodRunner:
 # --- pure helpers ------------------------------------------------------------------------------
 
 def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
-    """Counts, the Suspended condition and the Complete/Failed condition of an Indexed Job
-    with backoffLimit 0 (pods being deleted count as neither active nor failed)."""
+    """Counts, the Suspended condition and the Complete/FailureTarget/Failed conditions of an
+    Indexed Job (pods being deleted count as neither active nor failed)."""
     phases = [p.get("status", {}).get("phase") for p in pods
               if not p["metadata"].get("deletionTimestamp")]
     succeeded, failed = phases.count("Succeeded"), phases.count("Failed")
@@ -473,8 +551,10 @@ def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
     status = {k: v for k, v in status.items() if v}
     old_status = job.get("status") or {}
     old = {c["type"]: c for c in old_status.get("conditions") or []}
-    if "startTime" in old_status:
+    if old_status.get("startTime"):
         status["startTime"] = old_status["startTime"]
+    elif not job["spec"].get("suspend"):
+        status["startTime"] = now_stamp()  # syncJob: "Job first start", never while suspended
     conditions = []
     if job["spec"].get("suspend"):
         conditions.append(_condition("Suspended", "JobSuspended", "Job suspended"))
@@ -482,9 +562,17 @@ def job_status(job: JsonDict, pods: list[JsonDict]) -> JsonDict:
         conditions.append(_condition("Suspended", "JobResumed", "Job resumed", "False"))
         if old["Suspended"]["status"] == "True":
             status["startTime"] = now_stamp()  # a resumed Job's clock starts again
-    if failed > int(job["spec"].get("backoffLimit", 6)):
-        conditions.append(_condition("Failed", "BackoffLimitExceeded",
-                                     "Job has reached the specified backoff limit"))
+    failing = failed > int(job["spec"].get("backoffLimit", 6)) or (
+        old.get("FailureTarget", {}).get("status") == "True")
+    if failing:
+        # syncJob: FailureTarget first; the controller deletes the active pods; Failed only
+        # once none is left terminating (delayTerminalCondition).
+        target = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        conditions.append(_condition("FailureTarget", *target))
+        terminating = [p for p in pods if p["metadata"].get("deletionTimestamp")
+                       and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+        if not terminating and not status.get("active"):
+            conditions.append(_condition("Failed", *target))
     elif succeeded >= int(job["spec"]["completions"]):
         conditions.append(_condition("Complete", "", ""))
     for cond in conditions:  # the time moves only when the status flips
@@ -532,6 +620,17 @@ def kill_container(uid: str, process: subprocess.Popen[bytes]) -> None:
 def _job_finished(job: JsonDict) -> bool:
     return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
                for c in job.get("status", {}).get("conditions") or [])
+
+
+def _ready_condition(old_status: JsonDict, ready: bool) -> list[JsonDict]:
+    """The pod's conditions with Ready set as the kubelet does (no readiness probe: ready
+    while running); others (DisruptionTarget) kept, the time moving only on a flip."""
+    conditions = old_status.get("conditions") or []
+    value = "True" if ready else "False"
+    old = next((c for c in conditions if c["type"] == "Ready"), None)
+    if old is None or old["status"] != value:
+        old = {"type": "Ready", "status": value, "lastTransitionTime": now_stamp()}
+    return [*(c for c in conditions if c["type"] != "Ready"), old]
 
 
 def _completion_index(pod: JsonDict) -> int:

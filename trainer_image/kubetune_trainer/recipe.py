@@ -71,6 +71,7 @@ from kubetune_trainer.features import (
     count_input_tokens,
     prepare_features,
 )
+from kubetune_trainer.hold import hold_callback
 from kubetune_trainer.losses import loss_function_for
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
@@ -314,6 +315,8 @@ def trainer_callbacks(ready: Setup, preemption: PreemptionCallback | None) -> li
             early_stopping_threshold=spec.training.early_stopping.threshold))
     if preemption:
         callbacks.append(preemption)
+    if (hold := hold_callback(preemption)) is not None:
+        callbacks.append(hold)
     return callbacks
 
 
