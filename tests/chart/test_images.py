@@ -131,8 +131,10 @@ def test_gpu_image_installs_into_a_venv_over_the_base() -> None:
 
 
 def test_cpu_torch_comes_from_the_pin() -> None:
+    args = [rest for word, rest in instructions(TRAINER_CPU) if word == "ARG"]
+    assert "TORCH_SOURCE=https://download.pytorch.org/whl/cpu" in args  # or a wheel folder
     runs = " ".join(rest for word, rest in instructions(TRAINER_CPU) if word == "RUN")
-    assert "download.pytorch.org/whl/cpu" in runs
+    assert '--index-url $TORCH_SOURCE' in runs and '--find-links $TORCH_SOURCE' in runs
     assert "torch==$(sed -n 's/^torch==//p' requirements/constraints.txt)" in runs
 
 
@@ -150,7 +152,7 @@ def test_dependencies_come_from_pyproject_extras_and_constraints(path: Path) -> 
     # No other pip install of unpinned names.
     for install in re.findall(r"pip install ([^&]*)", runs):
         words = shlex.split(install)
-        named = [w for w in words if not w.startswith("-") and "/" not in w
+        named = [w for w in words if not w.startswith(("-", "$")) and "/" not in w
                  and w not in ("-c", "-r")]
         assert all(w.startswith("torch==") for w in named), install
 
