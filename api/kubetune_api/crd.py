@@ -199,8 +199,26 @@ def _collapse_any_of(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, An
         if nullable:
             merged["nullable"] = True
         return merged
-    # A real union (e.g. a list or "all-linear"): no single structural type; a CEL rule checks it.
-    return {**rest, "x-kubernetes-preserve-unknown-fields": True}
+    # A real union (e.g. a list or "all-linear"): no single structural type; a CEL rule checks
+    # the shape, and each option's size bound stays (the API server applies maxItems to arrays
+    # and maxLength to strings only, so both can sit on the one node).
+    return {**rest, **_union_bounds(options), "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _union_bounds(options: list[dict[str, Any]]) -> dict[str, int]:
+    bounds: dict[str, int] = {}
+    for option in options:
+        if option.get("type") == "array" and "maxItems" in option:
+            bounds["maxItems"] = max(bounds.get("maxItems", 0), option["maxItems"])
+        if option.get("type") == "string":
+            words = [option["const"]] if "const" in option else option.get("enum", [])
+            longest = option.get("maxLength", max((len(w) for w in words), default=None))
+            if longest is not None:
+                bounds["maxLength"] = max(bounds.get("maxLength", 0), longest)
+        if option.get("type") == "object" and "properties" in option:
+            bounds["maxProperties"] = max(bounds.get("maxProperties", 0),
+                                          len(option["properties"]))
+    return bounds
 
 
 def _mark_free_form(source: dict[str, Any], out: dict[str, Any], defs: dict[str, Any]) -> None:

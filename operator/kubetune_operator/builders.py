@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_api import contract
+from kubetune_api import contract, uris
 from kubetune_api.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.settings import Settings
 
@@ -249,6 +249,9 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
     if storage_secret(job, settings):
         container["env"].append({"name": contract.STORAGE_CREDENTIALS_DIR_ENV,
                                  "value": contract.STORAGE_SECRET_DIR})
+    if settings.policy.extra_uri_schemes:  # the trainer re-checks the URIs it opens
+        container["env"].append({"name": uris.EXTRA_URI_SCHEMES_ENV,
+                                 "value": ",".join(settings.policy.extra_uri_schemes)})
     env_from = [source.manifest() for source in spec.pod.env_from]
     if env_from:
         container["envFrom"] = env_from

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune_api import uris
 from kubetune_api.spec import FineTuneJobSpec
+from kubetune_api.uris import URI_SCHEMES
+from kubetune_operator.gang import SUFFIXES, parse_quantity
 
 REASON_POLICY_VIOLATION = "PolicyViolation"
 POLICY_ENV = "KUBETUNE_POLICY"
@@ -31,8 +36,6 @@ LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 # Extended resources that are GPUs (or slices of one) unless the admin lists others; a name
 # ending in * is a prefix (every MIG profile).
-# URI schemes the docs list for datasets, outputs and checkpoints (a plain path is file).
-URI_SCHEMES = ("s3", "gs", "hf", "file")
 DEFAULT_GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/mig-*", "amd.com/gpu", "habana.ai/gaudi",
                          "gpu.intel.com/*")
 
@@ -100,13 +103,33 @@ class Policy(PolicyModel):
         None, description="Allowed storageClassName of ephemeral volume claims (one that "
         "names none is refused when this is set: the cluster default is not the admin's "
         "choice).")
+    max_ephemeral_claim_size: str | None = Field(
+        None, description="Cap on resources.requests.storage of ephemeral volume claims (a "
+        "quantity such as 500Gi; a claim without a storage request is refused when set).")
     denied_metadata_prefixes: tuple[str, ...] | None = Field(
         None, description="spec.pod.labels and spec.pod.annotations keys that start with one "
         "of these are refused (Volcano's queue, AppArmor, the cluster autoscaler, ...).")
 
+    @field_validator("max_ephemeral_claim_size")
+    @classmethod
+    def _a_quantity(cls, value: str | None) -> str | None:
+        if value is not None and quantity(value) is None:
+            raise ValueError(f"not a quantity: {value}")
+        return value
+
     @property
     def is_empty(self) -> bool:
         return self == Policy()
+
+
+# A Kubernetes resource quantity (apimachinery's resource.Quantity): a decimal number and one
+# binary or decimal suffix, or an exponent. Stricter than Decimal(), which accepts "5 " and "NaN".
+_QUANTITY = re.compile(r"[+]?(\d+\.?\d*|\.\d+)(" + "|".join(SUFFIXES) + r"|[eE][+-]?\d+)?")
+
+
+def quantity(text: str) -> Decimal | None:
+    """text's value (512Mi: 536870912), or None when it is not a quantity."""
+    return parse_quantity(text) if _QUANTITY.fullmatch(text) else None
 
 
 class PolicyError(ValueError):
@@ -205,29 +228,30 @@ def _volume_violations(spec: FineTuneJobSpec, policy: Policy) -> list[str]:
             if name not in classes:
                 problems.append(f"{field}: storageClassName {name or '(cluster default)'} is "
                                 f"not allowed (allowedStorageClasses: {_one_of(classes)})")
+        if kind == "ephemeral" and policy.max_ephemeral_claim_size is not None:
+            problems += _claim_size_violations(field, source, policy.max_ephemeral_claim_size)
     return problems
 
 
-def _schemes(uri: str) -> list[str]:
-    """Every protocol fsspec would open for uri, in order: chained URLs
-    (simplecache::s3://...) open each; a plain path has none."""
-    parts = uri.split("::")
-    return [part.split("://", 1)[0].lower() if "://" in part else part.lower()
-            for index, part in enumerate(parts)
-            if "://" in part or index < len(parts) - 1]
+def _claim_size_violations(field: str, source: dict[str, Any], cap: str) -> list[str]:
+    """The claim's storage request against the cap; the request is what the provisioner sizes
+    the volume by (a claim's limits do not bound it)."""
+    claim = (source.get("volumeClaimTemplate") or {}).get("spec") or {}
+    size = ((claim.get("resources") or {}).get("requests") or {}).get("storage")
+    rule = f"(maxEphemeralClaimSize: {cap})"
+    if size is None:
+        return [f"{field}: ephemeral claim without resources.requests.storage is not allowed "
+                f"{rule}"]
+    value = quantity(str(size))
+    if value is None:
+        return [f"{field}: ephemeral claim size {size} is not a quantity {rule}"]
+    if value > parse_quantity(cap):
+        return [f"{field}: ephemeral claim of {size} is over the cap {rule}"]
+    return []
 
 
 def _uri_violations(spec: FineTuneJobSpec, policy: Policy) -> list[str]:
-    allowed = (*URI_SCHEMES, *policy.extra_uri_schemes)
-    train = spec.dataset.train
-    sources = ({"spec.dataset.train": train} if isinstance(train, str) else
-               {f"spec.dataset.train[{i}].path": source.path for i, source in enumerate(train)})
-    uris = {**sources, "spec.dataset.eval": spec.dataset.eval,
-            "spec.output.uri": spec.output.uri, "spec.checkpoint.uri": spec.checkpoint.uri}
-    return [f"{field}: scheme {scheme} is not allowed (schemes: {', '.join(URI_SCHEMES)}; "
-            f"extraUriSchemes: {_one_of(policy.extra_uri_schemes)})"
-            for field, uri in uris.items() if uri
-            for scheme in _schemes(uri) if scheme not in allowed]
+    return uris.scheme_violations(spec, policy.extra_uri_schemes)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

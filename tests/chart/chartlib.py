@@ -45,7 +45,7 @@ def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def template_args(values: Path | None = None, sets: tuple[str, ...] = (),
-                  include_crds: bool = True) -> list[str]:
+                  include_crds: bool = True, api_versions: tuple[str, ...] = ()) -> list[str]:
     args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     if include_crds:
         args.append("--include-crds")
@@ -53,13 +53,16 @@ def template_args(values: Path | None = None, sets: tuple[str, ...] = (),
         args += ["--values", str(values)]
     for item in sets:
         args += ["--set", item]
+    for version in api_versions:  # what the cluster serves, as helm's Capabilities sees it
+        args += ["--api-versions", version]
     return args
 
 
 @functools.cache
-def render(values: Path | None = None, sets: tuple[str, ...] = ()) -> tuple[Manifest, ...]:
+def render(values: Path | None = None, sets: tuple[str, ...] = (),
+           api_versions: tuple[str, ...] = ()) -> tuple[Manifest, ...]:
     """Every object `helm template` renders (CRDs from crds/ included), in order."""
-    result = run_helm(*template_args(values, sets))
+    result = run_helm(*template_args(values, sets, api_versions=api_versions))
     assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 

@@ -56,7 +56,8 @@ def test_policy_values_reach_the_operator() -> None:
         "policy.maxGpusPerJob=16", "policy.allowedKueuePriorityClasses={batch-low}",
         "policy.gpuResources={nvidia.com/gpu}", "policy.maxNodesPerJob=4",
         "policy.allowedExtraResources={rdma/*}",
-        "policy.deniedMetadataPrefixes={scheduling.volcano.sh/}")
+        "policy.deniedMetadataPrefixes={scheduling.volcano.sh/}",
+        "policy.maxEphemeralClaimSize=500Gi")
     assert settings.policy == Policy(
         allowed_image_prefixes=("registry.corp/ml/",), allowed_schedulers=("volcano",),
         allowed_priority_classes=("batch-low", "batch-high"),
@@ -64,12 +65,14 @@ def test_policy_values_reach_the_operator() -> None:
         require_queue=True, default_queue="shared", allowed_queues=("shared", "team-a"),
         max_gpus_per_job=16, allowed_kueue_priority_classes=("batch-low",),
         gpu_resources=("nvidia.com/gpu",), max_nodes_per_job=4,
-        allowed_extra_resources=("rdma/*",), denied_metadata_prefixes=("scheduling.volcano.sh/",))
+        allowed_extra_resources=("rdma/*",), denied_metadata_prefixes=("scheduling.volcano.sh/",),
+        max_ephemeral_claim_size="500Gi")
 
 
 @pytest.mark.parametrize(("sets", "where"), [
     (["policy.maxGpusPerJob=-1"], "/policy/maxGpusPerJob"),
     (["policy.maxNodesPerJob=0"], "/policy/maxNodesPerJob"),
+    (["policy.maxEphemeralClaimSize=5 Gi"], "/policy/maxEphemeralClaimSize"),
     (["policy.allowedImages={x}"], "/policy"),
     (["policy.allowedTolerations[0].tolerationSeconds=5"], "/policy/allowedTolerations/0"),
     (["trainer.defaultResources.memoryPerGpu=lots"], "/trainer/defaultResources/memoryPerGpu"),

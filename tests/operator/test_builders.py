@@ -584,3 +584,18 @@ def test_credentials_in_the_storage_endpoint_are_refused() -> None:
             "spec": {**FULL_SPEC, "storage": {"endpointUrl": "https://AKIAX:Sup3r@minio:9000"}}}
     with pytest.raises(SpecError, match=r"spec.storage.endpointUrl.*credentials in the URL"):
         validate_job(body)
+
+
+def test_the_admins_extra_uri_schemes_reach_the_trainer() -> None:
+    """The trainer checks the URIs again before opening them: it must know what the admin
+    enabled, and nothing more."""
+    from kubetune_api import uris
+    from kubetune_operator.policy import Policy
+
+    def pod_env(settings: Settings) -> dict[str, Any]:
+        job = builders.build_job(make_job(), OWNER, 1, settings)
+        return env_of(job["spec"]["template"]["spec"]["containers"][0])
+
+    assert uris.EXTRA_URI_SCHEMES_ENV not in pod_env(Settings())
+    enabled = pod_env(Settings(policy=Policy(extra_uri_schemes=("abfs", "az"))))
+    assert enabled[uris.EXTRA_URI_SCHEMES_ENV] == "abfs,az"

@@ -110,6 +110,12 @@ def unbounded(node: dict[str, Any]) -> str | None:
         (node.get("x-kubernetes-preserve-unknown-fields") and node.get("type") == "object")
     if free_map and "maxProperties" not in node:
         return "maxProperties"
+    # A union without one structural type (targetModules: a list or "all-linear"; an env
+    # value: a string or {valueFrom}): its shapes' bounds, which the API server applies by the
+    # value's type.
+    union = node.get("x-kubernetes-preserve-unknown-fields") and "type" not in node
+    if union and not {"maxItems", "maxLength", "maxProperties"} & node.keys():
+        return "maxItems/maxLength/maxProperties"
     return None
 
 
@@ -127,6 +133,8 @@ def test_every_free_form_spec_field_is_bounded() -> None:
     (("pod", "tolerations"), [{"operator": "Exists"}] * 65, "maxItems"),
     (("dataset", "chatTemplate"), "x" * (64 * 1024 + 1), "maxLength"),
     (("output", "uri"), "s3://b/" + "x" * 2048, "maxLength"),
+    (("method", "lora", "targetModules"), ["q_proj"] * 65, "maxItems"),
+    (("method", "lora", "targetModules"), "all-linear" + "x" * 64, "maxLength"),
 ])
 def test_an_oversized_field_is_refused_by_the_schema(path: tuple[str, str], value: Any,
                                                      keyword: str) -> None:

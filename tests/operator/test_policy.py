@@ -305,3 +305,30 @@ def test_every_mixture_source_takes_only_the_allowed_schemes() -> None:
     assert violations(mixture, {}, Policy()) == [
         "spec.dataset.train[1].path: scheme http is not allowed (schemes: s3, gs, hf, file; "
         "extraUriSchemes: none)"]
+
+
+def scratch_claim(storage: str | None) -> dict[str, Any]:
+    requests = {} if storage is None else {"requests": {"storage": storage}}
+    claim = {"accessModes": ["ReadWriteOnce"], "resources": requests}
+    return {"name": f"scratch-{str(storage).lower()}",
+            "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
+
+
+def test_ephemeral_claims_are_capped_in_size() -> None:
+    job = spec({"volumes": [scratch_claim("100Ti"), scratch_claim("500Gi"),
+                            scratch_claim("512000Mi"), scratch_claim(None),
+                            scratch_claim("lots")]})
+    assert violations(job, {}, Policy()) == []
+    assert violations(job, {}, Policy(max_ephemeral_claim_size="500Gi")) == [
+        "spec.pod.volumes[0]: ephemeral claim of 100Ti is over the cap "
+        "(maxEphemeralClaimSize: 500Gi)",
+        "spec.pod.volumes[3]: ephemeral claim without resources.requests.storage is not "
+        "allowed (maxEphemeralClaimSize: 500Gi)",
+        "spec.pod.volumes[4]: ephemeral claim size lots is not a quantity "
+        "(maxEphemeralClaimSize: 500Gi)"]
+
+
+def test_a_malformed_claim_size_cap_is_refused_at_start() -> None:
+    with pytest.raises(PolicyError, match=r"maxEphemeralClaimSize: .*not a quantity: 5 Gi"):
+        parse_policy(json.dumps({"maxEphemeralClaimSize": "5 Gi"}))
+    assert parse_policy('{"maxEphemeralClaimSize": "5Gi"}').max_ephemeral_claim_size == "5Gi"

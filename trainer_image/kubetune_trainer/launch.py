@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kubetune_api import contract
+from kubetune_api import contract, uris
 from kubetune_api.load import SpecError, load_job
-from kubetune_api.spec import Strategy
+from kubetune_api.spec import FineTuneJobSpec, Strategy
 
 PROGRESS_ENV = "KUBETUNE_PROGRESS"  # kubetune_trainer.console reads them (no torch imported here)
 SUMMARY_ENV = "KUBETUNE_SUMMARY"
@@ -41,6 +41,7 @@ def train_rank(config: str, *, output: str | None = None, workdir: str | None = 
     """Run this process's rank of the job; map failures to the documented exit codes."""
     try:
         job = load_job(config, output_uri=output)
+        refuse_other_schemes(job.spec)
         use_cpu_accelerator_without_cuda()
         quiet_library_noise()
         from kubetune_trainer.preemption import Preempted
@@ -58,6 +59,17 @@ def train_rank(config: str, *, output: str | None = None, workdir: str | None = 
         write_termination_message({"uri": result.output_uri,
                                    "manifestSha256": result.manifest_sha256})
     return contract.EXIT_OK
+
+
+def refuse_other_schemes(spec: FineTuneJobSpec) -> None:
+    """The operator admitted these URIs against the admin's policy; checking again here, before
+    anything is opened, keeps a spec that reached the trainer some other way (a ConfigMap
+    edited by a tenant, `kubetune run`) from reaching the metadata address or an internal
+    service over http."""
+    extra = uris.extra_schemes_from(os.environ.get(uris.EXTRA_URI_SCHEMES_ENV))
+    problems = uris.scheme_violations(spec, extra)
+    if problems:
+        raise SpecError("; ".join(problems))
 
 
 def use_cpu_accelerator_without_cuda() -> None:
