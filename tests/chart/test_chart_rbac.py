@@ -119,15 +119,29 @@ def resources_of(node: ast.expr, namespace: dict[str, Any]) -> list[kube.Resourc
                          "in the reconciler on module-level kube.Resource constants")
 
 
+# Reconciler methods that wrap one API verb, their resource passed through as an argument:
+# the audit reads the resource where they are called (and not inside them).
+WRAPPERS = {"_delete": ("delete", 1)}
+
+
 def reconciler_calls() -> set[Triple]:
-    """Every `self.api.<verb>(RESOURCE, ...)` call in the reconciler's source."""
+    """Every `self.api.<verb>(RESOURCE, ...)` call in the reconciler's source, and every call of
+    a WRAPPERS method."""
     calls: set[Triple] = set()
     namespace = vars(reconciler)
     for node in ast.walk(ast.parse(inspect.getsource(reconciler))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in WRAPPERS:
+            verb, position = WRAPPERS[node.func.attr]
+            for resource in resources_of(node.args[position], namespace):
+                calls.add((resource.group, resource.plural, verb))
+            continue
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and isinstance(node.func.value, ast.Attribute)
                 and node.func.value.attr == "api"):
             continue
+        if node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "resource":
+            continue  # inside a wrapper: audited where the wrapper is called
         method = node.func.attr
         if method == "plain_session":  # rank 0's /metrics (scrape.py): not the API server
             continue
