@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -31,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCABULARY = ("the cat sees a ball capital of France is Paris reset my password open settings "
               "now customer asks how to export data from the dashboard answer with the menu path")
 WORDS = VOCABULARY.split()
+BATCH_ROWS = 1000  # = kubetune_trainer.data.WRITE_BATCH_ROWS: records per tokenizer call
+
+
+def load() -> str:
+    """The 1-minute load average: figures on a shared machine mean little without it."""
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 def generate(path: Path, size_mb: int, seed: int = 0) -> int:
@@ -99,11 +106,54 @@ def child(config: str, workdir: str) -> None:
     ready = recipe.setup(job, str(work / "out"), work)
     trainer = recipe.build_trainer(ready)
     trainer.train()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = max(resource.getrusage(who).ru_maxrss
+                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(json.dumps({"peak_rss_mb": round(peak_kb / 1024, 1), "rows": ready.data.counts["train"],
                       "read_s": round(timings["read"], 2),
                       "tokenize_s": round(timings["tokenize"], 2),
                       "steps": trainer.state.global_step}))
+
+
+def raw_child(config: str, data_path: str) -> None:
+    """The bare backend rate: `encode_batch_fast` (the tokenizer's Rust batch call, on its own
+    thread pool over every core) on the same texts kubetune tokenizes, prompt and completion
+    apart, in batches of the same size. Only the encode calls are timed (not JSON parsing)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    from transformers import AutoTokenizer
+
+    from kubetune_api.load import load_job
+
+    job = load_job(config)
+    backend = AutoTokenizer.from_pretrained(job.spec.model.name).backend_tokenizer
+    seconds = 0.0
+
+    def encode(prompts: list[str], completions: list[str]) -> float:
+        started = time.perf_counter()
+        backend.encode_batch_fast(prompts, add_special_tokens=True)
+        backend.encode_batch_fast(completions, add_special_tokens=False)
+        return time.perf_counter() - started
+
+    prompts: list[str] = []
+    completions: list[str] = []
+    with open(data_path) as handle:
+        for line in handle:
+            record = json.loads(line)
+            prompts.append(record["prompt"])
+            completions.append(record["completion"])
+            if len(prompts) == BATCH_ROWS:
+                seconds += encode(prompts, completions)
+                prompts, completions = [], []
+    if prompts:
+        seconds += encode(prompts, completions)
+    print(json.dumps({"raw_s": round(seconds, 2)}))
+
+
+def run_child(*args: str) -> dict[str, float]:
+    run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         cwd=ROOT, check=False)
+    if run.returncode != 0:
+        sys.exit(f"{args[0]} {args[1:]} failed:\n{run.stderr[-4000:]}")
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
@@ -111,9 +161,13 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[30, 300])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.raw_child:
+        raw_child(*args.raw_child)
         return
     results = []
     with tempfile.TemporaryDirectory(prefix="kubetune-data-scale-") as tmp:
@@ -130,21 +184,21 @@ def main() -> None:
             config.write_text(job_yaml(root / "model", data, root / f"out-{size}", args.steps))
             work = root / f"work-{size}"
             work.mkdir()
-            run = subprocess.run([sys.executable, __file__, "--child", str(config), str(work)],
-                                 capture_output=True, text=True, cwd=ROOT, check=False)
-            if run.returncode != 0:
-                sys.exit(f"run on {size} MB failed:\n{run.stderr[-4000:]}")
-            figures = json.loads(run.stdout.strip().splitlines()[-1])
+            figures = run_child("--child", str(config), str(work))
+            figures.update(run_child("--raw-child", str(config), str(data)))
             figures["mb"] = data.stat().st_size / 1e6
             results.append(figures)
             print(f"{size} MB: peak RSS {figures['peak_rss_mb']:.0f} MB, "
                   f"{figures['rows']:,} records, read+check {figures['read_s']:.1f} s, "
                   f"tokenize {figures['tokenize_s']:.1f} s "
-                  f"({figures['mb'] / figures['tokenize_s']:.1f} MB/s)", flush=True)
+                  f"({figures['mb'] / figures['tokenize_s']:.1f} MB/s), bare backend "
+                  f"{figures['raw_s']:.1f} s ({figures['mb'] / figures['raw_s']:.1f} MB/s), "
+                  f"load {load()}", flush=True)
             data.unlink()
     small, large = results[0], results[-1]
     print(f"rss_ratio={large['peak_rss_mb'] / small['peak_rss_mb']:.2f} "
-          f"tokenize_mb_per_s={large['mb'] / large['tokenize_s']:.1f}")
+          f"tokenize_mb_per_s={large['mb'] / large['tokenize_s']:.1f} "
+          f"raw_mb_per_s={large['mb'] / large['raw_s']:.1f}")
 
 
 if __name__ == "__main__":
