@@ -29,9 +29,9 @@ from transformers import (
 )
 
 from kubetune_api.spec import DatasetSpec, Task
+from kubetune_trainer import feature_store
 from kubetune_trainer.chat import chat_example
 from kubetune_trainer.data import (
-    HASH_CHUNK,
     IGNORE_INDEX,
     JSON_ROLES,
     ArrowWriter,
@@ -305,22 +305,28 @@ def count_input_tokens(batch: Sequence[Feature]) -> int:
 
 
 def prepare_features(data: LoadedData, how: Tokenization, cache_root: Path,
-                     workers: int | None = None) -> tuple[Dataset, Dataset | None]:
+                     workers: int | None = None, store: str | None = None
+                     ) -> tuple[Dataset, Dataset | None]:
     """Tokenized (and packed) train and eval features, memory-mapped from Arrow shard files.
 
-    The node's first rank builds them under `cache_root/features-<key>` (key: data digest,
-    tokenizer, dataset settings) unless a complete build is already there, with `workers`
-    processes (default: every CPU this process may use); the node's other ranks wait for it
-    and map the same files.
+    The node's first rank makes them ready under `cache_root/features-<key>` (key: data
+    digest, tokenizer, dataset settings): a complete local build is used as is; else, with a
+    `store` URI, a verified copy published there is fetched (feature_store.py); else they are
+    built with `workers` processes (default: every CPU this process may use) and published to
+    the store. The node's other ranks wait for it and map the same files.
     """
     directory = cache_root / f"features-{how.fingerprint(data.digest)}"
 
     def build() -> dict[str, Any]:
         if (directory / READY_FILE).exists():
             return dict(json.loads((directory / READY_FILE).read_text()))
+        if store and (fetched := feature_store.fetch(store, directory, READY_FILE)):
+            return fetched
         fresh_dir(directory)
         ready = write_features(data, how, directory, workers)
         (directory / READY_FILE).write_text(json.dumps(ready))
+        if store:
+            feature_store.publish(directory, store, ready, READY_FILE)
         return ready
 
     ready = node_once(cache_root, "features", build)
@@ -486,16 +492,8 @@ def write_shard(shard: Shard, how: Tokenization, directory: Path) -> list[dict[s
         for block in packer.finish():
             write(split, block)
     return [{"name": writers[split].path.name, "split": split, "rows": writers[split].close(),
-             "sha256": file_sha256(writers[split].path)}
+             "sha256": feature_store.file_sha256(writers[split].path)}
             for split in FEATURE_SPLITS if split in writers]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
