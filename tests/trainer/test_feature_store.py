@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,49 @@ def test_different_settings_never_fetch_each_others_features(
     no_tokenizing(monkeypatch)
     with pytest.raises(AssertionError, match="tokenized again"):
         prepare_features(data, longer, tmp_path / "pod-2", store=store)
+
+
+def node_process(node: int, nodes: int, cache: Path, store: str, data, how,  # type: ignore[no-untyped-def]
+                 tokenized: Path) -> None:
+    """One node's first rank, as torchrun starts it on a gang of `nodes` nodes."""
+    os.environ.update({"GROUP_RANK": str(node), "WORLD_SIZE": str(nodes),
+                       "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": str(node)})
+    build_shard = features.write_shard
+
+    def counted(shard, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with tokenized.open("a") as log:
+            log.write(f"{shard.index}\n")
+        return build_shard(shard, *args, **kwargs)
+
+    features.write_shard = counted  # type: ignore[assignment]
+    prepare_features(data, how, cache, workers=1, store=store)
+
+
+def test_two_nodes_split_the_work_and_end_with_identical_features(
+        tmp_path: Path, s3_bucket: str, job, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    data, how = job
+    store = feature_store.store_uri(f"{s3_bucket}/checkpoints")
+    monkeypatch.setattr(feature_store, "NODE_POLL_SECONDS", 0.1)
+    fork = multiprocessing.get_context("fork")
+    nodes = [fork.Process(target=node_process, args=(
+        k, 2, tmp_path / f"node-{k}", store, data, how, tmp_path / f"tokenized-{k}"))
+        for k in range(2)]
+    for process in nodes:
+        process.start()
+    for process in nodes:
+        process.join()
+    assert [p.exitcode for p in nodes] == [0, 0]
+    shards = [sorted(int(i) for i in (tmp_path / f"tokenized-{k}").read_text().split())
+              for k in range(2)]
+    assert shards == [[0, 2], [1]]  # 3 shards: nobody repeats another's work
+    one_node, _ = prepare_features(data, how, tmp_path / "one-node", workers=1)
+    expected = [dict(r) for r in one_node]
+    [one_ready] = (tmp_path / "one-node").glob(f"features-*/{features.READY_FILE}")
+    for k in range(2):
+        [ready] = (tmp_path / f"node-{k}").glob(f"features-*/{features.READY_FILE}")
+        assert ready.read_text() == one_ready.read_text()
+        on_node, _ = prepare_features(data, how, tmp_path / f"node-{k}", workers=1)
+        assert [dict(r) for r in on_node] == expected
+    no_tokenizing(monkeypatch)  # node 0 published the whole set: a restart fetches it
+    fetched, _ = prepare_features(data, how, tmp_path / "restart", store=store)
+    assert [dict(r) for r in fetched] == expected

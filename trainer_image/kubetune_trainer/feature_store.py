@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ from kubetune_trainer import storage
 from kubetune_trainer.data import HASH_CHUNK
 
 FEATURES_SUBDIR = "features"  # under the checkpoint root
+NODE_POLL_SECONDS = 1.0
+NODE_WAIT_LOG_SECONDS = 60.0
 log = logging.getLogger("kubetune")
 
 
@@ -79,3 +83,54 @@ def publish(directory: Path, store: str, ready: dict[str, Any], ready_file: str)
         log.warning("features %s: cannot publish them (%s); other pods tokenize again", uri, exc)
         return
     log.info("features published to %s", uri)
+
+
+def build_shared(directory: Path, store: str, node: int, nodes: int, ready_file: str,
+                 build_mine: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The whole features set, this node having tokenized only its share of the shards.
+
+    Each node uploads its shard files, then `node-<k>-of-<n>.json` (its files and their
+    sha256) last; then waits for every other node's list and downloads their files, each
+    checked against that list. Every node ends with the same files and READY facts as a
+    one-node build; node 0 then writes READY to the store, so restarts and later jobs fetch
+    the whole set. A node that dies makes the gang restart (its peers wait for it here, as
+    they would at the first collective); a restart reuses whatever lists are already up.
+    """
+    from kubetune_trainer.features import ready_facts
+
+    uri = storage.join(store, directory.name)
+    mine = build_mine()["files"]
+    storage.upload_dir(directory, uri, exclude={ready_file})
+    storage.write_text(storage.join(uri, _node_list(node, nodes)), json.dumps(mine))
+    files = list(mine)
+    for other in range(nodes):
+        if other == node:
+            continue
+        listed = json.loads(storage.read_text(_wait_for(uri, _node_list(other, nodes))))
+        for entry in listed:
+            found = directory / entry["name"]
+            storage.download_file(storage.join(uri, entry["name"]), found)
+            if file_sha256(found) != entry["sha256"]:
+                raise storage.StorageError(
+                    f"features {uri}: {entry['name']} from node {other} does not match the "
+                    f"sha256 its node listed")
+        files += listed
+    ready = ready_facts(files)
+    if node == 0:  # the whole set is in the store now: restarts and later jobs fetch it
+        storage.write_text(storage.join(uri, ready_file), json.dumps(ready))
+    return ready
+
+
+def _node_list(node: int, nodes: int) -> str:
+    return f"node-{node}-of-{nodes}.json"
+
+
+def _wait_for(uri: str, name: str) -> str:
+    target = storage.join(uri, name)
+    waited_since = logged = time.monotonic()
+    while not storage.exists(target):
+        if time.monotonic() - logged > NODE_WAIT_LOG_SECONDS:
+            log.info("waiting for %s (%.0f s)", target, time.monotonic() - waited_since)
+            logged = time.monotonic()
+        time.sleep(NODE_POLL_SECONDS)
+    return target

@@ -42,6 +42,7 @@ from kubetune_trainer.data import (
     node_once,
     used_roles,
 )
+from kubetune_trainer.ranks import node_count, node_rank
 
 Feature = dict[str, Any]
 MLM_PROBABILITY = 0.15
@@ -323,10 +324,16 @@ def prepare_features(data: LoadedData, how: Tokenization, cache_root: Path,
         if store and (fetched := feature_store.fetch(store, directory, READY_FILE)):
             return fetched
         fresh_dir(directory)
-        ready = write_features(data, how, directory, workers)
+        node, nodes = node_rank(), node_count()
+        if store and nodes > 1:  # each node tokenizes 1/nodes of the shards, then swaps
+            ready = feature_store.build_shared(
+                directory, store, node, nodes, READY_FILE,
+                lambda: write_features(data, how, directory, workers, (node, nodes)))
+        else:
+            ready = write_features(data, how, directory, workers)
+            if store:
+                feature_store.publish(directory, store, ready, READY_FILE)
         (directory / READY_FILE).write_text(json.dumps(ready))
-        if store:
-            feature_store.publish(directory, store, ready, READY_FILE)
         return ready
 
     ready = node_once(cache_root, "features", build)
@@ -407,18 +414,26 @@ def shard_batches(shard: Shard) -> Iterator[dict[str, list[Any]]]:
 
 
 def write_features(data: LoadedData, how: Tokenization, directory: Path,
-                   workers: int | None = None) -> dict[str, Any]:
-    """Tokenize and pack every shard into its own Arrow files under `directory`, in `workers`
-    processes; returns the READY facts: row counts per split and the files in shard order
-    (name, split, rows, sha256). The same data gives the same files for any worker count."""
-    shards = plan_shards(data)
+                   workers: int | None = None, share: tuple[int, int] = (0, 1)
+                   ) -> dict[str, Any]:
+    """Tokenize and pack every shard (with `share` = (node, nodes), every nodes-th from the
+    node-th) into its own Arrow files under `directory`, in `workers` processes; returns the
+    READY facts: row counts per split and the files in shard order (shard, name, split, rows,
+    sha256). The same data gives the same files for any worker or node count."""
+    node, nodes = share
+    shards = plan_shards(data)[node::nodes]
     workers = min(workers or usable_cpus(), len(shards)) or 1
     build = partial(write_shard, how=how, directory=directory)
     if workers == 1:
         written = [build(shard) for shard in shards]
     else:
         written = list(_in_workers(build, shards, workers))
-    files = [f for shard_files in written for f in shard_files]
+    return ready_facts([f for shard_files in written for f in shard_files])
+
+
+def ready_facts(files: list[dict[str, Any]]) -> dict[str, Any]:
+    """READY's content: the files in shard order (train before eval), rows per split."""
+    files = sorted(files, key=lambda f: (f["shard"], FEATURE_SPLITS.index(f["split"])))
     counts = {split: sum(f["rows"] for f in files if f["split"] == split)
               for split in FEATURE_SPLITS}
     return {"counts": counts, "files": files}
@@ -491,7 +506,8 @@ def write_shard(shard: Shard, how: Tokenization, directory: Path) -> list[dict[s
     for split, packer in packers.items():
         for block in packer.finish():
             write(split, block)
-    return [{"name": writers[split].path.name, "split": split, "rows": writers[split].close(),
+    return [{"shard": shard.index, "name": writers[split].path.name, "split": split,
+             "rows": writers[split].close(),
              "sha256": feature_store.file_sha256(writers[split].path)}
             for split in FEATURE_SPLITS if split in writers]
 

@@ -398,6 +398,14 @@ def download_dir(uri: str, local_dir: Path) -> None:
     _parallel([task(rel) for rel in rels], TRANSFER_WORKERS)
 
 
+def download_file(uri: str, dest: Path) -> None:
+    """Download one object to `dest`, written under a temporary name and renamed, retried."""
+    fs, path = filesystem(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _retry(f"downloading {uri} to {dest}",
+           lambda: _atomic_local(str(dest), lambda tmp: fs.get_file(path, tmp)))
+
+
 # --- artifacts -----------------------------------------------------------------------------
 
 
