@@ -157,6 +157,53 @@ def raw_child(config: str, data_path: str) -> None:
     print(json.dumps({"raw_s": round(seconds, 2)}))
 
 
+def node_child(config: str, node: str, nodes: str, cpu: str, cache: str, store: str) -> None:
+    """One node's first rank of a `nodes`-node gang, on one CPU of this machine: read the
+    records, then the features (this node's share of the shards, the rest swapped through the
+    store). Prints the seconds of the features step."""
+    os.sched_setaffinity(0, {int(cpu)})
+    os.environ.update({"GROUP_RANK": node, "WORLD_SIZE": nodes, "LOCAL_WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "RANK": node})
+    import datasets
+
+    from kubetune_api.load import load_job
+    from kubetune_trainer.data import read_data
+    from kubetune_trainer.features import Tokenization, prepare_features
+    from kubetune_trainer.modeling import load_tokenizer
+
+    datasets.disable_progress_bars()
+    spec = load_job(config).spec
+    data = read_data(spec.dataset, spec.model.task, spec.training.seed, Path(cache))
+    tokenizer = load_tokenizer(spec.model.name, None, spec.model.task)
+    started = time.perf_counter()
+    prepare_features(data, Tokenization(spec.dataset, spec.model.task, tokenizer), Path(cache),
+                     store=store)
+    print(json.dumps({"features_s": round(time.perf_counter() - started, 2)}))
+
+
+def nodes_ratio(config: Path, root: Path) -> float:
+    """Features time of 2 node processes (one CPU each, sharing a store) ÷ 1 node process on
+    one CPU, on the same data: what splitting the work across nodes buys."""
+    def gang(nodes: int) -> float:
+        runs = [subprocess.Popen(
+            [sys.executable, __file__, "--node-child", str(config), str(node), str(nodes),
+             str(node), str(root / f"nodes{nodes}-cache-{node}"),
+             str(root / f"nodes{nodes}-store")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            for node in range(nodes)]
+        seconds = []
+        for run in runs:
+            out, err = run.communicate()
+            if run.returncode != 0:
+                sys.exit(f"{nodes}-node run failed:\n{err[-4000:]}")
+            seconds.append(json.loads(out.strip().splitlines()[-1])["features_s"])
+        return max(seconds)  # the gang starts training when its slowest node is ready
+
+    one, two = gang(1), gang(2)
+    print(f"features on 1 node {one:.1f} s, on 2 nodes {two:.1f} s, load {load()}", flush=True)
+    return two / one
+
+
 def run_child(*args: str) -> dict[str, float]:
     run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                          cwd=ROOT, check=False)
@@ -171,12 +218,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--raw-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--node-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
     if args.raw_child:
         raw_child(*args.raw_child)
+        return
+    if args.node_child:
+        node_child(*args.node_child)
         return
     results = []
     with tempfile.TemporaryDirectory(prefix="kubetune-data-scale-") as tmp:
@@ -208,13 +259,15 @@ def main() -> None:
                   f"{figures['raw_s']:.1f} s ({figures['mb'] / figures['raw_s']:.1f} MB/s), "
                   f"first step after {figures['first_step_s']:.1f} s, after a restart "
                   f"{figures['restart_first_step_s']:.1f} s, load {load()}", flush=True)
+            if size == args.sizes_mb[-1]:
+                figures["nodes2_ratio"] = nodes_ratio(config, root)
             data.unlink()
     small, large = results[0], results[-1]
     print(f"rss_ratio={large['peak_rss_mb'] / small['peak_rss_mb']:.2f} "
           f"tokenize_mb_per_s={large['mb'] / large['tokenize_s']:.1f} "
           f"raw_mb_per_s={large['mb'] / large['raw_s']:.1f} "
           f"restart_ratio={large['restart_first_step_s'] / large['first_step_s']:.2f} "
-          "nodes2_ratio=n/a")  # not built yet: every node still tokenizes all the data
+          f"nodes2_ratio={large['nodes2_ratio']:.2f}")
 
 
 if __name__ == "__main__":
