@@ -100,6 +100,9 @@ def is_local(uri: str) -> bool:
 
 _fs_cache: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
 _fs_lock = threading.Lock()
+# s3fs clients are not fork-safe ("This class is not fork-safe"): a forked process (the
+# tokenizer workers, a DataLoader worker) makes its own.
+os.register_at_fork(after_in_child=_fs_cache.clear)
 
 
 def _s3_options() -> tuple[tuple[Any, ...], dict[str, Any]]:
