@@ -115,7 +115,7 @@ $(CHAT_TEMPLATES)/.fetched:
 
 chat-templates: $(CHAT_TEMPLATES)/.fetched  ## real chat templates for tests/trainer/test_chat.py
 
-bench-data: venv  ## trainer memory against data size (30 MB and 300 MB of generated data)
+bench-data: venv  ## trainer memory, tokenize rate, restart and 2-node time (30 MB and 300 MB of generated data)
 	$(BIN)/python bench/data_scale.py
 
 demo: venv

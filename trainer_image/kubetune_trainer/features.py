@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorForSeq2Seq,
@@ -25,6 +29,7 @@ from transformers import (
 )
 
 from kubetune_api.spec import DatasetSpec, Task
+from kubetune_trainer import feature_store
 from kubetune_trainer.chat import chat_example
 from kubetune_trainer.data import (
     IGNORE_INDEX,
@@ -35,15 +40,18 @@ from kubetune_trainer.data import (
     Record,
     fresh_dir,
     node_once,
-    record_batches,
     used_roles,
 )
+from kubetune_trainer.ranks import node_count, node_rank
 
 Feature = dict[str, Any]
 MLM_PROBABILITY = 0.15
-FEATURES_VERSION = "2"  # bump when the tokenization changes: old caches are not reused
+FEATURES_VERSION = "3"  # bump when the tokenization changes: old caches are not reused
 READY_FILE = "READY"  # written last: the features under it are complete
-FEATURE_FILES = {"train": "train-features.arrow", "eval": "eval-features.arrow"}
+FEATURE_SPLITS = ("train", "eval")
+# Record batches (of WRITE_BATCH_ROWS records) per shard, the unit of parallel tokenization;
+# each shard is packed on its own (one shorter last block per shard and split).
+SHARD_BATCHES = 16
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,7 @@ class Tokenization:
         setting that changes the features."""
         tok = self.tokenizer
         backend = tok.backend_tokenizer.to_str() if tok.is_fast else json.dumps(tok.get_vocab())
-        key = json.dumps([FEATURES_VERSION, data_digest, self.task, self.label_names,
+        key = json.dumps([FEATURES_VERSION, SHARD_BATCHES, data_digest, self.task, self.label_names,
                           self.num_labels, self.spec.model_dump(mode="json"),
                           type(tok).__name__, backend, str(tok.chat_template),
                           tok.special_tokens_map], sort_keys=True, default=str)
@@ -115,10 +123,16 @@ def tokenize_batch(batch: dict[str, list[Any]], how: Tokenization) -> dict[str, 
     for ids, labels in _causal_examples(batch, how):
         if how.truncates:
             ids, labels = ids[:max_len], labels[:max_len]
-        if any(label != IGNORE_INDEX for label in labels):
+        if learns(labels):
             out["input_ids"].append(ids)
             out["labels"].append(labels)
     return out
+
+
+def learns(labels: list[int]) -> bool:
+    """Whether any label is not masked (list.count runs in C: a generator over every token
+    was a tenth of the tokenization time)."""
+    return labels.count(IGNORE_INDEX) != len(labels)
 
 
 def _causal_examples(batch: dict[str, list[Any]], how: Tokenization
@@ -218,7 +232,7 @@ class Packer:
     def _take(self) -> list[Feature]:
         block = {"input_ids": self.ids, "labels": self.labels, "position_ids": self.positions}
         self.ids, self.labels, self.positions = [], [], []
-        return [block] if any(label != IGNORE_INDEX for label in block["labels"]) else []
+        return [block] if learns(block["labels"]) else []
 
 
 def feature_schema(how: Tokenization) -> pa.Schema:
@@ -288,70 +302,224 @@ def count_input_tokens(batch: Sequence[Feature]) -> int:
     return sum(len(f["input_ids"]) for f in batch)
 
 
-# --- once per node, cached -------------------------------------------------------------------
+# --- once per node, cached, on every core ----------------------------------------------------
 
 
-def prepare_features(data: LoadedData, how: Tokenization, cache_root: Path
+def prepare_features(data: LoadedData, how: Tokenization, cache_root: Path,
+                     workers: int | None = None, store: str | None = None
                      ) -> tuple[Dataset, Dataset | None]:
-    """Tokenized (and packed) train and eval features, memory-mapped from Arrow files.
+    """Tokenized (and packed) train and eval features, memory-mapped from Arrow shard files.
 
-    The node's first rank builds them under `cache_root/features-<key>` (key: data digest,
-    tokenizer, dataset settings) unless a complete build is already there; the node's other
-    ranks wait for it and map the same files.
+    The node's first rank makes them ready under `cache_root/features-<key>` (key: data
+    digest, tokenizer, dataset settings): a complete local build is used as is; else, with a
+    `store` URI, a verified copy published there is fetched (feature_store.py); else they are
+    built with `workers` processes (default: every CPU this process may use) and published to
+    the store. The node's other ranks wait for it and map the same files.
     """
     directory = cache_root / f"features-{how.fingerprint(data.digest)}"
 
     def build() -> dict[str, Any]:
         if (directory / READY_FILE).exists():
             return dict(json.loads((directory / READY_FILE).read_text()))
+        if store and (fetched := feature_store.fetch(store, directory, READY_FILE)):
+            return fetched
         fresh_dir(directory)
-        counts = write_features(data, how, directory)
-        (directory / READY_FILE).write_text(json.dumps(counts))
-        return counts
+        node, nodes = node_rank(), node_count()
+        if store and nodes > 1:  # each node tokenizes 1/nodes of the shards, then swaps
+            ready = feature_store.build_shared(
+                directory, store, node, nodes, READY_FILE,
+                lambda: write_features(data, how, directory, workers, (node, nodes)))
+        else:
+            ready = write_features(data, how, directory, workers)
+            if store:
+                feature_store.publish(directory, store, ready, READY_FILE)
+        (directory / READY_FILE).write_text(json.dumps(ready))
+        return ready
 
-    counts = node_once(cache_root, "features", build)
-    if not counts["train"]:
+    ready = node_once(cache_root, "features", build)
+    if not ready["counts"]["train"]:
         raise DataError(f"{how.spec.train_name}: no record has a token to learn from after "
                         f"truncation to {how.spec.max_seq_length}")
-    train = Dataset.from_file(str(directory / FEATURE_FILES["train"]))
-    if not counts["eval"]:
+    train = open_features(directory, ready["files"], "train")
+    if not ready["counts"]["eval"]:
         return train, None
-    return train, Dataset.from_file(str(directory / FEATURE_FILES["eval"]))
+    return train, open_features(directory, ready["files"], "eval")
 
 
-def write_features(data: LoadedData, how: Tokenization, directory: Path) -> dict[str, int]:
-    """One streamed pass over the record files: tokenize each batch, route its rows to the
-    train or eval file (by the eval file they came from, or the evalFraction mask), pack on
-    the way. Nothing is memory-mapped here, so memory stays flat in the data size."""
+def open_features(directory: Path, files: list[dict[str, Any]], split: str) -> Dataset:
+    """One split's shard files, memory-mapped and concatenated in shard order."""
+    parts = [Dataset.from_file(str(directory / f["name"]))
+             for f in files if f["split"] == split and f["rows"]]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A run of consecutive record batches of one record file: the unit of parallel work.
+
+    Its size is fixed (SHARD_BATCHES), never derived from the core count, so the features,
+    and their cache key, are the same whichever machine builds them."""
+
+    index: int
+    split: str  # where its rows go ("train" or "eval"); the held-out mask may move some
+    path: Path  # the record file (an Arrow stream)
+    offsets: tuple[int, ...]  # byte offset of each of its record batches in `path`
+    held_out: Any = None  # evalFraction: the mask's slice for this shard's records
+
+    def output(self, split: str) -> str:
+        return f"{split}-{self.index:05d}.arrow"
+
+
+def plan_shards(data: LoadedData) -> list[Shard]:
+    """Every record file cut into shards of SHARD_BATCHES record batches, in file order."""
+    shards: list[Shard] = []
+    for split, path, held_out in data.sources():
+        first_row = 0
+        batches = batch_offsets(path)
+        for start in range(0, len(batches), SHARD_BATCHES):
+            run = batches[start:start + SHARD_BATCHES]
+            rows = sum(n for _, n in run)
+            mask = None if held_out is None else held_out[first_row:first_row + rows]
+            shards.append(Shard(len(shards), split, path, tuple(o for o, _ in run), mask))
+            first_row += rows
+    return shards
+
+
+def batch_offsets(path: Path) -> list[tuple[int, int]]:
+    """(byte offset, rows) of each record batch of an Arrow stream file: one pass over the
+    message headers, so a worker can seek straight to its shard."""
+    found: list[tuple[int, int]] = []
+    with pa.OSFile(str(path)) as source:
+        reader = pa.ipc.MessageReader.open_stream(source)
+        schema = None
+        while True:
+            offset = source.tell()
+            try:
+                message = reader.read_next_message()
+            except StopIteration:
+                return found
+            if message.type == "schema":
+                schema = pa.ipc.read_schema(message)
+            else:
+                found.append((offset, pa.ipc.read_record_batch(message, schema).num_rows))
+
+
+def shard_batches(shard: Shard) -> Iterator[dict[str, list[Any]]]:
+    """The record batches of one shard, read (not memory-mapped) from their offsets."""
+    with pa.OSFile(str(shard.path)) as source:
+        schema = pa.ipc.open_stream(source).schema
+        for offset in shard.offsets:
+            source.seek(offset)
+            yield pa.ipc.read_record_batch(pa.ipc.read_message(source), schema).to_pydict()
+
+
+def write_features(data: LoadedData, how: Tokenization, directory: Path,
+                   workers: int | None = None, share: tuple[int, int] = (0, 1)
+                   ) -> dict[str, Any]:
+    """Tokenize and pack every shard (with `share` = (node, nodes), every nodes-th from the
+    node-th) into its own Arrow files under `directory`, in `workers` processes; returns the
+    READY facts: row counts per split and the files in shard order (shard, name, split, rows,
+    sha256). The same data gives the same files for any worker or node count."""
+    node, nodes = share
+    shards = plan_shards(data)[node::nodes]
+    workers = min(workers or usable_cpus(), len(shards)) or 1
+    build = partial(write_shard, how=how, directory=directory)
+    if workers == 1:
+        written = [build(shard) for shard in shards]
+    else:
+        written = list(_in_workers(build, shards, workers))
+    return ready_facts([f for shard_files in written for f in shard_files])
+
+
+def ready_facts(files: list[dict[str, Any]]) -> dict[str, Any]:
+    """READY's content: the files in shard order (train before eval), rows per split."""
+    files = sorted(files, key=lambda f: (f["shard"], FEATURE_SPLITS.index(f["split"])))
+    counts = {split: sum(f["rows"] for f in files if f["split"] == split)
+              for split in FEATURE_SPLITS}
+    return {"counts": counts, "files": files}
+
+
+def _in_workers(build: Callable[[Shard], list[dict[str, Any]]], shards: list[Shard],
+                workers: int) -> Iterator[list[dict[str, Any]]]:
+    """`build` over the shards in forked worker processes, results in shard order. Forked,
+    not spawned: the tokenizer and the imported ML stack are inherited, not loaded again. The
+    first failing shard's error (a DataError naming file:line) is raised here; `with` stops
+    the other workers."""
+    global _BUILD
+    _BUILD = build
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, _one_thread_each) as pool:
+            yield from pool.imap(_build_in_worker, shards)
+    finally:
+        _BUILD = None
+
+
+_BUILD: Callable[[Shard], list[dict[str, Any]]] | None = None  # what forked workers inherit
+
+
+def _one_thread_each() -> None:
+    # The workers already use every core between them: the tokenizer's own thread pool would
+    # only oversubscribe them (and it is not fork-safe once used).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(1)
+
+
+def _build_in_worker(shard: Shard) -> list[dict[str, Any]]:
+    assert _BUILD is not None
+    return _BUILD(shard)
+
+
+def write_shard(shard: Shard, how: Tokenization, directory: Path) -> list[dict[str, Any]]:
+    """Tokenize one shard's records, route each row to train or eval (its file's split, or the
+    evalFraction mask), pack per split, write one Arrow file per split that got rows."""
     schema = feature_schema(how)
-    writers = {split: ArrowWriter(directory / name, schema)
-               for split, name in FEATURE_FILES.items()}
-    packers = {split: Packer(how.spec.max_seq_length) for split in writers}
+    writers: dict[str, ArrowWriter] = {}
+    packers = {split: Packer(how.spec.max_seq_length) for split in FEATURE_SPLITS}
+
+    def write(split: str, row: Feature) -> None:
+        if split not in writers:
+            writers[split] = ArrowWriter(directory / shard.output(split), schema)
+        writers[split].write(row)
 
     def emit(split: str, rows: dict[str, list[Any]]) -> None:
         for values in zip(*rows.values(), strict=True):
             row = dict(zip(rows, values, strict=True))
             if how.packs:
                 for block in packers[split].add(row["input_ids"], row["labels"]):
-                    writers[split].write(block)
+                    write(split, block)
             else:
-                writers[split].write(row)
+                write(split, row)
 
-    for split, path, held_out in data.sources():
-        offset = 0
-        for batch in record_batches(path):
-            size = len(batch["where"])
-            if held_out is None:
-                emit(split, tokenize_batch(batch, how))
-            else:
-                mask = held_out[offset:offset + size]
-                for part, chosen in (("train", ~mask), ("eval", mask)):
-                    rows = {k: [v for v, keep in zip(column, chosen, strict=True) if keep]
-                            for k, column in batch.items()}
-                    if rows["where"]:
-                        emit(part, tokenize_batch(rows, how))
-            offset += size
+    offset = 0
+    for batch in shard_batches(shard):
+        size = len(batch["where"])
+        if shard.held_out is None:
+            emit(shard.split, tokenize_batch(batch, how))
+        else:
+            mask = shard.held_out[offset:offset + size]
+            for part, chosen in (("train", ~mask), ("eval", mask)):
+                rows = {k: [v for v, keep in zip(column, chosen, strict=True) if keep]
+                        for k, column in batch.items()}
+                if rows["where"]:
+                    emit(part, tokenize_batch(rows, how))
+        offset += size
     for split, packer in packers.items():
         for block in packer.finish():
-            writers[split].write(block)
-    return {split: writer.close() for split, writer in writers.items()}
+            write(split, block)
+    return [{"shard": shard.index, "name": writers[split].path.name, "split": split,
+             "rows": writers[split].close(),
+             "sha256": feature_store.file_sha256(writers[split].path)}
+            for split in FEATURE_SPLITS if split in writers]
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU limit (a pod's
+    `resources.limits.cpu`, which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))

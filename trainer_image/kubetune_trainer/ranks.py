@@ -24,3 +24,13 @@ def is_rank0() -> bool:
 def is_local_leader() -> bool:
     """The first rank on this node: the one that touches the node's disk for all."""
     return local_rank() == 0
+
+
+def node_rank() -> int:
+    """This node's index in the gang (torchrun's GROUP_RANK)."""
+    return int(os.environ.get("GROUP_RANK", "0"))
+
+
+def node_count() -> int:
+    """Nodes in the gang (kubetune starts the same number of ranks on every node)."""
+    return max(1, world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -56,6 +56,7 @@ from kubetune_trainer import (
     checkpoints,
     evaluation,
     factories,
+    feature_store,
     preference,
     storage,
     strategies,
@@ -250,7 +251,8 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     else:
         how = Tokenization(spec.dataset, spec.model.task, tokenizer, data.label_names,
                            spec.model.num_labels)
-        train_features, eval_features = prepare_features(data, how, cache)
+        store = feature_store.store_uri(checkpoints.root_uri(spec, output_uri))
+        train_features, eval_features = prepare_features(data, how, cache, store=store)
     # Arguments before the model: with ZeRO-3 they make from_pretrained load sharded.
     args = training_arguments(job, precision, workdir, has_eval=eval_features is not None,
                               cuda=torch.cuda.is_available(),

@@ -100,6 +100,9 @@ def is_local(uri: str) -> bool:
 
 _fs_cache: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
 _fs_lock = threading.Lock()
+# s3fs clients are not fork-safe ("This class is not fork-safe"): a forked process (the
+# tokenizer workers, a DataLoader worker) makes its own.
+os.register_at_fork(after_in_child=_fs_cache.clear)
 
 
 def _s3_options() -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -396,6 +399,14 @@ def download_dir(uri: str, local_dir: Path) -> None:
         )
 
     _parallel([task(rel) for rel in rels], TRANSFER_WORKERS)
+
+
+def download_file(uri: str, dest: Path) -> None:
+    """Download one object to `dest`, written under a temporary name and renamed, retried."""
+    fs, path = filesystem(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _retry(f"downloading {uri} to {dest}",
+           lambda: _atomic_local(str(dest), lambda tmp: fs.get_file(path, tmp)))
 
 
 # --- artifacts -----------------------------------------------------------------------------
