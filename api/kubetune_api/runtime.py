@@ -91,6 +91,11 @@ class FineTuneRuntimeSpec(SpecModel):
     env: dict[str, Text] = Field(
         default_factory=dict, max_length=MAX_ENV, description="Trainer environment variables "
         "added; a job may not give these other values.")
+    service_account_name: Name | None = Field(
+        None, description="The trainer pods' ServiceAccount, in the job's namespace, in place "
+        "of the operator's default: workload identity (IRSA's eks.amazonaws.com/role-arn or "
+        "GKE's iam.gke.io/gcp-service-account annotation on it) gives the pods storage access "
+        "with no static key, so jobs need no storage Secret. Jobs cannot set it themselves.")
     policy: RuntimePolicy = Field(
         default_factory=RuntimePolicy, description="Limits on the jobs that name this runtime.")
 

@@ -79,9 +79,12 @@ def pinned(ref: RuntimeRef, recorded: Runtime | None) -> Resolved | None:
 
 
 def record(runtime: Runtime, resolved: Resolved) -> Runtime:
-    """status.runtime with the resolved runtime added."""
+    """status.runtime with the resolved runtime added: its ServiceAccount, where it names one,
+    replaces the operator's default for every attempt (workload identity per team)."""
+    account = resolved.spec.service_account_name or runtime.service_account
     return runtime.model_copy(update={
         "ref": resolved.ref, "uid": resolved.uid, "generation": resolved.generation,
+        "service_account": account,
         "spec": resolved.spec.model_dump(by_alias=True, exclude_none=True, mode="json")})
 
 

@@ -185,3 +185,30 @@ def test_status_records_the_runtime_and_later_attempts_reuse_it() -> None:
     assert runtimes.pinned(REF, stored) == curated
     assert runtimes.pinned(RuntimeRef(name="other"), stored) is None
     assert runtimes.pinned(REF, None) is None
+
+
+def test_a_runtimes_service_account_runs_the_pods_without_a_storage_secret() -> None:
+    """Workload identity per team: the runtime names a ServiceAccount (IRSA / GKE annotations
+    live on it); every attempt's pods run as it, and a job without a storage Secret gets no
+    credentials volume and no token mount from the operator."""
+    from kubetune_operator.builders import Owner, build_pod_spec
+    from kubetune_operator.reconciler import pinned
+    from kubetune_operator.settings import Settings
+
+    curated = runtime({**FULL_RUNTIME, "serviceAccountName": "team-a-irsa"})
+    settings = Settings(service_account="kubetune-trainer")
+    recorded = runtimes.record(Runtime(trainer_image="op:1", termination_grace_seconds=30,
+                                       service_account="kubetune-trainer"), curated)
+    stored = Runtime.model_validate(recorded.model_dump(by_alias=True, mode="json"))
+    merged, problems = merge(job(), curated)
+    assert problems == []
+    owner = Owner("j", "ml", "uid-1", {})
+    pod = build_pod_spec(merged, owner, 2, pinned(settings, stored))
+    assert pod["serviceAccountName"] == "team-a-irsa"
+    assert pod["automountServiceAccountToken"] is False
+    assert not [v for v in pod["volumes"] if v["name"] == "storage-credentials"]
+    # A runtime that names none keeps the operator's default.
+    plain = runtimes.record(Runtime(trainer_image="op:1", termination_grace_seconds=30,
+                                    service_account="kubetune-trainer"), runtime(FULL_RUNTIME))
+    assert build_pod_spec(merged, owner, 1, pinned(settings, plain))["serviceAccountName"] \
+        == "kubetune-trainer"
