@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import boto3
 
 from kubetune_api import contract
 from kubetune_trainer.credentials import use_storage_credentials
+from support.s3 import create_bucket, s3_env_vars
 
 
 def secret_dir(tmp_path: Path, **files: str) -> Path:
@@ -69,3 +74,34 @@ def test_without_a_secret_nothing_changes(tmp_path: Path) -> None:
     assert use_storage_credentials(env) == [] and env == {}
     env = {contract.STORAGE_CREDENTIALS_DIR_ENV: str(tmp_path / "missing")}
     assert use_storage_credentials(env) == []
+
+
+WEB_IDENTITY = """
+import botocore.session
+from kubetune_trainer import storage
+storage.write_text(sys.argv[1], "hi")
+assert storage.read_text(sys.argv[1]) == "hi"
+credentials = botocore.session.Session().get_credentials()
+print(credentials.method, credentials.access_key[:4])
+"""
+
+
+def test_workload_identity_needs_no_static_key(s3_server: Any, tmp_path: Path) -> None:
+    """A runtime's ServiceAccount with the IRSA annotation (docs/storage.md): the EKS webhook
+    gives the pod AWS_ROLE_ARN and a projected token file, never a key. The trainer's storage
+    then writes and reads through credentials botocore's chain got from STS (moto's
+    AssumeRoleWithWebIdentity, reached at the same endpoint)."""
+    bucket = create_bucket(s3_server.endpoint)
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.team-a.signature")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {k: v for k, v in s3_env_vars(s3_server.endpoint).items()
+            if v is not None and k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env |= {"AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/team-a",
+            "AWS_WEB_IDENTITY_TOKEN_FILE": str(token)}
+    result = subprocess.run([sys.executable, "-c", "import sys" + WEB_IDENTITY,
+                             f"s3://{bucket}/identity/hello.txt"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # STS-issued temporary credentials (ASIA...), from the web identity provider.
+    assert result.stdout.split() == ["assume-role-with-web-identity", "ASIA"], result.stdout
