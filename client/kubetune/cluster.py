@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,9 +46,13 @@ PodList = list[Manifest]
 
 
 def connect(kubeconfig: str | None, context: str | None) -> tuple[k8s.ApiClient, str]:
-    """An API client and the namespace of the kubeconfig context (or of this pod)."""
+    """An API client and the namespace of the kubeconfig context (or of this pod).
+
+    $KUBECONFIG is read now, not when the kubernetes package was imported (which fixes its
+    default then): a notebook that sets it after `import kubetune` gets the file it names."""
+    config_file = kubeconfig or os.environ.get("KUBECONFIG") or None
     try:
-        contexts, current = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
+        contexts, current = k8s_config.list_kube_config_contexts(config_file=config_file)
     except (ConfigException, OSError) as exc:
         if kubeconfig is not None or context is not None:
             raise KubetuneError(f"kubeconfig: {exc}") from None
@@ -64,7 +69,7 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[k8s.ApiClient,
         if chosen is None:
             names = ", ".join(c["name"] for c in contexts)
             raise KubetuneError(f"context: {context!r} is not in the kubeconfig ({names})")
-    api = k8s_config.new_client_from_config(config_file=kubeconfig, context=context)
+    api = k8s_config.new_client_from_config(config_file=config_file, context=context)
     return api, (chosen or {}).get("context", {}).get("namespace") or "default"
 
 

@@ -384,3 +384,15 @@ def test_context_namespace_all_namespaces_and_tail(api: EmulatorThread, kubeconf
     assert list(client.logs("tailed", tail=2)) == ["b", "c"]
     tailed = run_cli("logs", "tailed", "--tail", "1", kubeconfig=kubeconfig)
     assert tailed.stdout == "c\n"
+
+
+def test_kubeconfig_set_after_import_is_the_one_used(kubeconfig: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook sets $KUBECONFIG after `import kubetune` (the kubernetes package fixed its
+    default path when it was imported): Client() must still read the file it names."""
+    import kubernetes.config  # noqa: F401  (imported before the variable is set)
+
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    client = kubetune.Client()
+    assert client.namespace == NAMESPACE
+    assert client.list() is not None

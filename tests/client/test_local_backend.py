@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 import kubetune
 from kubetune_api import contract
+from kubetune_trainer.launch import PROGRESS_ENV, SUMMARY_ENV
 from support.jobs import example_dict
 
 pytestmark = pytest.mark.slow
 
 
-def test_local_backend_trains_and_reads_the_artifact(tmp_path: Path) -> None:
+def test_local_backend_trains_and_reads_the_artifact(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (PROGRESS_ENV, SUMMARY_ENV):  # the notebook's own settings, unset
+        monkeypatch.delenv(name, raising=False)
     client = kubetune.Client(backend="local", workdir=str(tmp_path / "work"))
     spec = example_dict("tiny-lora")["spec"]
     output = tmp_path / "out"
     job = client.train(spec, name="local", training={"maxSteps": 3, "epochs": 1},
                        output={"uri": str(output)})
     assert job.phase == "Succeeded" and job.status.output is not None
+    # The quiet in-process run leaves the caller's console settings as they were: a later
+    # `kubetune run` in the same process still shows its progress.
+    assert PROGRESS_ENV not in os.environ and SUMMARY_ENV not in os.environ
     manifest_bytes = (output / contract.MANIFEST_FILE).read_bytes()
     assert job.status.output.manifest_sha256 == hashlib.sha256(manifest_bytes).hexdigest()
     artifact = client.artifact("local")

@@ -50,6 +50,8 @@ def test_artifact_and_checkpoints_round_trip_through_an_outage(
     assert fs.exists(f"{prefix}/checkpoints/checkpoint-20/{contract.CHECKPOINT_MARKER_FILE}")
     assert not fs.exists(f"{prefix}/checkpoints/checkpoint-10")  # keepLast: 1
     assert fs.exists(f"{prefix}/checkpoints/checkpoint-20/optimizer.pt")
+    # A job that keeps checkpoints shares its features next to them (a restart fetches them).
+    assert fs.glob(f"{prefix}/checkpoints/features/features-*/READY")
 
     local = tmp_path / "artifact"
     fs.get(f"{prefix}/", str(local), recursive=True)

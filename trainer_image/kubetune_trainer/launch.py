@@ -16,11 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kubetune_api import contract, uris
 from kubetune_api.load import SpecError, load_job
-from kubetune_api.spec import FineTuneJobSpec, Strategy
+from kubetune_api.spec import FineTuneJob, FineTuneJobSpec, Strategy
 
 PROGRESS_ENV = "KUBETUNE_PROGRESS"  # kubetune_trainer.console reads them (no torch imported here)
 SUMMARY_ENV = "KUBETUNE_SUMMARY"
@@ -102,8 +103,31 @@ def run_local(file: str, *, output: str | None = None, nodes: int | None = None,
     on stdout. Every rank (in-process or torchrun child) reads them from the environment.
     """
     job = load_job(file, output_uri=output)
+    with console_env(quiet=quiet, json_summary=json_summary):
+        return _run_local(file, job, output=output, nodes=nodes,
+                          nproc_per_node=nproc_per_node, workdir=workdir)
+
+
+@contextlib.contextmanager
+def console_env(*, quiet: bool, json_summary: bool) -> Iterator[None]:
+    """The console settings every rank reads, for this run only: an in-process caller (the
+    SDK's local backend, a notebook) gets its environment back afterwards, so a quiet run
+    does not silence the next one."""
+    saved = {name: os.environ.get(name) for name in (PROGRESS_ENV, SUMMARY_ENV)}
     os.environ[PROGRESS_ENV] = "none" if quiet else os.environ.get(PROGRESS_ENV, "auto")
     os.environ[SUMMARY_ENV] = "json" if json_summary else "none" if quiet else "text"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run_local(file: str, job: FineTuneJob, *, output: str | None, nodes: int | None,
+               nproc_per_node: int, workdir: str | None) -> int:
     nodes = nodes or job.spec.resources.nodes
     # DeepSpeed and FSDP need a process group even for one rank (in-process, DeepSpeed went
     # looking for MPI): they go through torchrun like a pod.

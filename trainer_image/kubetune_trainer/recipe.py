@@ -251,7 +251,10 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     else:
         how = Tokenization(spec.dataset, spec.model.task, tokenizer, data.label_names,
                            spec.model.num_labels)
-        store = feature_store.store_uri(checkpoints.root_uri(spec, output_uri))
+        # Shared next to the checkpoints of a job that keeps them; a job that keeps none gets
+        # no checkpoints/ folder in its output (its artifact stays the model alone).
+        store = (feature_store.store_uri(checkpoints.root_uri(spec, output_uri))
+                 if spec.checkpoint.uri or spec.checkpoint.every_steps else None)
         train_features, eval_features = prepare_features(data, how, cache, store=store)
     # Arguments before the model: with ZeRO-3 they make from_pretrained load sharded.
     args = training_arguments(job, precision, workdir, has_eval=eval_features is not None,
