@@ -422,9 +422,11 @@ def write_features(data: LoadedData, how: Tokenization, directory: Path,
     sha256). The same data gives the same files for any worker or node count."""
     node, nodes = share
     shards = plan_shards(data)[node::nodes]
-    if workers is None and sum(len(s.offsets) for s in shards) < 2 * SHARD_BATCHES:
-        workers = 1  # less than two full shards: a worker pool costs more than it saves
-    workers = min(workers or usable_cpus(), len(shards)) or 1
+    # In-process unless asked: a forked worker crashed beside a training process's threads
+    # (metrics server, s3fs's event loop) in two fresh-clone runs, and multiprocessing.Pool
+    # then waits forever for its result. Worker processes stay for explicit callers (tests,
+    # bench) until they start from a clean process (forkserver).
+    workers = min(workers or 1, len(shards)) or 1
     build = partial(write_shard, how=how, directory=directory)
     if workers == 1:
         written = [build(shard) for shard in shards]
