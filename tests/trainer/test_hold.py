@@ -40,9 +40,9 @@ def test_a_rank_waits_at_its_step_until_the_gate_is_gone(monkeypatch: pytest.Mon
     assert not held.exists()
     waiting = threading.Thread(target=step_end, args=(callback, 15))
     waiting.start()
-    while not held.exists():
+    while not held.exists() or held.read_text() != "15":  # written, not just created
         waiting.join(0.01)
-    assert held.read_text() == "15" and waiting.is_alive()
+    assert waiting.is_alive()
     preemption.requested = True  # SIGTERM is marked; the rank stays held
     while held.read_text() != "15 sigterm":
         waiting.join(0.01)
