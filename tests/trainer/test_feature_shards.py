@@ -13,7 +13,7 @@ from kubetune_api.spec import DatasetSpec
 from kubetune_trainer import data as data_module
 from kubetune_trainer import features
 from kubetune_trainer.data import DataError, LoadedData
-from kubetune_trainer.features import Tokenization, prepare_features, tokenize, usable_cpus
+from kubetune_trainer.features import Tokenization, prepare_features, tokenize
 from kubetune_trainer.modeling import load_tokenizer
 from kubetune_trainer.tiny import train_tokenizer
 
@@ -113,14 +113,3 @@ def test_a_complete_build_is_reused(tmp_path: Path, tokenizer,  # type: ignore[n
     monkeypatch.setattr(features, "write_features", rebuild)
     again, _ = prepare_features(data, how, tmp_path / "cache-2", workers=2)
     assert rows(again) == rows(train)
-
-
-@pytest.mark.parametrize(("cpu_max", "expected"), [
-    ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), (None, None)])
-def test_usable_cpus_follow_a_cgroup_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           cpu_max: str | None, expected: int | None) -> None:
-    monkeypatch.setattr(features.os, "sched_getaffinity", lambda pid: set(range(8)))
-    limit = tmp_path / "cpu.max"
-    if cpu_max is not None:
-        limit.write_text(cpu_max)
-    assert usable_cpus(limit) == (expected or 8)

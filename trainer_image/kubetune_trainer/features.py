@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -514,16 +513,3 @@ def write_shard(shard: Shard, how: Tokenization, directory: Path) -> list[dict[s
              "rows": writers[split].close(),
              "sha256": feature_store.file_sha256(writers[split].path)}
             for split in FEATURE_SPLITS if split in writers]
-
-
-def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU limit (a pod's
-    `resources.limits.cpu`, which the affinity does not show)."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cgroup_cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return cpus
-    if quota == "max":
-        return cpus
-    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
