@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune_api import contract
-from support.kube_emulator import EmulatorThread, JsonDict, now_stamp
+from support.kube_emulator import EmulatorThread, JsonDict
 from support.operator_process import OperatorProcess
 from support.pod_runner import (
     POD_MARKER_ENV,
     ContainerConfigError,
     Mounts,
-    PodProcess,
     PodRunner,
     expand,
 )
@@ -240,8 +239,7 @@ class ContainerPodRunner(PodRunner):
     def _start(self, pod: JsonDict) -> None:
         meta = pod["metadata"]
         container = pod["spec"]["containers"][0]
-        pod_dir = self.workdir / f"{meta['namespace']}-{meta['name']}"
-        pod_dir.mkdir(parents=True, exist_ok=True)
+        pod_dir = self._pod_dir(pod)
         ip = self._ip_for(pod)
         try:
             files = self._pod_files(pod, container, pod_dir)
@@ -252,8 +250,7 @@ class ContainerPodRunner(PodRunner):
                                   f"built and pulled (have {sorted(self.images)})")
             options = pod_options(pod, sorted(env), files)
         except ContainerConfigError as exc:
-            self._write_status(pod, "Pending", {"waiting": {
-                "reason": "CreateContainerConfigError", "message": str(exc)}})
+            self._refuse_config(pod, exc)
             return
         args = [expand(a, env) for a in container.get("args", [])]
         argv = [*PODMAN, "run", "--rm", "--name", f"kt-{meta['uid']}", *options, image, *args]
@@ -261,9 +258,7 @@ class ContainerPodRunner(PodRunner):
         with log_path.open("ab") as log:
             process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log,
                                        stderr=subprocess.STDOUT)
-        grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
-        self.processes[meta["uid"]] = PodProcess(process, log_path, files.termination_log, grace)
-        self._write_status(pod, "Running", {"running": {"startedAt": now_stamp()}})
+        self._started(pod, process, log_path, files.termination_log)
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)

@@ -356,18 +356,35 @@ class PodRunner:
         elif proc is not None and proc.process.poll() is not None and not proc.reported:
             self._report_exit(pod, proc)
 
+    def _pod_dir(self, pod: JsonDict) -> Path:
+        """The pod's own folder on this machine (its volumes, log, termination log)."""
+        meta = pod["metadata"]
+        pod_dir = self.workdir / f"{meta['namespace']}-{meta['name']}"
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        return pod_dir
+
+    def _refuse_config(self, pod: JsonDict, exc: ContainerConfigError) -> None:
+        """What the kubelet shows for a container it cannot configure: Pending, waiting."""
+        self._write_status(pod, "Pending", {"waiting": {
+            "reason": "CreateContainerConfigError", "message": str(exc)}})
+
+    def _started(self, pod: JsonDict, process: subprocess.Popen[bytes], log_path: Path,
+                 termination_log: Path) -> None:
+        grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        self.processes[pod["metadata"]["uid"]] = PodProcess(process, log_path, termination_log,
+                                                            grace)
+        self._write_status(pod, "Running", {"running": {"startedAt": now_stamp()}})
+
     def _start(self, pod: JsonDict) -> None:
         meta = pod["metadata"]
         container = pod["spec"]["containers"][0]
-        pod_dir = self.workdir / f"{meta['namespace']}-{meta['name']}"
-        pod_dir.mkdir(parents=True, exist_ok=True)
+        pod_dir = self._pod_dir(pod)
         ip = self._ip_for(pod)
         try:
             mounts = self._mount_volumes(pod, container, pod_dir)
             env = self._container_env(pod, container, mounts, ip)
         except ContainerConfigError as exc:
-            self._write_status(pod, "Pending", {"waiting": {
-                "reason": "CreateContainerConfigError", "message": str(exc)}})
+            self._refuse_config(pod, exc)
             return
         # The kubelet gives every container its own termination-log file; a path outside the
         # pod's volumes must not become the machine's shared /dev/termination-log.
@@ -384,10 +401,8 @@ class PodRunner:
         log_path = self.log_path(meta["namespace"], meta["name"])
         with log_path.open("ab") as log:
             process = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT, )
-        grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
-        self.processes[meta["uid"]] = PodProcess(process, log_path, termination_log, grace)
-        self._write_status(pod, "Running", {"running": {"startedAt": now_stamp()}})
+                                       stderr=subprocess.STDOUT)
+        self._started(pod, process, log_path, termination_log)
 
     def _container_env(self, pod: JsonDict, container: JsonDict, mounts: Mounts,
                        ip: str) -> dict[str, str]:
