@@ -10,14 +10,10 @@ from typing import Any
 
 import kopf
 import pytest
-from prometheus_client import CollectorRegistry
 
 from kubetune_operator import status as st
 from kubetune_operator.builders import LABEL_ATTEMPT, LABEL_JOB, LABEL_OWNER_UID
-from kubetune_operator.kube import KubeApi
-from kubetune_operator.metrics import OperatorMetrics
-from kubetune_operator.reconciler import Reconciler
-from kubetune_operator.settings import Settings
+from support.in_process import in_process_reconciler
 from support.jobs import ftj_body
 from support.kube_emulator import EmulatorThread, now_stamp
 from support.operator_process import FTJ, JOBS
@@ -43,18 +39,11 @@ def test_a_ghost_pod_never_wedges_the_next_attempt(monkeypatch: pytest.MonkeyPat
             "phase": "Restarting", "attempt": 2, "restarts": 1}}, subresource="status")
 
         async def two_reconciles() -> None:
-            client = KubeApi(lambda: kopf.ConnectionInfo(server=api.url, token="t"))
-            reconciler = Reconciler(client, Settings.from_env({}),
-                                    OperatorMetrics(CollectorRegistry()))
-            reconciler.children = lambda ns, base: st.Children([], [ghost_pod(uid)])
-            try:
+            async with in_process_reconciler(api) as reconciler:
+                reconciler.children = lambda ns, base: st.Children([], [ghost_pod(uid)])
                 await reconciler.reconcile(NS, "ghost")  # force-deletes it: 404
                 assert api.get(JOBS, NS, "ghost-a2") is None  # still waiting for it
                 await reconciler.reconcile(NS, "ghost")  # the plan without the ghost
-            finally:
-                for timer in reconciler._rechecks.values():
-                    timer.cancel()
-                await client.close()
 
         asyncio.run(two_reconciles())
         assert api.get(JOBS, NS, "ghost-a2") is not None

@@ -11,14 +11,10 @@ from typing import Any
 
 import kopf
 import pytest
-from prometheus_client import CollectorRegistry
 
 from kubetune_api.load import validate_job
 from kubetune_operator import reconciler as reconciler_module
-from kubetune_operator.kube import KubeApi
-from kubetune_operator.metrics import OperatorMetrics
-from kubetune_operator.reconciler import Reconciler
-from kubetune_operator.settings import Settings
+from support.in_process import in_process_reconciler
 from support.jobs import ftj_body
 from support.kube_emulator import EmulatorThread
 from support.operator_process import FTJ, JOBS
@@ -47,17 +43,10 @@ def test_a_slow_spec_leaves_other_jobs_reconciling(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(reconciler_module, "validate_job", validate)
 
         async def both() -> None:
-            client = KubeApi(lambda: kopf.ConnectionInfo(server=api.url, token="t"))
-            reconciler = Reconciler(client, Settings.from_env({}),
-                                    OperatorMetrics(CollectorRegistry()))
-            try:
+            async with in_process_reconciler(api) as reconciler:
                 slow = asyncio.create_task(reconciler.reconcile(NS, "slow"))
                 await asyncio.sleep(0)  # the slow one starts first
                 await asyncio.gather(slow, reconciler.reconcile(NS, "quick"))
-            finally:
-                for timer in reconciler._rechecks.values():
-                    timer.cancel()
-                await client.close()
 
         asyncio.run(both())
         assert api.get(JOBS, NS, "slow-a1") is not None
