@@ -77,6 +77,7 @@ def test_without_a_secret_nothing_changes(tmp_path: Path) -> None:
 
 
 WEB_IDENTITY = """
+import sys
 import botocore.session
 from kubetune_trainer import storage
 storage.write_text(sys.argv[1], "hi")
@@ -99,7 +100,7 @@ def test_workload_identity_needs_no_static_key(s3_server: Any, tmp_path: Path) -
             if v is not None and k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env |= {"AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/team-a",
             "AWS_WEB_IDENTITY_TOKEN_FILE": str(token)}
-    result = subprocess.run([sys.executable, "-c", "import sys" + WEB_IDENTITY,
+    result = subprocess.run([sys.executable, "-c", WEB_IDENTITY,
                              f"s3://{bucket}/identity/hello.txt"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
