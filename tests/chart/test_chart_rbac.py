@@ -129,7 +129,14 @@ def reconciler_calls() -> set[Triple]:
     a WRAPPERS method."""
     calls: set[Triple] = set()
     namespace = vars(reconciler)
-    for node in ast.walk(ast.parse(inspect.getsource(reconciler))):
+    tree = ast.parse(inspect.getsource(reconciler))
+    # The wrappers' own bodies pass their resource through: audited where they are called.
+    wrappers = [f for f in ast.walk(tree)
+                if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) and f.name in WRAPPERS]
+    inside_wrappers = {id(n) for f in wrappers for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if id(node) in inside_wrappers:
+            continue
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                 and node.func.attr in WRAPPERS:
             verb, position = WRAPPERS[node.func.attr]
@@ -140,8 +147,6 @@ def reconciler_calls() -> set[Triple]:
                 and isinstance(node.func.value, ast.Attribute)
                 and node.func.value.attr == "api"):
             continue
-        if node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "resource":
-            continue  # inside a wrapper: audited where the wrapper is called
         method = node.func.attr
         if method == "plain_session":  # rank 0's /metrics (scrape.py): not the API server
             continue
