@@ -189,7 +189,7 @@ e2e: venv kubectl
 # The images (make images), pushed to a registry on a free loopback port and pulled back by
 # digest; the operator and the trainer pods run as podman (runc) containers of them against
 # the emulated API server (tests/containers, docs/e2e.md "Pods as containers").
-e2e-containers: venv kubectl images
+e2e-containers: venv kubectl helm images
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(BIN)/pytest tests/containers -m containers -rs
 
 # Push the built images to REGISTRY (e.g. registry.example.com/team); docs/helm.md.

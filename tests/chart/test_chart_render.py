@@ -192,9 +192,10 @@ def settings_variables() -> set[str]:
 
 
 def expected_image(image: dict[str, Any], app_version: str) -> str:
+    name = "/".join(part for part in (image.get("registry"), image["repository"]) if part)
     if image.get("digest"):
-        return f"{image['repository']}@{image['digest']}"
-    return f"{image['repository']}:{image.get('tag') or app_version}"
+        return f"{name}@{image['digest']}"
+    return f"{name}:{image.get('tag') or app_version}"
 
 
 @pytest.mark.parametrize(("scenario", "values"), SCENARIOS, ids=SCENARIO_IDS)
@@ -234,6 +235,26 @@ def test_operator_gets_every_setting_by_the_names_settings_reads(scenario: str,
         # kopf's liveness endpoint, as main.py starts it: http://0.0.0.0:<health_port>/healthz
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["image"] == expected_image(config["image"], app_version)
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(("sets", "operator", "trainer"), [
+    # make push-images REGISTRY=127.0.0.1:5000/team, then the digests it printed
+    (("image.registry=127.0.0.1:5000/team", f"image.digest={DIGEST}",
+      "trainer.image.registry=127.0.0.1:5000/team", "trainer.image.tag=0.1.0-cpu"),
+     f"127.0.0.1:5000/team/operator@{DIGEST}", "127.0.0.1:5000/team/trainer:0.1.0-cpu"),
+    # an empty registry: the repository is the whole name (a mirror with its own layout)
+    (("image.registry=", "image.repository=mirror.corp/ml/kt-operator",
+      "trainer.image.registry=", "trainer.image.repository=mirror.corp/ml/kt-trainer"),
+     "mirror.corp/ml/kt-operator:0.1.0", "mirror.corp/ml/kt-trainer:0.1.0"),
+], ids=["pushed-registry", "whole-repository"])
+def test_images_come_from_the_registry_the_user_pushed_to(sets: tuple[str, ...], operator: str,
+                                                          trainer: str) -> None:
+    objects = render(sets=sets)
+    assert operator_container(objects)["image"] == operator
+    assert operator_env(objects)["KUBETUNE_TRAINER_IMAGE"] == trainer
 
 
 def test_default_trainer_image_is_the_operators_own_default() -> None:

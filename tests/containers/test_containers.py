@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import s3fs
+import yaml
 
 from kubetune_api import contract
 from support import images
@@ -73,23 +74,48 @@ def pulled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         server.wait(10)
 
 
+def chart_images(pulled: dict[str, str]) -> tuple[str, str]:
+    """(the operator's image, its KUBETUNE_TRAINER_IMAGE) from the chart rendered with the
+    values the README's cluster install gives after `make push-images REGISTRY=...`: the
+    registry pushed to and each image's digest."""
+    helm = shutil.which("helm")
+    if helm is None:
+        pytest.fail("helm missing: make helm (make e2e-containers installs it)")
+    registry = pulled["operator"].rsplit("/", 1)[0]
+    sets = {"image.registry": registry, "image.digest": pulled["operator"].split("@")[1],
+            "trainer.image.registry": registry,
+            "trainer.image.digest": pulled["trainer-cpu"].split("@")[1]}
+    rendered = subprocess.run([helm, "template", "kubetune", str(images.ROOT / "charts/kubetune"),
+                               *(f"--set={key}={value}" for key, value in sets.items())],
+                              capture_output=True, text=True, check=True).stdout
+    deployment = next(doc for doc in yaml.safe_load_all(rendered)
+                      if doc and doc["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    return container["image"], env["KUBETUNE_TRAINER_IMAGE"]
+
+
 class ContainerCluster(LocalCluster):
-    """LocalCluster with the operator and the pods as containers of the pulled images."""
+    """LocalCluster with the operator and the pods as containers of the pulled images, named
+    as the chart names them."""
 
     def __init__(self, workdir: Path, pulled: dict[str, str]) -> None:
         super().__init__(workdir)
-        self.pulled = pulled
+        self.operator_image, self.trainer_image = chart_images(pulled)
+        # The chart must name exactly the images that were pushed and pulled back.
+        assert (self.operator_image, self.trainer_image) == (pulled["operator"],
+                                                             pulled["trainer-cpu"])
 
     def __enter__(self) -> ContainerCluster:
         self.api.__enter__()
         self.api.write_kubeconfig(self.kubeconfig, namespace="default", token="kubectl")
         self.operator = OperatorContainer(
-            self.api, self.workdir, self.pulled["operator"],
+            self.api, self.workdir, self.operator_image,
             KUBETUNE_HEALTH_PORT=str(free_port()),
-            KUBETUNE_TRAINER_IMAGE=self.pulled["trainer-cpu"],
+            KUBETUNE_TRAINER_IMAGE=self.trainer_image,
             KUBETUNE_TERMINATION_GRACE_SECONDS=str(TERMINATION_GRACE_SECONDS),
             KUBETUNE_FORCE_DELETE_AFTER_SECONDS=str(FORCE_DELETE_AFTER_SECONDS)).start()
-        trainer = self.pulled["trainer-cpu"]
+        trainer = self.trainer_image
         self.runner = ContainerPodRunner(self.api, self.workdir / "pods", {trainer: trainer})
         self.runner.__enter__()
         self.apply(storage_secret())

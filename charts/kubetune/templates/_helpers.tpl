@@ -59,12 +59,15 @@ app.kubernetes.io/component: operator
 
 {{/* Images ----------------------------------------------------------------------------- */}}
 
+{{/* registry/repository, then @digest when set, else :tag (default: the appVersion). */}}
 {{- define "kubetune.imageRef" -}}
 {{- $tag := default .appVersion .image.tag | toString }}
+{{- $name := .image.repository }}
+{{- with .image.registry }}{{ $name = printf "%s/%s" . $name }}{{ end }}
 {{- if .image.digest }}
-{{- printf "%s@%s" .image.repository .image.digest }}
+{{- printf "%s@%s" $name .image.digest }}
 {{- else }}
-{{- printf "%s:%s" .image.repository $tag }}
+{{- printf "%s:%s" $name $tag }}
 {{- end }}
 {{- end }}
 
