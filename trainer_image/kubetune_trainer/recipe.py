@@ -73,7 +73,7 @@ from kubetune_trainer.features import (
     prepare_features,
 )
 from kubetune_trainer.hold import hold_callback
-from kubetune_trainer.losses import loss_function_for
+from kubetune_trainer.losses import example_losses, loss_function_for, mean_label_loss
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
@@ -348,6 +348,7 @@ def sft_trainer(ready: Setup, callbacks: list[Any]) -> Trainer:
         compute_metrics=evaluation.classification_metrics if classify else None,
         preprocess_logits_for_metrics=evaluation.predicted_classes if classify else None)
     trainer.perplexity = spec.model.task != Task.SEQUENCE_CLASSIFICATION
+    trainer.label_task = spec.model.task
     return trainer
 
 
@@ -433,9 +434,36 @@ class FrozenHeapTrainer(Trainer):
         finally:
             gc.unfreeze()
 
+    # The task whose eval_loss is the mean per label of the whole eval set (losses.py); None
+    # (the preference trainers) keeps the Trainer's own.
+    label_task: str | None = None
+    _eval_parts: list[torch.Tensor] | None = None
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self._eval_parts is None or model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]  # the Trainer pops it when it computes the loss itself
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if outputs.get("logits") is None:  # a fused loss (Liger) keeps no logits: every rank
+            self._eval_parts = None  # alike, so the Trainer's mean is reported
+        else:
+            parts = example_losses(str(self.label_task), outputs["logits"], labels)
+            # Every rank gets every rank's examples, less those accelerate repeated to give
+            # the ranks equal batch counts.
+            self._eval_parts.append(self.accelerator.gather_for_metrics(parts).cpu())
+        return (loss, outputs) if return_outputs else loss
+
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().evaluation_loop(*args, **kwargs)
-        if self.perplexity and output.metrics is not None:  # before it is logged and compared
+        self._eval_parts = [] if self.label_task else None
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            exact = mean_label_loss(self._eval_parts or [])
+        finally:
+            self._eval_parts = None
+        if exact is not None and output.metrics is not None:  # before it is logged and compared
+            output.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_loss"] = exact
+        if self.perplexity and output.metrics is not None:
             evaluation.add_perplexity(output.metrics, kwargs.get("metric_key_prefix", "eval"))
         return output
 
