@@ -946,6 +946,47 @@ class SamplesSpec(SpecModel):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per prompt.")
 
 
+# A Hub repository id: <owner>/<name> (huggingface_hub's validate_repo_id: letters, digits,
+# '-', '_', '.'; no '--' or '..'; names up to 96 characters).
+HUB_REPO = r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,95}/[A-Za-z0-9][-A-Za-z0-9_.]{0,95}$"
+# A branch name (no spaces, no leading '-'); '..' and pull-request refs are refused below (the
+# CRD's patterns are RE2: no lookaheads).
+HUB_BRANCH = r"^[A-Za-z0-9_][-A-Za-z0-9_./]*$"
+
+
+class PushToHubSpec(SpecModel):
+    """Publish the result to a Hugging Face Hub model repository after it is in object
+    storage (docs/trainer.md, "Pushing to the Hub")."""
+
+    repo: str = Field(max_length=MAX_NAME, pattern=HUB_REPO,
+                      description="Model repository <owner>/<name>, created when missing.")
+    private: bool = Field(True, description="Create the repository private (the default: "
+                          "a model trained on your data is not published by accident). An "
+                          "existing repository keeps its visibility.")
+    revision: str | None = Field(
+        None, max_length=MAX_SHORT, pattern=HUB_BRANCH,
+        description="Branch to commit to, created from the default branch when missing "
+        "(default: main).")
+    token_secret: TokenSecretSpec | None = Field(
+        None, description="Secret key with a Hub token that may write to repo (default: "
+        "model.tokenSecret's). Mounted as a file, like model.tokenSecret.")
+
+    @field_validator("repo")
+    @classmethod
+    def _no_double_separators(cls, value: str) -> str:
+        if "--" in value or ".." in value:
+            raise ValueError(f"{value!r}: a Hub repository name has no '--' or '..'")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _a_branch(cls, value: str | None) -> str | None:
+        if value and (".." in value or value.startswith("refs/") or value.endswith("/")):
+            raise ValueError(f"{value!r} is not a branch name (no '..', no refs/, no "
+                             "trailing '/')")
+        return value
+
+
 class OutputSpec(SpecModel):
     uri: str = Field(max_length=MAX_URI, min_length=1,
                      description="Where the adapter or model is written: path, "
@@ -955,6 +996,10 @@ class OutputSpec(SpecModel):
     samples: SamplesSpec | None = Field(
         None, description="Generate from the trained model (adapter applied) after training "
         "and publish samples.jsonl with the artifact (causal-lm and seq2seq-lm).")
+    push_to_hub: PushToHubSpec | None = Field(
+        None, description="Also publish the adapter (the merged model with mergeAdapter) to a "
+        "Hugging Face Hub model repository, from rank 0 after the artifact is in object "
+        "storage.")
 
 
 class CheckpointSpec(SpecModel):
@@ -1041,6 +1086,15 @@ class FineTuneJobSpec(SpecModel):
             raise ValueError(f"training.bestMetric {best} needs task sequence-classification")
         if best == "perplexity" and task == Task.SEQUENCE_CLASSIFICATION:
             raise ValueError("training.bestMetric perplexity needs a language-modelling task")
+        push = self.output.push_to_hub
+        if push and push.token_secret is None and self.model.token_secret is None:
+            raise ValueError("output.pushToHub needs a token that may write to "
+                             f"{push.repo}: set output.pushToHub.tokenSecret or "
+                             "model.tokenSecret")
+        if push and self.model.cache and self.model.cache.read_only:
+            raise ValueError("output.pushToHub needs the Hub online, but model.cache.readOnly "
+                             "runs the Hub client offline (HF_HUB_OFFLINE=1); use a writable "
+                             "cache or push from another job")
         if self.output.samples and task not in (Task.CAUSAL_LM, Task.SEQ2SEQ_LM):
             raise ValueError("output.samples generates text; it needs task causal-lm or "
                              "seq2seq-lm")
