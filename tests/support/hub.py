@@ -185,7 +185,7 @@ class HubStandIn:
                     return failure.status
         return None
 
-    def _user(self, authorization: str) -> tuple[str, ...] | None | bool:
+    def _user(self, authorization: str) -> tuple[str, ...] | bool | None:
         """The namespaces the request's token opens; None: no token; False: a wrong one."""
         if not authorization:
             return None

@@ -127,7 +127,7 @@ def _with_retries(attempt: Callable[[], CommitInfo], target: PushToHubSpec, wher
     for n in range(PUSH_ATTEMPTS):
         try:
             return attempt()
-        except Exception as exc:  # noqa: BLE001 - sorted into permanent and transient below
+        except Exception as exc:  # sorted into permanent and transient below
             status = _status(exc)
             if status is not None and not _transient(status):
                 raise HubPushError(_refusal(status, exc, target, where, kept)) from exc
