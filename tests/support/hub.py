@@ -74,6 +74,7 @@ class HubStandIn:
                  tokens: dict[str, tuple[str, ...]] | None = None) -> None:
         """root/<org>/<name>/<files>: dataset repos at main. tokens: token -> the namespaces
         (owners) it may write to and read privately."""
+        self.root = root
         self.repos: dict[tuple[str, str], Repo] = {}
         self.tokens = tokens or {}
         self.port = free_port()
