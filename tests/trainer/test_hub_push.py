@@ -23,7 +23,7 @@ from support.jobs import example_job
 WRITER = "hf_" + "WriterToken0123456789abcdefghij"
 OUTSIDER = "hf_" + "OutsiderToken0123456789abcdefg"
 MANIFEST = b'{"kubetuneVersion": "test"}\n'
-CARD = '---\nbase_model: "tiny"\nlibrary_name: "peft"\n---\n\n# card\n'
+CARD = '---\nbase_model: "/tmp/run/out/base_model"\nlibrary_name: "peft"\n---\n\n# card\n'
 
 
 @pytest.fixture
@@ -75,6 +75,9 @@ def test_the_adapter_is_committed_privately_to_main_with_its_manifest(
                               "tokenizer.json"]
     assert pushed["adapter_model.safetensors"] == b"\x00weights\x01"
     assert pushed[contract.MANIFEST_FILE] == MANIFEST
+    # The card: a local base (tiny mode's base_model/) is no Hub id, so it is left out.
+    assert pushed["README.md"] == CARD.replace('base_model: "/tmp/run/out/base_model"\n',
+                                               "").encode()
     assert commit.oid in commit.commit_url and stand_in.commits[-1]["revision"] == "main"
 
 
@@ -180,3 +183,10 @@ def test_the_spec_refuses_a_push_without_a_token_or_with_an_offline_hub(
             job(tmp_path, repo=repo)
     with pytest.raises(SpecError, match="revision"):
         job(tmp_path, revision="a..b")
+
+
+def test_a_hub_base_model_stays_in_the_card() -> None:
+    card = '---\nbase_model: "meta-llama/Llama-3.1-8B"\nlibrary_name: "peft"\n---\n# x\n'
+    assert hub.hub_card(card, merged=False) == card
+    assert hub.hub_card(card, merged=True) == card.replace('"peft"', '"transformers"')
+    assert hub.hub_card("# no front matter\n", merged=True) == "# no front matter\n"

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from kubetune_api import contract
+from kubetune_trainer.hub import hub_card
 from support.hub import HubStandIn
 from support.jobs import example_dict
 
@@ -72,8 +73,11 @@ def test_a_pushed_adapter_is_pulled_back_and_gives_the_trained_logits(
     pulled = Path(snapshot_download("acme/support-lora", revision="v1", token=WRITER,
                                     endpoint=stand_in.endpoint, cache_dir=tmp_path / "pull"))
     for name in ("adapter_model.safetensors", "adapter_config.json", contract.MANIFEST_FILE,
-                 "README.md"):
+                 "tokenizer.json", "base_model/model.safetensors"):
         assert (pulled / name).read_bytes() == (out / name).read_bytes(), name
+    # The card, less its base_model line (a local path is no Hub id).
+    card = (out / "README.md").read_text()
+    assert (pulled / "README.md").read_text() == hub_card(card, merged=False) != card
     # The repo is private: without the token it is not even visible.
     with pytest.raises(Exception, match=r"401|Repository Not Found"):
         snapshot_download("acme/support-lora", revision="v1", endpoint=stand_in.endpoint,

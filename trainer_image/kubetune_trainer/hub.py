@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ PUSH_ATTEMPTS = 4
 PUSH_BASE_DELAY = 2.0
 RETRYABLE_STATUSES = frozenset({408, 429})  # and every 5xx
 LEFT_OUT = (artifacts.MERGED_DIR, "logs")  # an adapter push: the merged model and TensorBoard
+HUB_MODEL_ID = r"[A-Za-z0-9][-A-Za-z0-9_.]*(/[A-Za-z0-9][-A-Za-z0-9_.]*)?"  # gpt2, org/name
 
 
 class HubPushError(SpecError):
@@ -114,11 +116,26 @@ def push(job: FineTuneJob, staging: Path, output_uri: str, manifest: bytes, *,
 
 
 def _content(path: Path, merged: bool) -> bytes | str:
-    """A merged model's card names its library as transformers (the adapter's says peft)."""
-    if merged and path.name == artifacts.MODEL_CARD and path.parent.name != artifacts.MERGED_DIR:
-        return path.read_text().replace('library_name: "peft"',
-                                        'library_name: "transformers"', 1).encode()
+    """A file's bytes as pushed: the model card adjusted for the Hub, the rest as written."""
+    if path.name == artifacts.MODEL_CARD and path.parent.name != artifacts.MERGED_DIR:
+        return hub_card(path.read_text(), merged).encode()
     return str(path)
+
+
+def hub_card(card: str, merged: bool) -> str:
+    """The model card's front matter as the Hub reads it: a merged model's library is
+    transformers (the adapter's card says peft), and a `base_model` that is no Hub id (tiny
+    mode's published base_model/, a local directory) is left out: the Hub links it as a model
+    page and refuses ids that do not exist."""
+    lines = card.split("\n")
+    end = lines.index("---", 1) if lines[:1] == ["---"] and "---" in lines[1:] else 0
+    for i in range(1, end):
+        key, _, value = lines[i].partition(": ")
+        if key == "library_name" and merged:
+            lines[i] = 'library_name: "transformers"'
+        elif key == "base_model" and not re.fullmatch(HUB_MODEL_ID, value.strip('"')):
+            lines[i] = ""
+    return "\n".join(line for i, line in enumerate(lines) if i >= end or line)
 
 
 def _with_retries(attempt: Callable[[], CommitInfo], target: PushToHubSpec, where: str,
