@@ -15,6 +15,14 @@ argument. It serves what huggingface_hub's calls send and expect (huggingface_hu
   Hub answers) without a token of its namespace;
 - failures on demand: `fail(method, path_regex, status, times)`.
 
+Taken from huggingface_hub's own client code (2.4, read in the venv): create_repo with
+exist_ok reads `url` from the body of a 409 (hf_api.py `create_repo`); `_fetch_upload_modes`
+expects `files: [{path, uploadMode, shouldIgnore, oid}]` and skips a file whose `oid` equals
+its local git blob id (`create_commit`); `_prepare_commit_payload`/`_send_commit` post a
+`header` line then one `file` (base64) or `lfsFile` line per file and read `commitUrl`,
+`commitOid`; `create_branch` posts `{startingPoint}` and treats 409 as "exists"; errors carry
+`X-Error-Code`/`X-Error-Message` (utils/_http.py `hf_raise_for_status`).
+
 Repos: `root/<org>/<name>/<files>` are dataset repos at main (the directory is read when the
 stand-in starts); `put(...)` adds any repo or revision.
 """

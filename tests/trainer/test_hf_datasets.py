@@ -52,9 +52,12 @@ def hub(tmp_path: Path) -> Iterator[HubStandIn]:
         yield server
 
 
-def load(hub: HubStandIn | None, train: str, evaluation: str, **dataset: object
-         ) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_OFFLINE")}
+def load(hub: HubStandIn | None, train: str, evaluation: str, token: str | None = None,
+         **dataset: object) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE",
+                                                                     "HF_TOKEN"))}
+    if token is not None:
+        env["HF_TOKEN"] = token
     if hub is not None:
         env |= {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
                 "HF_HOME": str(hub.root or ROOT) + "-hf-home"}
@@ -192,3 +195,17 @@ def test_a_mixture_takes_a_hub_repository_split_as_a_source(helpdesk: HubStandIn
     assert [(s["path"], s.get("split"), s.get("revision"), s["examples"])
             for s in mixed["sources"]] == [("hf://datasets/acme/helpdesk", "train", "v2", 20),
                                            (str(DATA / "support-eval.jsonl"), None, None, 8)]
+
+
+@pytest.mark.slow
+def test_a_private_repository_reads_with_the_token_only(helpdesk: HubStandIn) -> None:
+    token = "hf_" + "ReaderToken0123456789abcdefghij"
+    helpdesk.tokens[token] = ("acme",)
+    helpdesk.put("dataset", "acme/internal", helpdesk.files("dataset", "acme/helpdesk"),
+                  private=True)
+    args = ("hf://datasets/acme/internal", str(DATA / "support-eval.jsonl"))
+    hidden = load(helpdesk, *args, config="support", split="train")
+    assert "hf://datasets/acme/internal (config support, split train): cannot read dataset: " \
+        "Dataset 'acme/internal' doesn't exist on the Hub or cannot be accessed" in \
+        str(hidden["error"])
+    assert load(helpdesk, *args, token=token, config="support", split="train")["train"] == 72
