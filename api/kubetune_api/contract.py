@@ -68,6 +68,10 @@ HF_HOME_DIR = "/var/cache/kubetune/huggingface"  # emptyDir: HF_HOME (datasets c
 HF_HUB_CACHE_DIR = f"{HF_HOME_DIR}/hub"  # HF_HUB_CACHE: spec.model.cache's claim, if any
 SECRETS_DIR = "/var/run/secrets/kubetune"  # read-only Secret files (the Hub token)
 HF_TOKEN_DIR = f"{SECRETS_DIR}/hf-token"
+# output.pushToHub.tokenSecret's key, when the push has a token of its own; the trainer reads
+# the file named by HUB_PUSH_TOKEN_PATH_ENV (else the Hub client's own HF_TOKEN_PATH).
+HUB_PUSH_TOKEN_DIR = f"{SECRETS_DIR}/hub-push-token"
+HUB_PUSH_TOKEN_PATH_ENV = "KUBETUNE_HUB_PUSH_TOKEN_PATH"
 IMAGE_OUTPUT_DIR = "/opt/kubetune/out"  # emptyDir: relative output URIs of the examples
 IMAGE_HOME_DIR = "/home/kubetune"  # the trainer images' HOME (in the image: ~/.local stays)
 HOME_CACHE_DIR = f"{IMAGE_HOME_DIR}/.cache"  # emptyDir: what libraries write under HOME

@@ -330,15 +330,69 @@ def _with_type_defaults(data: Any, default_type: str = "fields") -> Any:
 HF_DATASETS = "hf://datasets/"
 
 
+def hub_repo(value: str) -> tuple[str, str | None] | None:
+    """(repo id, revision in the path) when `value` names a Hub dataset repository without a
+    file (hf://datasets/<org>/<name>[@<revision>]); None otherwise."""
+    if not value.startswith(HF_DATASETS):
+        return None
+    parts = value[len(HF_DATASETS):].rstrip("/").split("/")
+    if len(parts) != 2 or not all(parts):
+        return None
+    name, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{name}", revision or None
+
+
 def check_data_path(value: str) -> str:
-    """A Hub dataset path names a file: hf://datasets/<org>/<name>[@<revision>]/<file>
-    (a repository alone gives no file to read)."""
+    """A Hub dataset path names a repository, hf://datasets/<org>/<name>[@<revision>] (read
+    through `datasets` with a split), or a file in one: .../<name>[@<revision>]/<file>."""
     if value.startswith(HF_DATASETS):
-        parts = value[len(HF_DATASETS):].split("/")
-        if len(parts) < 3 or not parts[-1]:
-            raise ValueError(f"{value!r} names no file: use hf://datasets/<org>/<name>/<file> "
-                             f"(e.g. hf://datasets/acme/support/train.jsonl)")
+        parts = value[len(HF_DATASETS):].rstrip("/").split("/")
+        if len(parts) < 2 or not all(parts[:2]):
+            raise ValueError(f"{value!r} names no repository: use hf://datasets/<org>/<name> "
+                             f"with a split, or hf://datasets/<org>/<name>/<file>")
     return value
+
+
+def check_hub_source(prefix: str, path: str, config: str | None, split: str | None,
+                     revision: str | None, split_field: str = "split") -> None:
+    """The Hub fields fit the path: a repository needs a split (else there is nothing to
+    read), config and split apply to repositories only, revision to hf:// paths only.
+    `prefix`: how messages name the fields' parent ("dataset." or "" for a mixture source,
+    whose errors carry its location)."""
+    repo = hub_repo(path)
+    if repo is not None and split is None:
+        example = "test" if split_field == "evalSplit" else "train"
+        raise ValueError(f"{path!r} names no file and no split: set {prefix}{split_field} "
+                         f"(e.g. {example}) to read the repository through `datasets`, or name a "
+                         f"file ({path.rstrip('/')}/train.jsonl)")
+    if repo is None:
+        for name, value in (("config", config), (split_field, split)):
+            if value is not None:
+                raise ValueError(f"{prefix}{name} applies to a Hub dataset repository "
+                                 f"(hf://datasets/<org>/<name>), not to {path!r}")
+    if revision is not None:
+        if not path.startswith(HF_DATASETS):
+            raise ValueError(f"{prefix}revision applies to hf://datasets/ paths, not to "
+                             f"{path!r}")
+        if "@" in path[len(HF_DATASETS):].split("/")[1]:
+            raise ValueError(f"{prefix}revision: {path!r} names a revision already (@)")
+
+
+def with_revision(path: str, revision: str | None) -> str:
+    """hf://datasets/<org>/<name>/<file> at `revision` (HfFileSystem's <name>@<revision>)."""
+    if revision is None or not path.startswith(HF_DATASETS):
+        return path
+    org, name, *rest = path[len(HF_DATASETS):].split("/")
+    return HF_DATASETS + "/".join([org, f"{name}@{revision}", *rest])
+
+
+HUB_DATA_FIELDS = {
+    "config": "Hub dataset repository path: the configuration (subset) to read, as "
+    "datasets.load_dataset's name.",
+    "split": "Hub dataset repository path: the split to read, whole (train, test, ...); "
+    "required with hf://datasets/<org>/<name>.",
+    "revision": "hf://datasets/ path: the branch, tag or commit to read (default: main).",
+}
 
 
 def _inherit(dataset: dict[str, Any], source: Any) -> Any:
@@ -369,6 +423,12 @@ class SourceSpec(SpecModel):
         "(0.5: a random half, 2: every record twice). Default 1.")
     samples: int | None = Field(None, ge=1, description="Examples taken per epoch, as a "
                                 "number (instead of weight); above the size, records repeat.")
+    config: str | None = Field(None, min_length=1, max_length=MAX_SHORT,
+                               description=HUB_DATA_FIELDS["config"])
+    split: str | None = Field(None, min_length=1, max_length=MAX_SHORT,
+                              description=HUB_DATA_FIELDS["split"])
+    revision: str | None = Field(None, min_length=1, max_length=MAX_SHORT,
+                                 description=HUB_DATA_FIELDS["revision"])
 
     @model_validator(mode="before")
     @classmethod
@@ -385,7 +445,28 @@ class SourceSpec(SpecModel):
         if self.weight is not None and self.samples is not None:
             raise ValueError("set weight or samples, not both")
         check_record_type(self.type, self.fields, "")
+        check_hub_source("", self.path, self.config, self.split, self.revision)
+        if self.is_hub_repo and self.format != "auto":
+            raise ValueError(f"format {self.format} applies to files; the repository "
+                             f"{self.path} is read by `datasets` (leave format auto)")
         return self
+
+    @property
+    def is_hub_repo(self) -> bool:
+        """A Hub dataset repository, read through `datasets` (not a file)."""
+        return hub_repo(self.path) is not None
+
+    @property
+    def read_path(self) -> str:
+        """The file path as storage opens it (a Hub file at `revision`)."""
+        return with_revision(self.path, self.revision)
+
+    @property
+    def label(self) -> str:
+        """How messages and the manifest name the source."""
+        extra = [f"{k} {v}" for k, v in (("config", self.config), ("split", self.split),
+                                         ("revision", self.revision)) if v is not None]
+        return f"{self.path} ({', '.join(extra)})" if extra else self.path
 
     def taken(self, count: int) -> int:
         """How many examples this source gives the mixture out of its `count` records."""
@@ -417,6 +498,18 @@ class DatasetSpec(SpecModel):
     )
     fields: FieldsSpec = Field(default_factory=lambda: FieldsSpec(text="text"),
                                description="Record fields to train on.")
+    config: str | None = Field(None, min_length=1, max_length=MAX_SHORT,
+                               description=HUB_DATA_FIELDS["config"] + " Applies to train "
+                               "(a path) and eval.")
+    split: str | None = Field(None, min_length=1, max_length=MAX_SHORT,
+                              description=HUB_DATA_FIELDS["split"] + " Applies to train (a "
+                              "path); mixture sources have their own.")
+    eval_split: str | None = Field(None, min_length=1, max_length=MAX_SHORT,
+                                   description="The split eval reads when eval is a Hub "
+                                   "dataset repository path (e.g. test).")
+    revision: str | None = Field(None, min_length=1, max_length=MAX_SHORT,
+                                 description=HUB_DATA_FIELDS["revision"] + " Applies to train "
+                                 "(a path) and eval.")
     max_seq_length: int = Field(1024, ge=8, description="Tokens per sequence (longer is cut).")
     packing: bool = Field(False, description="Concatenate causal-LM examples into full "
                           "maxSeqLength blocks (no padding).")
@@ -447,6 +540,48 @@ class DatasetSpec(SpecModel):
         return check_data_path(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _hub_fields_fit_the_paths(self) -> DatasetSpec:
+        """Each of config, split, evalSplit, revision applies to a path that can use it
+        (train's, when it is a path, and eval's); one that applies to neither is an error."""
+        paths = [p for p in (self.train if isinstance(self.train, str) else None, self.eval)
+                 if p is not None]
+        if isinstance(self.train, str):
+            self._check_path(self.train, self.split, "split")
+        elif self.split is not None:
+            raise ValueError("dataset.split applies to a train path; give each mixture source "
+                             "its own split")
+        if self.eval is not None:
+            self._check_path(self.eval, self.eval_split, "evalSplit")
+        elif self.eval_split is not None:
+            raise ValueError("dataset.evalSplit applies to an eval path (none is set)")
+        if self.config is not None and not any(hub_repo(p) for p in paths):
+            raise ValueError("dataset.config applies to a Hub dataset repository path "
+                             "(hf://datasets/<org>/<name>) in train or eval; there is none")
+        if self.revision is not None and not any(p.startswith(HF_DATASETS) for p in paths):
+            raise ValueError("dataset.revision applies to hf://datasets/ paths in train or "
+                             "eval; there is none")
+        return self
+
+    def _check_path(self, path: str, split: str | None, split_field: str) -> None:
+        check_hub_source("dataset.", path, None, split,
+                         self.revision if path.startswith(HF_DATASETS) else None, split_field)
+        if hub_repo(path) and self.format != "auto":
+            raise ValueError(f"dataset.format {self.format} applies to files; the repository "
+                             f"{path} is read by `datasets` (leave format auto)")
+
+    @property
+    def eval_source(self) -> SourceSpec | None:
+        if self.eval is None:
+            return None
+        return self._source(self.eval, self.eval_split)
+
+    def _source(self, path: str, split: str | None) -> SourceSpec:
+        """`path` with the dataset's record settings and the Hub fields that apply to it."""
+        return SourceSpec(path=path, type=self.type, format=self.format, fields=self.fields,
+                          config=self.config if hub_repo(path) else None, split=split,
+                          revision=self.revision if path.startswith(HF_DATASETS) else None)
+
+    @model_validator(mode="after")
     def _mixture_is_one_layout(self) -> DatasetSpec:
         check_record_type(self.type, self.fields, "")
         if not isinstance(self.train, list):
@@ -467,8 +602,7 @@ class DatasetSpec(SpecModel):
         type, format and fields."""
         if isinstance(self.train, list):
             return self.train
-        return [SourceSpec(path=self.train, type=self.type, format=self.format,
-                           fields=self.fields)]
+        return [self._source(self.train, self.split)]
 
     @property
     def train_name(self) -> str:
@@ -946,6 +1080,47 @@ class SamplesSpec(SpecModel):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per prompt.")
 
 
+# A Hub repository id: <owner>/<name> (huggingface_hub's validate_repo_id: letters, digits,
+# '-', '_', '.'; no '--' or '..'; names up to 96 characters).
+HUB_REPO = r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,95}/[A-Za-z0-9][-A-Za-z0-9_.]{0,95}$"
+# A branch name (no spaces, no leading '-'); '..' and pull-request refs are refused below (the
+# CRD's patterns are RE2: no lookaheads).
+HUB_BRANCH = r"^[A-Za-z0-9_][-A-Za-z0-9_./]*$"
+
+
+class PushToHubSpec(SpecModel):
+    """Publish the result to a Hugging Face Hub model repository after it is in object
+    storage (docs/trainer.md, "Pushing to the Hub")."""
+
+    repo: str = Field(max_length=MAX_NAME, pattern=HUB_REPO,
+                      description="Model repository <owner>/<name>, created when missing.")
+    private: bool = Field(True, description="Create the repository private (the default: "
+                          "a model trained on your data is not published by accident). An "
+                          "existing repository keeps its visibility.")
+    revision: str | None = Field(
+        None, max_length=MAX_SHORT, pattern=HUB_BRANCH,
+        description="Branch to commit to, created from the default branch when missing "
+        "(default: main).")
+    token_secret: TokenSecretSpec | None = Field(
+        None, description="Secret key with a Hub token that may write to repo (default: "
+        "model.tokenSecret's). Mounted as a file, like model.tokenSecret.")
+
+    @field_validator("repo")
+    @classmethod
+    def _no_double_separators(cls, value: str) -> str:
+        if "--" in value or ".." in value:
+            raise ValueError(f"{value!r}: a Hub repository name has no '--' or '..'")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _a_branch(cls, value: str | None) -> str | None:
+        if value and (".." in value or value.startswith("refs/") or value.endswith("/")):
+            raise ValueError(f"{value!r} is not a branch name (no '..', no refs/, no "
+                             "trailing '/')")
+        return value
+
+
 class OutputSpec(SpecModel):
     uri: str = Field(max_length=MAX_URI, min_length=1,
                      description="Where the adapter or model is written: path, "
@@ -955,6 +1130,10 @@ class OutputSpec(SpecModel):
     samples: SamplesSpec | None = Field(
         None, description="Generate from the trained model (adapter applied) after training "
         "and publish samples.jsonl with the artifact (causal-lm and seq2seq-lm).")
+    push_to_hub: PushToHubSpec | None = Field(
+        None, description="Also publish the adapter (the merged model with mergeAdapter) to a "
+        "Hugging Face Hub model repository, from rank 0 after the artifact is in object "
+        "storage.")
 
 
 class CheckpointSpec(SpecModel):
@@ -1041,6 +1220,15 @@ class FineTuneJobSpec(SpecModel):
             raise ValueError(f"training.bestMetric {best} needs task sequence-classification")
         if best == "perplexity" and task == Task.SEQUENCE_CLASSIFICATION:
             raise ValueError("training.bestMetric perplexity needs a language-modelling task")
+        push = self.output.push_to_hub
+        if push and push.token_secret is None and self.model.token_secret is None:
+            raise ValueError("output.pushToHub needs a token that may write to "
+                             f"{push.repo}: set output.pushToHub.tokenSecret or "
+                             "model.tokenSecret")
+        if push and self.model.cache and self.model.cache.read_only:
+            raise ValueError("output.pushToHub needs the Hub online, but model.cache.readOnly "
+                             "runs the Hub client offline (HF_HUB_OFFLINE=1); use a writable "
+                             "cache or push from another job")
         if self.output.samples and task not in (Task.CAUSAL_LM, Task.SEQ2SEQ_LM):
             raise ValueError("output.samples generates text; it needs task causal-lm or "
                              "seq2seq-lm")

@@ -299,6 +299,10 @@ def operator_volumes(job: FineTuneJob, owner: Owner) -> list[Manifest]:
         volumes.append({"name": "hf-token", "secret": {
             "secretName": model.token_secret.name, "defaultMode": 0o440,
             "items": [{"key": model.token_secret.key, "path": model.token_secret.key}]}})
+    if (push := job.spec.output.push_to_hub) and push.token_secret is not None:
+        volumes.append({"name": "hub-push-token", "secret": {
+            "secretName": push.token_secret.name, "defaultMode": 0o440,
+            "items": [{"key": push.token_secret.key, "path": push.token_secret.key}]}})
     return volumes
 
 
@@ -318,6 +322,9 @@ def operator_mounts(job: FineTuneJob) -> list[Manifest]:
     if model.token_secret is not None:
         mounts.append({"name": "hf-token", "mountPath": contract.HF_TOKEN_DIR,
                        "readOnly": True})
+    if (push := job.spec.output.push_to_hub) and push.token_secret is not None:
+        mounts.append({"name": "hub-push-token", "mountPath": contract.HUB_PUSH_TOKEN_DIR,
+                       "readOnly": True})
     return mounts
 
 
@@ -331,6 +338,9 @@ def hf_env(job: FineTuneJob) -> list[Manifest]:
     if model.token_secret is not None:
         env.append({"name": "HF_TOKEN_PATH",
                     "value": f"{contract.HF_TOKEN_DIR}/{model.token_secret.key}"})
+    if (push := job.spec.output.push_to_hub) and push.token_secret is not None:
+        env.append({"name": contract.HUB_PUSH_TOKEN_PATH_ENV,
+                    "value": f"{contract.HUB_PUSH_TOKEN_DIR}/{push.token_secret.key}"})
     return env
 
 

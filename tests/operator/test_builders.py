@@ -281,6 +281,29 @@ def test_model_cache_is_the_hub_cache_and_token_is_a_file() -> None:
                                              for e in container["env"])
 
 
+def test_a_push_token_of_its_own_is_a_second_file_and_the_model_token_stays() -> None:
+    """output.pushToHub.tokenSecret: one key, read-only, at its own path the trainer is told
+    (KUBETUNE_HUB_PUSH_TOKEN_PATH); the model's token (HF_TOKEN_PATH) still reads the base."""
+    push = {"repo": "acme/support-lora", "tokenSecret": {"name": "hub-writer", "key": "w"}}
+    spec = pod_spec(make_job({**FULL_SPEC, "output": {"uri": "s3://m/o", "pushToHub": push}}))
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    env = env_of(container)
+    assert volumes["hub-push-token"]["secret"] == {"secretName": "hub-writer",
+                                                   "defaultMode": 0o440,
+                                                   "items": [{"key": "w", "path": "w"}]}
+    assert mounts["hub-push-token"] == {"name": "hub-push-token", "readOnly": True,
+                                        "mountPath": contract.HUB_PUSH_TOKEN_DIR}
+    assert env[contract.HUB_PUSH_TOKEN_PATH_ENV] == f"{contract.HUB_PUSH_TOKEN_DIR}/w"
+    assert env["HF_TOKEN_PATH"] == f"{contract.HF_TOKEN_DIR}/token"
+    # Pushing with the model's token mounts nothing more.
+    shared = {"uri": "s3://m/o", "pushToHub": {"repo": "acme/support-lora"}}
+    plain = pod_spec(make_job({**FULL_SPEC, "output": shared}))
+    assert "hub-push-token" not in {v["name"] for v in plain["volumes"]}
+    assert contract.HUB_PUSH_TOKEN_PATH_ENV not in env_of(plain["containers"][0])
+
+
 def test_read_only_cache_runs_the_hub_offline_and_no_cache_means_an_empty_dir() -> None:
     read_only = {**FULL_SPEC, "model": {"name": "gpt2", "cache": {"pvc": "models",
                                                                    "readOnly": True}}}

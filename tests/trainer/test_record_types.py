@@ -226,15 +226,21 @@ def test_the_features_cache_key_covers_the_mixture(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", ["hf://datasets/acme/support", "hf://datasets/acme/support/"])
-def test_a_hub_dataset_path_without_a_file_is_a_spec_error(path: str) -> None:
+def test_a_hub_dataset_path_without_a_file_or_a_split_is_a_spec_error(path: str) -> None:
+    """A repository is read through `datasets` by split; without one there is nothing to
+    read (test_hf_datasets.py reads repositories with one)."""
     from kubetune_api.load import SpecError, parse_job
     from support.jobs import MINIMAL_JOB_YAML
 
     text = MINIMAL_JOB_YAML.replace("train: data.jsonl", f"train: {path}")
-    with pytest.raises(SpecError, match=r"job.yaml:\d+: spec.dataset.train: .*names no file"):
+    with pytest.raises(SpecError, match=r"job.yaml:\d+: spec.dataset: .*names no file and no "
+                       r"split: set dataset.split \(e.g. train\)"):
         parse_job(text, "job.yaml")
     mixture_text = MINIMAL_JOB_YAML.replace("train: data.jsonl", f"train: [{{path: {path}}}]")
-    with pytest.raises(SpecError, match="names no file"):
+    with pytest.raises(SpecError, match="names no file and no split: set split"):
         parse_job(mixture_text, "job.yaml")
+    parse_job(text.replace(f"train: {path}", f"train: {path}\n    split: train"))
+    with pytest.raises(SpecError, match="names no repository"):
+        parse_job(MINIMAL_JOB_YAML.replace("train: data.jsonl", "train: hf://datasets/acme"))
     parse_job(MINIMAL_JOB_YAML.replace("train: data.jsonl",
                                        "train: hf://datasets/acme/support/train.jsonl"))

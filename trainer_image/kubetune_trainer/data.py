@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 
 from kubetune_api.load import SpecError
-from kubetune_api.spec import DatasetSpec, SourceSpec, Task
+from kubetune_api.spec import DatasetSpec, SourceSpec, Task, hub_repo
 from kubetune_trainer import storage
 from kubetune_trainer.ranks import is_local_leader
 
@@ -168,8 +168,8 @@ def prepare_records(spec: DatasetSpec, task: str, cache_dir: Path,
     counts = {"train": train_count, "eval": 0}
     if spec.eval:
         files.append(cache_dir / EVAL_FILE)
-        eval_source = SourceSpec(path=spec.eval, type=spec.type, format=spec.format,
-                                 fields=spec.fields)
+        eval_source = spec.eval_source
+        assert eval_source is not None
         counts["eval"], eval_digest = _read_checked(eval_source, schema, files[1])
         digest.update(bytes.fromhex(eval_digest))
     label_names = None
@@ -180,8 +180,10 @@ def prepare_records(spec: DatasetSpec, task: str, cache_dir: Path,
 
 
 def _source_facts(source: SourceSpec, digest: str, records: int, used: int) -> dict[str, Any]:
-    return {"path": source.path, "type": source.type, "sha256": digest, "records": records,
-            "examples": used}
+    hub = {k: v for k, v in (("config", source.config), ("split", source.split),
+                             ("revision", source.revision)) if v is not None}
+    return {"path": source.path, **hub, "type": source.type, "sha256": digest,
+            "records": records, "examples": used}
 
 
 def mix_sources(sources: list[SourceSpec], schema: pa.Schema, cache_dir: Path, seed: int,
@@ -280,8 +282,9 @@ class ArrowWriter:
 def _read_checked(source: SourceSpec, schema: pa.Schema, path: Path) -> tuple[int, str]:
     """Stream a source into the Arrow file `path`, each record normalised from the source's
     type and checked on the way; (records, sha256 hex of the source's bytes)."""
-    uri = source.path
-    fmt = source.format if source.format != "auto" else _format_of(uri)
+    uri = source.read_path
+    fmt = "hub" if source.is_hub_repo else (
+        source.format if source.format != "auto" else _format_of(uri))
     try:
         storage.filesystem(uri)  # an unknown scheme or a missing driver: no retry helps
     except (ValueError, ImportError) as exc:
@@ -289,7 +292,8 @@ def _read_checked(source: SourceSpec, schema: pa.Schema, path: Path) -> tuple[in
 
     def attempt() -> tuple[int, list[str], str]:
         file_digest = hashlib.sha256()
-        records = _parse(uri, fmt, source.fields.text or "text", file_digest)
+        records = (_hub_records(source, file_digest) if fmt == "hub"
+                   else _parse(uri, fmt, source.fields.text or "text", file_digest))
         count, errors = _write_arrow(_checked_rows(records, source), schema, path)
         if fmt == "parquet":  # read by row group, not as a byte stream: hash the bytes apart
             _hash_file(uri, file_digest)
@@ -305,7 +309,8 @@ def _read_checked(source: SourceSpec, schema: pa.Schema, path: Path) -> tuple[in
     if errors:
         raise bad_records(errors)
     if not count:
-        raise DataError(f"{uri}: no records (the file is empty)")
+        raise DataError(f"{source.label}: no records (the file is empty)" if fmt != "hub"
+                        else f"{source.label}: no records (the split is empty)")
     return count, file_digest
 
 
@@ -391,6 +396,27 @@ def _parse(uri: str, fmt: str, text_field: str, digest: Any) -> Iterator[Record]
                 yield Record(_json(line, f"{uri}:{number}"), f"{uri}:{number}")
             else:  # text: one example per non-empty line
                 yield Record({text_field: line.rstrip("\r\n")}, f"{uri}:{number}")
+
+
+def _hub_records(source: SourceSpec, digest: Any) -> Iterator[Record]:
+    """A split of a Hub dataset repository through `datasets` (streamed: our Arrow file is the
+    only copy kept), at HF_ENDPOINT like every Hub read. The digest covers the records
+    themselves (canonical JSON): another revision's content is another digest."""
+    repo, _ = hub_repo(source.path) or ("", None)
+    try:
+        rows = load_dataset(repo, name=source.config, split=source.split,
+                            revision=source.revision, streaming=True)
+    except ValueError as exc:  # an unknown split or config: permanent
+        raise DataError(f"{source.label}: {exc}") from None
+    except FileNotFoundError as exc:  # no such repository or revision (or not visible)
+        raise DataError(f"{source.label}: cannot read dataset: {exc}") from None
+    number = 0
+    try:
+        for number, values in enumerate(rows, start=1):
+            digest.update(json.dumps(values, sort_keys=True, default=str).encode() + b"\n")
+            yield Record(values, f"{source.label}: row {number}")
+    except (ValueError, pa.ArrowException) as exc:  # a data file `datasets` cannot parse
+        raise DataError(f"{source.label}: row {number + 1}: cannot read: {exc}") from None
 
 
 def _text_lines(uri: str, digest: Any) -> Iterator[tuple[int, str]]:

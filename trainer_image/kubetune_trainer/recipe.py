@@ -57,6 +57,7 @@ from kubetune_trainer import (
     evaluation,
     factories,
     feature_store,
+    hub,
     preference,
     storage,
     strategies,
@@ -638,6 +639,9 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     manifest = artifacts.build_manifest(ready.job, staging, **facts)
     digest = storage.publish(staging, ready.output_uri, manifest)
     ready.metrics.add_uploaded_bytes(sum(f["bytes"] for f in manifest["files"].values()))
+    if spec.output.push_to_hub:  # after the artifact is whole in storage: a failure loses nothing
+        commit = hub.push(ready.job, staging, ready.output_uri, storage.manifest_bytes(manifest))
+        ready.console.info(f"pushed to the Hub: {commit.commit_url}")
     ready.console.report(ready.output_uri, manifest, digest)
     return RunResult(ready.output_uri, manifest, digest)
 

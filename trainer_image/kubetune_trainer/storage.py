@@ -412,6 +412,11 @@ def download_file(uri: str, dest: Path) -> None:
 # --- artifacts -----------------------------------------------------------------------------
 
 
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest file as `publish` writes it (its sha256 is the artifact's digest)."""
+    return (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
 def publish(
     local_dir: Path,
     uri: str,
@@ -431,7 +436,7 @@ def publish(
     and the previous artifact is still whole).
     """
     manifest_uri = join(uri, MANIFEST_FILE)
-    data = (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode("utf-8")
+    data = manifest_bytes(manifest)
     try:
         fs, path = filesystem(manifest_uri)
         _retry(f"removing {manifest_uri}", lambda: _rm(fs, path, False),
