@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,11 +122,23 @@ class LocalCluster:
             raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
 
     def wait_finished(self, name: str, timeout: float) -> JsonDict:
-        """The status once the phase is Succeeded or Failed."""
-        def finished() -> JsonDict | None:
+        """The status once the phase is Succeeded or Failed. `timeout` bounds a stall, not
+        the run: it starts again whenever the job shows progress (its status or its pods'
+        output changed), so a slow or busy machine makes the wait longer, never a failure."""
+        assert self.runner is not None
+        seen: tuple[str, int] | None = None
+        deadline = time.monotonic() + timeout
+        while True:
             status = self.status(name)
-            return status if status.get("phase") in ("Succeeded", "Failed") else None
-        return self.wait(finished, f"{name} to finish", timeout)
+            if status.get("phase") in ("Succeeded", "Failed"):
+                return status
+            now = (json.dumps(status, sort_keys=True), self.runner.output_size())
+            if now != seen:
+                seen, deadline = now, time.monotonic() + timeout
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"{name} made no progress for {timeout}s; last status: "
+                                     f"{status!r}\n{self.diagnostics()}")
+            time.sleep(0.25)
 
     def diagnostics(self) -> str:
         assert self.operator is not None and self.runner is not None

@@ -288,6 +288,10 @@ class PodRunner:
         path = self.log_path(namespace, pod_name)
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def output_size(self) -> int:
+        """Bytes the pods have written so far: grows while any rank makes progress."""
+        return sum(path.stat().st_size for path in self.workdir.glob("*/log"))
+
     def logs(self, tail: int = 3000) -> str:
         return "".join(f"--- {path.parent.name} ---\n{path.read_text(errors='replace')[-tail:]}\n"
                        for path in sorted(self.workdir.glob("*/log")))
