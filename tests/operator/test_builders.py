@@ -622,3 +622,24 @@ def test_the_admins_extra_uri_schemes_reach_the_trainer() -> None:
     assert uris.EXTRA_URI_SCHEMES_ENV not in pod_env(Settings())
     enabled = pod_env(Settings(policy=Policy(extra_uri_schemes=("abfs", "az"))))
     assert enabled[uris.EXTRA_URI_SCHEMES_ENV] == "abfs,az"
+
+
+def test_registry_secret_is_mounted_as_files_and_its_directory_named() -> None:
+    spec = {"model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+            "dataset": {"train": "data.jsonl"},
+            "output": {"uri": "out", "oci": {"reference": "registry.example.com/team/a:v1",
+                                             "secretName": "team-registry"}}}
+    owner = Owner("llama", "ml", "uid", {})
+    pod = builders.build_job(make_job(spec), owner, 1, SETTINGS)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "oci-credentials")
+    assert volume == {"name": "oci-credentials",
+                      "secret": {"secretName": "team-registry", "defaultMode": 0o440}}
+    container = pod["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "oci-credentials")
+    assert mount == {"name": "oci-credentials", "mountPath": contract.OCI_SECRET_DIR,
+                     "readOnly": True}
+    assert env_of(container)[contract.OCI_CREDENTIALS_DIR_ENV] == contract.OCI_SECRET_DIR
+    del spec["output"]["oci"]["secretName"]  # type: ignore[attr-defined]
+    bare = builders.build_job(make_job(spec), owner, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert all(v["name"] != "oci-credentials" for v in bare["volumes"])
+    assert contract.OCI_CREDENTIALS_DIR_ENV not in env_of(bare["containers"][0])

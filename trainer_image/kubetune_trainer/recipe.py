@@ -43,6 +43,7 @@ from transformers import logging as hf_logging
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 
+from kubetune_api.load import SpecError
 from kubetune_api.spec import (
     TINY_SCHEME,
     FineTuneJob,
@@ -58,6 +59,7 @@ from kubetune_trainer import (
     factories,
     feature_store,
     hub,
+    oci,
     preference,
     storage,
     strategies,
@@ -108,6 +110,7 @@ class RunResult:
     output_uri: str
     manifest: dict[str, Any]
     manifest_sha256: str
+    oci: oci.Pushed | None = None  # spec.output.oci: what was pushed, by digest
 
 
 @dataclass
@@ -642,8 +645,37 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     if spec.output.push_to_hub:  # after the artifact is whole in storage: a failure loses nothing
         commit = hub.push(ready.job, staging, ready.output_uri, storage.manifest_bytes(manifest))
         ready.console.info(f"pushed to the Hub: {commit.commit_url}")
-    ready.console.report(ready.output_uri, manifest, digest)
-    return RunResult(ready.output_uri, manifest, digest)
+    pushed = push_to_registry(ready, staging, manifest, digest) if spec.output.oci else None
+    ready.console.report(ready.output_uri, manifest, digest, pushed)
+    return RunResult(ready.output_uri, manifest, digest, pushed)
+
+
+def push_to_registry(ready: Setup, staging: Path, manifest: dict[str, Any],
+                     digest: str) -> oci.Pushed:
+    """spec.output.oci: the files just published (kubetune-manifest.json included, the same
+    bytes), pushed after the object-storage artifact is whole, which stays whatever happens
+    here. A permanent refusal (denied, unknown repository) is a spec error, exit 2; a
+    transient one outlasting the retries is exit 1 and the gang's restart tries again."""
+    spec = ready.job.spec
+    target = spec.output.oci
+    assert target is not None
+    annotations = {oci.CREATED: manifest["createdAt"], "dev.kubetune.job": ready.job.name,
+                   "dev.kubetune.base-model": spec.model.name,
+                   "dev.kubetune.manifest-sha256": digest, "dev.kubetune.uri": ready.output_uri}
+    artifact_type = (oci.ARTIFACT_TYPE_MODEL if spec.method.type == MethodType.FULL
+                     else oci.ARTIFACT_TYPE_ADAPTER)
+    try:
+        return oci.push(staging, target.reference, artifact_type=artifact_type,
+                        annotations=annotations,
+                        extra={storage.MANIFEST_FILE: storage.manifest_bytes(manifest)},
+                        plain_http=target.plain_http)
+    except oci.OciError as e:
+        kept = f"the artifact at {ready.output_uri} is kept"
+        if e.permanent:
+            raise SpecError(f"spec.output.oci: pushing to {target.reference} was refused: "
+                            f"{e}; {kept}") from None
+        raise oci.OciError(f"spec.output.oci: pushing to {target.reference} failed: {e}; "
+                           f"{kept}", permanent=False) from None
 
 
 def sampling_model(ready: Setup, trainer: Trainer, staging: Path) -> PreTrainedModel:
