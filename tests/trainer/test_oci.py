@@ -353,3 +353,29 @@ def test_the_docker_config_entry_is_found_by_host(tmp_path: Path) -> None:
     (secret / ".dockerconfigjson").write_text("not json")
     with pytest.raises(oci.OciError, match="not a docker config"):
         oci.registry_credentials("reg.example.com", env)
+
+
+def test_a_second_push_sends_only_what_the_registry_lacks(
+        tmp_path: Path, registry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = tmp_path / "artifact"
+    files.mkdir()
+    (files / "a.json").write_text('{"a": 1}')
+    (files / "b.safetensors").write_bytes(b"b" * 100)
+    reference = f"{registry}/team/again:v1"
+    first = oci.push(files, reference, artifact_type=oci.ARTIFACT_TYPE_ADAPTER,
+                     plain_http=True, env={})
+    calls: list[str] = []
+    send = oci.Registry.request
+
+    def counted(self: oci.Registry, method: str, url: str, **kw: object) -> object:
+        calls.append(f"{method} {url.rsplit('/v2/', 1)[-1].split('/')[2]}")
+        return send(self, method, url, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(oci.Registry, "request", counted)
+    (files / "a.json").write_text('{"a": 2}')  # one file changed
+    second = oci.push(files, reference, artifact_type=oci.ARTIFACT_TYPE_ADAPTER,
+                      plain_http=True, env={})
+    assert second.digest != first.digest
+    # a.json is new (HEAD 404, then upload); b.safetensors and the config are there already.
+    assert calls == ["HEAD blobs", "POST blobs", "PUT blobs", "HEAD blobs", "HEAD blobs",
+                     "PUT manifests"]
