@@ -1121,6 +1121,17 @@ class PushToHubSpec(SpecModel):
             raise ValueError(f"{value!r} is not a branch name (no '..', no refs/, no "
                              "trailing '/')")
         return value
+SHARD_SIZE = r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$"
+_SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20,
+                "GiB": 2**30}
+
+
+def shard_size_bytes(text: str) -> int:
+    """output.maxShardSize in bytes ("5GB" -> 5 * 10**9, "2GiB" -> 2 * 2**30)."""
+    match = re.fullmatch(SHARD_SIZE, text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    return int(text[:match.start(1)]) * _SHARD_UNITS[match[1]]
 
 
 class OciOutputSpec(SpecModel):
@@ -1162,6 +1173,17 @@ class OutputSpec(SpecModel):
     oci: OciOutputSpec | None = Field(
         None, description="After the artifact is written to uri, rank 0 pushes the same files "
         "to an OCI registry as an ORAS-compatible artifact (one layer per file).")
+    max_shard_size: str = Field(
+        "5GB", max_length=32, pattern=SHARD_SIZE,
+        description="Largest safetensors file of a whole model written (merged/ under "
+        "mergeAdapter, the output of method full): bigger models are split into "
+        "model-0000k-of-0000n.safetensors shards with model.safetensors.index.json. KB/MB/GB "
+        "are powers of 1000, KiB/MiB/GiB of 1024; under output.oci each file is one layer, "
+        "which registries limit (e.g. 10GB).")
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return shard_size_bytes(self.max_shard_size)
 
 
 class CheckpointSpec(SpecModel):

@@ -250,3 +250,52 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def dequantize(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """Replace every bitsandbytes 4-bit and 8-bit linear layer with a plain nn.Linear holding
+    the weights it computes with (bitsandbytes' own dequantization), in dtype, and drop the
+    quantization from the config: the base a QLoRA adapter trained against, as a model a
+    merge can add to and any engine can load.
+
+    transformers' PreTrainedModel.dequantize() is not used: on transformers 5.24 with
+    bitsandbytes 0.50 (CPU, NF4 + double quant) its weights differed from bitsandbytes'
+    dequantize_4bit of the same layer by more than the weights themselves (0.118 vs |w| <=
+    0.079)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                continue
+            packed: Any = child.weight  # bnb's Params4bit / Int8Params
+            weight = (bnb_f.dequantize_4bit(packed.data, packed.quant_state)
+                      if isinstance(child, bnb.nn.Linear4bit) else int8_dequantized(child))
+            plain = torch.nn.Linear(child.in_features, child.out_features,
+                                    bias=child.bias is not None, device=weight.device,
+                                    dtype=dtype)
+            with torch.no_grad():
+                plain.weight.copy_(weight.reshape(plain.weight.shape).to(dtype))
+                if child.bias is not None:
+                    plain.bias.copy_(child.bias.to(dtype))
+            setattr(module, name, plain)
+    torch.nn.Module.to(model, dtype)  # the rest (norms, embeddings) alike
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for flag, value in (("is_quantized", False), ("hf_quantizer", None),
+                        ("is_loaded_in_4bit", False), ("is_loaded_in_8bit", False)):
+        if hasattr(model, flag):
+            setattr(model, flag, value)
+    return model
+
+
+def int8_dequantized(layer: Any) -> torch.Tensor:
+    """An 8-bit layer's weights: bitsandbytes keeps the int8 rows (CB) and their scales (SCB)
+    on the parameter until the first forward pass moves them to the layer's state."""
+    packed, state = layer.weight, layer.state
+    rows = packed.CB if packed.CB is not None else state.CB
+    scales = packed.SCB if packed.SCB is not None else state.SCB
+    import bitsandbytes.functional as bnb_f
+
+    return bnb_f.int8_vectorwise_dequant(rows if rows is not None else packed.data, scales)

@@ -80,6 +80,8 @@ from kubetune_trainer.losses import example_losses, loss_function_for, mean_labe
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
+    compute_dtype,
+    dequantize,
     load_model,
     load_tokenizer,
     make_trainable,
@@ -95,6 +97,7 @@ from kubetune_trainer.tracking import tracking_run
 TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
 TENSORBOARD_DIR = "logs"  # local event files; published under <output>/logs/
+GENERATIVE_TASKS = (Task.CAUSAL_LM, Task.SEQ2SEQ_LM)  # published with generation_config.json
 DATA_DIR = "data"  # records and tokenized features, memory-mapped Arrow
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
 log = logging.getLogger("kubetune")
@@ -626,6 +629,10 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     logs = ready.workdir / TENSORBOARD_DIR
     if "tensorboard" in spec.training.report_to and logs.is_dir():
         shutil.copytree(logs, staging / TENSORBOARD_DIR, dirs_exist_ok=True)
+    if spec.method.type == MethodType.FULL:  # a whole model: shards + index, as serving reads
+        artifacts.reshard(staging, spec.output.max_shard_bytes)
+        if spec.model.task in GENERATIVE_TASKS:
+            artifacts.ensure_generation_config(staging)
     base = spec.model.name
     if spec.model.name.startswith(TINY_SCHEME) and spec.method.type != MethodType.FULL:
         base = storage.join(ready.output_uri, artifacts.BASE_MODEL_DIR)  # published beside it
@@ -699,20 +706,35 @@ def sampling_model(ready: Setup, trainer: Trainer, staging: Path) -> PreTrainedM
 
 
 def merge_adapter(ready: Setup, staging: Path) -> None:
-    """Merge into a fresh, unquantized copy of the base (a 4-bit base cannot hold the sum),
-    loaded by rank 0 alone outside the strategy's sharded loading (strategies.py)."""
+    """merged/: the base with the adapter added in, as a plain model (full config, tokenizer,
+    generation config, safetensors shards of output.maxShardSize with their index), loaded by
+    rank 0 alone outside the strategy's sharded loading (strategies.py).
+
+    lora: into a fresh copy of the base at its own precision. qlora: into the base as it
+    trained, quantized the same way and then dequantized (transformers' dequantize), so the
+    merged model computes what the trained one did (modeling.dequantize); a 4-bit base cannot
+    hold the sum (PEFT would re-quantize it), and the original full-precision weights are not
+    what the adapter learned against."""
     from peft import PeftModel
 
     spec = ready.job.spec
     base_spec = spec.model_copy(deep=True)
-    base_spec.method.type = MethodType.LORA
-    base_spec.method.quantization = None
+    quantized = spec.method.type == MethodType.QLORA
+    if not quantized:
+        base_spec.method.type = MethodType.LORA
+        base_spec.method.quantization = None
     with strategies.unsharded_loading():
         base = load_model(base_spec, ready.source, ready.tokenizer, ready.precision,
-                          ready.data.label_names, cuda=torch.cuda.is_available())
+                          ready.data.label_names, cuda=torch.cuda.is_available(),
+                          device_map=local_device() if quantized else None)
+        if quantized:
+            base = dequantize(base, compute_dtype(spec, ready.precision))
         merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
-    merged.save_pretrained(staging / artifacts.MERGED_DIR)
-    ready.tokenizer.save_pretrained(staging / artifacts.MERGED_DIR)
+    target = staging / artifacts.MERGED_DIR
+    merged.save_pretrained(target, max_shard_size=spec.output.max_shard_bytes)
+    ready.tokenizer.save_pretrained(target)
+    if spec.model.task in GENERATIVE_TASKS:
+        artifacts.ensure_generation_config(target)
 
 
 def local_device() -> str | int:
