@@ -25,10 +25,20 @@ from kubetune_trainer.artifacts import (
     SAFE_WEIGHTS,
     tensor_sizes,
 )
-from kubetune_trainer.modeling import int8_dequantized
 from support.jobs import MINIMAL_JOB_YAML, example_job
 
 PROMPT = "Customer: How do I reset my password?\nAgent:"
+
+
+def int8_dequantized(layer: torch.nn.Module) -> torch.Tensor:
+    """An 8-bit layer's weights: bitsandbytes keeps the int8 rows (CB) and their scales (SCB)
+    on the parameter until the first forward pass moves them to the layer's state."""
+    import bitsandbytes.functional as bnb_f
+
+    packed, state = layer.weight, layer.state
+    rows = packed.CB if packed.CB is not None else state.CB
+    scales = packed.SCB if packed.SCB is not None else state.SCB
+    return bnb_f.int8_vectorwise_dequant(rows, scales)
 
 
 def check_sharded(directory: Path, limit: int) -> None:

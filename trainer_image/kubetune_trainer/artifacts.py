@@ -216,13 +216,3 @@ def reshard(directory: Path, max_bytes: int) -> None:
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
             indent=2) + "\n")
 
-
-def ensure_generation_config(directory: Path) -> None:
-    """generation_config.json beside a generative model's config.json (serving engines read
-    their defaults there: bos/eos/pad ids); written from the config when the save left it out."""
-    if (directory / GENERATION_CONFIG).is_file():
-        return
-    from transformers import AutoConfig, GenerationConfig
-
-    GenerationConfig.from_model_config(AutoConfig.from_pretrained(directory)).save_pretrained(
-        directory)

@@ -81,7 +81,6 @@ from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
     compute_dtype,
-    dequantize,
     load_model,
     load_tokenizer,
     make_trainable,
@@ -97,7 +96,6 @@ from kubetune_trainer.tracking import tracking_run
 TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
 TENSORBOARD_DIR = "logs"  # local event files; published under <output>/logs/
-GENERATIVE_TASKS = (Task.CAUSAL_LM, Task.SEQ2SEQ_LM)  # published with generation_config.json
 DATA_DIR = "data"  # records and tokenized features, memory-mapped Arrow
 METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
 log = logging.getLogger("kubetune")
@@ -631,8 +629,6 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
         shutil.copytree(logs, staging / TENSORBOARD_DIR, dirs_exist_ok=True)
     if spec.method.type == MethodType.FULL:  # a whole model: shards + index, as serving reads
         artifacts.reshard(staging, spec.output.max_shard_bytes)
-        if spec.model.task in GENERATIVE_TASKS:
-            artifacts.ensure_generation_config(staging)
     base = spec.model.name
     if spec.model.name.startswith(TINY_SCHEME) and spec.method.type != MethodType.FULL:
         base = storage.join(ready.output_uri, artifacts.BASE_MODEL_DIR)  # published beside it
@@ -712,9 +708,9 @@ def merge_adapter(ready: Setup, staging: Path) -> None:
 
     lora: into a fresh copy of the base at its own precision. qlora: into the base as it
     trained, quantized the same way and then dequantized (transformers' dequantize), so the
-    merged model computes what the trained one did (modeling.dequantize); a 4-bit base cannot
-    hold the sum (PEFT would re-quantize it), and the original full-precision weights are not
-    what the adapter learned against."""
+    merged model computes what the trained one did; a 4-bit base cannot hold the sum (PEFT
+    would re-quantize it), and the original full-precision weights are not what the adapter
+    learned against."""
     from peft import PeftModel
 
     spec = ready.job.spec
@@ -728,13 +724,13 @@ def merge_adapter(ready: Setup, staging: Path) -> None:
                           ready.data.label_names, cuda=torch.cuda.is_available(),
                           device_map=local_device() if quantized else None)
         if quantized:
-            base = dequantize(base, compute_dtype(spec, ready.precision))
+            # bitsandbytes' dequantization of each layer, the config's quantization dropped
+            base = base.dequantize()
+            torch.nn.Module.to(base, compute_dtype(spec, ready.precision))
         merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
     target = staging / artifacts.MERGED_DIR
     merged.save_pretrained(target, max_shard_size=spec.output.max_shard_bytes)
     ready.tokenizer.save_pretrained(target)
-    if spec.model.task in GENERATIVE_TASKS:
-        artifacts.ensure_generation_config(target)
 
 
 def local_device() -> str | int:
