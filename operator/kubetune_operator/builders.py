@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kubetune_api import contract, uris
+from kubetune_api.oci import parse_reference
 from kubetune_api.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.settings import Settings
 
@@ -469,7 +470,7 @@ def build_network_policy(job: FineTuneJob, owner: Owner, settings: Settings) -> 
         if last > first:
             port["endPort"] = last
         ingress.append({"from": list(settings.metrics_from), "ports": [port]})
-    endpoint = [p for p in _endpoint_port(job.spec.storage.endpoint_url)
+    endpoint = [p for p in (*_endpoint_port(job.spec.storage.endpoint_url), *_registry_port(job))
                 if p in settings.endpoint_ports]  # the admin's list only
     web = sorted({*WEB_PORTS, *endpoint})
     egress: list[Manifest] = [
@@ -506,6 +507,16 @@ def _endpoint_port(url: str | None) -> list[int]:
     except ValueError:
         return []
     return [port] if port else []
+
+
+def _registry_port(job: FineTuneJob) -> list[int]:
+    """The port of spec.output.oci's registry (registry.example.com:5000), when it names one."""
+    oci = job.spec.output.oci
+    if oci is None:
+        return []
+    host = parse_reference(oci.reference).registry
+    port = host.rsplit(":", 1)[1] if ":" in host and not host.endswith("]") else ""
+    return [int(port)] if port else []
 
 
 def build_children(job: FineTuneJob, owner: Owner, attempt: int,

@@ -643,3 +643,17 @@ def test_registry_secret_is_mounted_as_files_and_its_directory_named() -> None:
     bare = builders.build_job(make_job(spec), owner, 1, SETTINGS)["spec"]["template"]["spec"]
     assert all(v["name"] != "oci-credentials" for v in bare["volumes"])
     assert contract.OCI_CREDENTIALS_DIR_ENV not in env_of(bare["containers"][0])
+
+
+def test_network_policy_opens_the_registry_port_the_admin_allows() -> None:
+    def web_ports(reference: str, allowed: tuple[int, ...]) -> list[int]:
+        spec = {"model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+                "dataset": {"train": "data.jsonl"},
+                "output": {"uri": "out", "oci": {"reference": reference}}}
+        settings = Settings(endpoint_ports=allowed)
+        egress = builders.build_network_policy(make_job(spec), OWNER, settings)["spec"]["egress"]
+        return [p["port"] for p in egress[2]["ports"]]
+
+    assert web_ports("registry.example.com:5000/team/a:v1", (5000,)) == [80, 443, 5000]
+    assert web_ports("registry.example.com:5000/team/a:v1", ()) == [80, 443]  # not allowed
+    assert web_ports("registry.example.com/team/a:v1", (5000,)) == [80, 443]
