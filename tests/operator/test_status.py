@@ -978,3 +978,4 @@ def test_a_node_that_stopped_reporting_is_a_preemption_before_its_taint_eviction
     crashed = run(spec(backoffLimit=0), status(Phase.RUNNING),
                   children([failing_job()], [pod(0, "Failed", exit_code=1), ready]))
     assert crashed.status.phase == Phase.FAILED
+
