@@ -16,7 +16,7 @@ CHAT_TEMPLATES_WHEEL := axolotl==0.19.0
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help demo test test-fast matrix gpu-check lint e2e bench clean lock images kind-e2e tools kubectl \
-  promtool checkov e2e-containers push-images
+  promtool checkov registry e2e-containers push-images
 
 help:
 	@echo "make demo   - set up and run examples/tiny-lora.yaml locally (CPU, tiny model)"
@@ -83,8 +83,19 @@ promtool:
 	  promtool --version | head -1; \
 	else echo "make promtool: no apt-get here; install Prometheus' promtool and put it on PATH"; fi
 
+# docker-registry (tests/trainer/test_oci.py: spec.output.oci pushes to it on loopback) from
+# Debian's package of the CNCF distribution registry, alone: the rest of image-tools
+# (buildah, podman, ...) is for `make images` only.
+registry:
+	@if command -v docker-registry >/dev/null; then docker-registry --version; \
+	elif command -v apt-get >/dev/null; then set -e; \
+	  $(SUDO) apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-registry; \
+	  docker-registry --version; \
+	else echo "make registry: no apt-get here; install the CNCF distribution registry as docker-registry"; fi
+
 # Every tool the tests run (none of them skip under CI=true for want of one).
-tools: helm kubectl promtool checkov
+tools: helm kubectl promtool checkov registry
 
 # Image builds and containers without a Docker engine (docs/e2e.md), from Debian's packages:
 # buildah (chroot isolation), podman with runc (crun fails on cgroup setups like CI's),

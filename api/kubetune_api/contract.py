@@ -90,3 +90,9 @@ POD_LABEL_ATTEMPT = "kubetune.dev/attempt"  # the gang attempt (status.attempt) 
 # (kubetune_trainer/credentials.py, docs/storage.md).
 STORAGE_SECRET_DIR = f"{SECRETS_DIR}/storage"
 STORAGE_CREDENTIALS_DIR_ENV = "KUBETUNE_STORAGE_CREDENTIALS_DIR"
+
+# spec.output.oci.secretName (a kubernetes.io/dockerconfigjson Secret) reaches the trainer as
+# read-only files here; the trainer reads `.dockerconfigjson` (or `config.json`) for the
+# registry's credentials (kubetune_trainer/oci.py, docs/storage.md#oci-registries).
+OCI_SECRET_DIR = f"{SECRETS_DIR}/oci"
+OCI_CREDENTIALS_DIR_ENV = "KUBETUNE_OCI_CREDENTIALS_DIR"

@@ -93,9 +93,16 @@ class Progress(StatusModel):
                                        "watchdog's clock.")
 
 
+class OciPushed(StatusModel):
+    reference: str = Field(description="spec.output.oci.reference as pushed.")
+    digest: str = Field(description="Digest of the OCI manifest pushed (pull by "
+                        "registry/repository@digest).")
+
+
 class Output(StatusModel):
     uri: str = Field(description="Where the artifact was written.")
     manifest_sha256: str | None = Field(None, description="SHA-256 of the artifact manifest.")
+    oci: OciPushed | None = Field(None, description="The artifact pushed to spec.output.oci.")
 
 
 class Runtime(StatusModel):

@@ -18,6 +18,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_api import contract
 from kubetune_api.contract import DEFAULT_MASTER_PORT
+from kubetune_api.oci import parse_reference
 from kubetune_api.redact import looks_like_credential
 
 GROUP = "kubetune.dev"
@@ -790,7 +791,8 @@ VOLUME_SOURCES = {"persistentVolumeClaim": "claimName", "configMap": "name",
                   "projected": None, "downwardAPI": None}
 # Names of the volumes the operator adds to every pod.
 RESERVED_VOLUMES = frozenset({"config", "dshm", "tmp", "hf-home", "hf-cache", "hf-token",
-                              "image-output", "home-cache"})
+                              "image-output", "home-cache", "storage-credentials",
+                              "oci-credentials"})
 # Pod labels and annotations the operator, the Job controller or Kueue set or read.
 RESERVED_LABEL_PREFIXES = ("kubetune.dev/", "batch.kubernetes.io/", "app.kubernetes.io/",
                            "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
@@ -1119,6 +1121,40 @@ class PushToHubSpec(SpecModel):
             raise ValueError(f"{value!r} is not a branch name (no '..', no refs/, no "
                              "trailing '/')")
         return value
+SHARD_SIZE = r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$"
+_SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20,
+                "GiB": 2**30}
+
+
+def shard_size_bytes(text: str) -> int:
+    """output.maxShardSize in bytes ("5GB" -> 5 * 10**9, "2GiB" -> 2 * 2**30)."""
+    match = re.fullmatch(SHARD_SIZE, text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    return int(text[:match.start(1)]) * _SHARD_UNITS[match[1]]
+
+
+class OciOutputSpec(SpecModel):
+    """Also push the published artifact to an OCI registry (docs/storage.md#oci-registries)."""
+
+    reference: str = Field(max_length=MAX_URI, min_length=1,
+                           description="Where to push: registry.example.com[:port]/"
+                           "repository[:tag] (tag default latest; the registry host is "
+                           "never implied). The manifest digest pushed is recorded in "
+                           "status.output.oci.digest.")
+    secret_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                    description="Secret of type kubernetes.io/dockerconfigjson "
+                                    "(kubectl create secret docker-registry) with the registry's "
+                                    "credentials, mounted as a file; none: push anonymously.")
+    plain_http: bool = Field(False, description="Talk plain HTTP to the registry instead of "
+                             "HTTPS (a registry on loopback or inside the cluster without "
+                             "TLS; ORAS' --plain-http).")
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        parse_reference(value)
+        return value
 
 
 class OutputSpec(SpecModel):
@@ -1134,6 +1170,20 @@ class OutputSpec(SpecModel):
         None, description="Also publish the adapter (the merged model with mergeAdapter) to a "
         "Hugging Face Hub model repository, from rank 0 after the artifact is in object "
         "storage.")
+    oci: OciOutputSpec | None = Field(
+        None, description="After the artifact is written to uri, rank 0 pushes the same files "
+        "to an OCI registry as an ORAS-compatible artifact (one layer per file).")
+    max_shard_size: str = Field(
+        "5GB", max_length=32, pattern=SHARD_SIZE,
+        description="Largest safetensors file of a whole model written (merged/ under "
+        "mergeAdapter, the output of method full): bigger models are split into "
+        "model-0000k-of-0000n.safetensors shards with model.safetensors.index.json. KB/MB/GB "
+        "are powers of 1000, KiB/MiB/GiB of 1024; under output.oci each file is one layer, "
+        "which registries limit (e.g. 10GB).")
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return shard_size_bytes(self.max_shard_size)
 
 
 class CheckpointSpec(SpecModel):

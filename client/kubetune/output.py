@@ -6,6 +6,7 @@ import datetime
 from collections.abc import Sequence
 
 from kubetune.sdk import Job, JobEvent
+from kubetune_api.oci import parse_reference
 
 Row = Sequence[str]
 JOB_COLUMNS = ("NAME", "PHASE", "METHOD", "MODEL", "NODES", "PROGRESS", "LOSS", "ETA",
@@ -84,6 +85,10 @@ def describe(job: Job, events: Sequence[JobEvent],
     if status.output:
         lines.append(f"Artifact:     {status.output.uri} (manifest sha256 "
                      f"{status.output.manifest_sha256})")
+        if status.output.oci:  # spec.output.oci: pull it by digest (the tag may move)
+            pushed = status.output.oci
+            by_digest = parse_reference(pushed.reference).by_digest(pushed.digest)
+            lines.append(f"Pushed:       {by_digest} (tag {pushed.reference})")
     if status.runtime:
         lines.append(f"Image:        {status.runtime.trainer_image}")
     lines.append("Conditions:")

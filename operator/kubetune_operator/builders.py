@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kubetune_api import contract, uris
+from kubetune_api.oci import parse_reference
 from kubetune_api.spec import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.settings import Settings
 
@@ -249,6 +250,9 @@ def build_trainer_container(job: FineTuneJob, owner: Owner, attempt: int,
     if storage_secret(job, settings):
         container["env"].append({"name": contract.STORAGE_CREDENTIALS_DIR_ENV,
                                  "value": contract.STORAGE_SECRET_DIR})
+    if oci_secret(job):
+        container["env"].append({"name": contract.OCI_CREDENTIALS_DIR_ENV,
+                                 "value": contract.OCI_SECRET_DIR})
     if settings.policy.extra_uri_schemes:  # the trainer re-checks the URIs it opens
         container["env"].append({"name": uris.EXTRA_URI_SCHEMES_ENV,
                                  "value": ",".join(settings.policy.extra_uri_schemes)})
@@ -264,17 +268,30 @@ def storage_secret(job: FineTuneJob, settings: Settings) -> str | None:
     return job.spec.storage.secret_name or settings.storage_secret
 
 
+def oci_secret(job: FineTuneJob) -> str | None:
+    oci = job.spec.output.oci
+    return oci.secret_name if oci else None
+
+
 def storage_volumes(job: FineTuneJob, settings: Settings) -> list[Manifest]:
-    """The storage Secret as files (never environment variables: checkov CKV_K8S_35), readable
-    by the pod's group only."""
-    secret = storage_secret(job, settings)
-    return [{"name": "storage-credentials",
-             "secret": {"secretName": secret, "defaultMode": 0o440}}] if secret else []
+    """The storage Secret and the registry Secret (spec.output.oci.secretName) as files (never
+    environment variables: checkov CKV_K8S_35), readable by the pod's group only."""
+    volumes = [{"name": "storage-credentials",
+                "secret": {"secretName": secret, "defaultMode": 0o440}}
+               for secret in [storage_secret(job, settings)] if secret]
+    if registry := oci_secret(job):
+        volumes.append({"name": "oci-credentials",
+                        "secret": {"secretName": registry, "defaultMode": 0o440}})
+    return volumes
 
 
 def storage_mounts(job: FineTuneJob, settings: Settings) -> list[Manifest]:
-    return [{"name": "storage-credentials", "mountPath": contract.STORAGE_SECRET_DIR,
-             "readOnly": True}] if storage_secret(job, settings) else []
+    mounts = [{"name": "storage-credentials", "mountPath": contract.STORAGE_SECRET_DIR,
+               "readOnly": True}] if storage_secret(job, settings) else []
+    if oci_secret(job):
+        mounts.append({"name": "oci-credentials", "mountPath": contract.OCI_SECRET_DIR,
+                       "readOnly": True})
+    return mounts
 
 
 def operator_volumes(job: FineTuneJob, owner: Owner) -> list[Manifest]:
@@ -453,7 +470,7 @@ def build_network_policy(job: FineTuneJob, owner: Owner, settings: Settings) -> 
         if last > first:
             port["endPort"] = last
         ingress.append({"from": list(settings.metrics_from), "ports": [port]})
-    endpoint = [p for p in _endpoint_port(job.spec.storage.endpoint_url)
+    endpoint = [p for p in (*_endpoint_port(job.spec.storage.endpoint_url), *_registry_port(job))
                 if p in settings.endpoint_ports]  # the admin's list only
     web = sorted({*WEB_PORTS, *endpoint})
     egress: list[Manifest] = [
@@ -490,6 +507,16 @@ def _endpoint_port(url: str | None) -> list[int]:
     except ValueError:
         return []
     return [port] if port else []
+
+
+def _registry_port(job: FineTuneJob) -> list[int]:
+    """The port of spec.output.oci's registry (registry.example.com:5000), when it names one."""
+    oci = job.spec.output.oci
+    if oci is None:
+        return []
+    host = parse_reference(oci.reference).registry
+    port = host.rsplit(":", 1)[1] if ":" in host and not host.endswith("]") else ""
+    return [int(port)] if port else []
 
 
 def build_children(job: FineTuneJob, owner: Owner, attempt: int,

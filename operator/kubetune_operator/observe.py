@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kubetune_api import contract
-from kubetune_api.crd import Output
+from kubetune_api.crd import OciPushed, Output
 from kubetune_api.redact import redact
 from kubetune_api.spec import GROUP, KIND, FineTuneJobSpec
 from kubetune_operator.builders import (
@@ -221,14 +221,18 @@ def _waiting_rank(item: tuple[str, str]) -> int:
 
 
 def success_output(pods: list[Manifest], spec: FineTuneJobSpec) -> Output:
-    """Rank 0's termination message, {"uri", "manifestSha256"}; the spec's URI without it."""
+    """Rank 0's termination message, {"uri", "manifestSha256", "oci"?}; the spec's URI
+    without it."""
     rank0 = next((p for p in pods if pod_rank(p) == 0), None)
     message = (_terminated(rank0) or {}).get("message") if rank0 else None
     try:
         data = json.loads(message or "")
+        pushed = data.get("oci")
         return Output(uri=str(data.get("uri") or spec.output.uri),
-                      manifest_sha256=data.get("manifestSha256"))
-    except (ValueError, AttributeError):
+                      manifest_sha256=data.get("manifestSha256"),
+                      oci=OciPushed(reference=str(pushed["reference"]),
+                                    digest=str(pushed["digest"])) if pushed else None)
+    except (ValueError, AttributeError, KeyError, TypeError):
         return Output(uri=spec.output.uri)
 
 

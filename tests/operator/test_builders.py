@@ -622,3 +622,38 @@ def test_the_admins_extra_uri_schemes_reach_the_trainer() -> None:
     assert uris.EXTRA_URI_SCHEMES_ENV not in pod_env(Settings())
     enabled = pod_env(Settings(policy=Policy(extra_uri_schemes=("abfs", "az"))))
     assert enabled[uris.EXTRA_URI_SCHEMES_ENV] == "abfs,az"
+
+
+def test_registry_secret_is_mounted_as_files_and_its_directory_named() -> None:
+    spec = {"model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+            "dataset": {"train": "data.jsonl"},
+            "output": {"uri": "out", "oci": {"reference": "registry.example.com/team/a:v1",
+                                             "secretName": "team-registry"}}}
+    owner = Owner("llama", "ml", "uid", {})
+    pod = builders.build_job(make_job(spec), owner, 1, SETTINGS)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "oci-credentials")
+    assert volume == {"name": "oci-credentials",
+                      "secret": {"secretName": "team-registry", "defaultMode": 0o440}}
+    container = pod["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "oci-credentials")
+    assert mount == {"name": "oci-credentials", "mountPath": contract.OCI_SECRET_DIR,
+                     "readOnly": True}
+    assert env_of(container)[contract.OCI_CREDENTIALS_DIR_ENV] == contract.OCI_SECRET_DIR
+    del spec["output"]["oci"]["secretName"]  # type: ignore[attr-defined]
+    bare = builders.build_job(make_job(spec), owner, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert all(v["name"] != "oci-credentials" for v in bare["volumes"])
+    assert contract.OCI_CREDENTIALS_DIR_ENV not in env_of(bare["containers"][0])
+
+
+def test_network_policy_opens_the_registry_port_the_admin_allows() -> None:
+    def web_ports(reference: str, allowed: tuple[int, ...]) -> list[int]:
+        spec = {"model": {"name": "tiny://llama"}, "method": {"type": "lora"},
+                "dataset": {"train": "data.jsonl"},
+                "output": {"uri": "out", "oci": {"reference": reference}}}
+        settings = Settings(endpoint_ports=allowed)
+        egress = builders.build_network_policy(make_job(spec), OWNER, settings)["spec"]["egress"]
+        return [p["port"] for p in egress[2]["ports"]]
+
+    assert web_ports("registry.example.com:5000/team/a:v1", (5000,)) == [80, 443, 5000]
+    assert web_ports("registry.example.com:5000/team/a:v1", ()) == [80, 443]  # not allowed
+    assert web_ports("registry.example.com/team/a:v1", (5000,)) == [80, 443]

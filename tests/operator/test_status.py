@@ -144,6 +144,20 @@ def test_success_reads_rank0_termination_message() -> None:
     assert fallback.output.manifest_sha256 is None
 
 
+def test_success_records_the_oci_push_from_the_termination_message() -> None:
+    message = ('{"uri": "s3://b/out", "manifestSha256": "abc123", "oci": {"reference": '
+               '"registry.example.com/team/a:v1", "digest": "sha256:d1"}}')
+    done = [pod(0, "Succeeded", exit_code=0, message=message), pod(1, "Succeeded", exit_code=0)]
+    plan = run(spec(), status(Phase.RUNNING), children([job(condition="Complete")], done))
+    dumped = plan.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert dumped["output"] == {"uri": "s3://b/out", "manifestSha256": "abc123",
+                                "oci": {"reference": "registry.example.com/team/a:v1",
+                                        "digest": "sha256:d1"}}
+    without = st.observe_attempt(job(condition="Complete"), [
+        pod(0, "Succeeded", exit_code=0, message=SUCCESS_MESSAGE)], spec())
+    assert without.output is not None and without.output.oci is None
+
+
 # --- plan: transitions --------------------------------------------------------------------------
 
 def children(jobs: list[dict[str, Any]] = (), pods: list[dict[str, Any]] = ()) -> st.Children:
@@ -964,3 +978,4 @@ def test_a_node_that_stopped_reporting_is_a_preemption_before_its_taint_eviction
     crashed = run(spec(backoffLimit=0), status(Phase.RUNNING),
                   children([failing_job()], [pod(0, "Failed", exit_code=1), ready]))
     assert crashed.status.phase == Phase.FAILED
+

@@ -151,3 +151,68 @@ def build_manifest(job: FineTuneJob, directory: Path, **facts: Any) -> dict[str,
         **facts,
         "files": file_digests(directory),
     }
+
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+
+
+def tensor_sizes(path: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of each tensor in a safetensors file, in file order, from its header alone
+    (8-byte little-endian length, then JSON with each tensor's data_offsets)."""
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    return [(name, meta["data_offsets"][1] - meta["data_offsets"][0]) for name, meta in entries]
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a saved model: the single file, or the index's shards."""
+    if (directory / SAFE_INDEX).is_file():
+        index = json.loads((directory / SAFE_INDEX).read_text())
+        return [directory / name for name in dict.fromkeys(index["weight_map"].values())]
+    return [directory / SAFE_WEIGHTS] if (directory / SAFE_WEIGHTS).is_file() else []
+
+
+def reshard(directory: Path, max_bytes: int) -> None:
+    """Rewrite a saved model's safetensors as shards of at most max_bytes (a tensor larger than
+    that alone in its shard) with transformers' names and index, as save_pretrained(
+    max_shard_size=...) writes them. For outputs saved by the Trainer, which never passes a
+    shard size (transformers 5's default is 50GB). One shard's tensors are in memory at a time."""
+    sources = weight_files(directory)
+    sizes = [(name, size, path) for path in sources for name, size in tensor_sizes(path)]
+    groups: list[list[tuple[str, int, Path]]] = [[]]
+    for entry in sizes:
+        if groups[-1] and sum(size for _, size, _ in groups[-1]) + entry[1] > max_bytes:
+            groups.append([])
+        groups[-1].append(entry)
+    if len(groups) == 1 and sources == [directory / SAFE_WEIGHTS]:
+        return  # already one file within the limit
+    from safetensors.torch import save_file
+
+    count, written, weight_map = len(groups), [], {}
+    for number, group in enumerate(groups, start=1):
+        name = SAFE_WEIGHTS if count == 1 else \
+            f"model-{number:05d}-of-{count:05d}.safetensors"
+        tensors = {}
+        for path in dict.fromkeys(p for _, _, p in group):
+            with safe_open(str(path), framework="pt") as weights:
+                tensors.update({t: weights.get_tensor(t) for t, _, p in group if p == path})
+        save_file(tensors, str(directory / f".{name}.partial"), metadata={"format": "pt"})
+        written.append(name)
+        weight_map.update({tensor: name for tensor in tensors})
+        del tensors
+    for path in sources:
+        path.unlink()
+    (directory / SAFE_INDEX).unlink(missing_ok=True)
+    for name in written:
+        (directory / f".{name}.partial").rename(directory / name)
+    if count > 1:
+        total = sum(size for _, size, _ in sizes)
+        (directory / SAFE_INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+            indent=2) + "\n")
+

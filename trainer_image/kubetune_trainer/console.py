@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from kubetune_trainer.evaluation import REPORTED
 from kubetune_trainer.launch import PROGRESS_ENV, SUMMARY_ENV
+from kubetune_trainer.oci import Pushed
 
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 SUMMARY_MODES = ("text", "json", "none")
@@ -55,22 +56,30 @@ class Console:
         if not self.quiet:
             print(f"kubetune: {message}", file=sys.stderr, flush=True)
 
-    def report(self, uri: str, manifest: dict[str, Any], digest: str) -> None:
+    def report(self, uri: str, manifest: dict[str, Any], digest: str,
+               pushed: Pushed | None = None) -> None:
         if self.summary == "json":
-            print(json.dumps(summary_dict(uri, manifest, digest)), flush=True)
+            print(json.dumps(summary_dict(uri, manifest, digest, pushed)), flush=True)
         elif self.summary == "text":
-            print(summary_text(uri, manifest), flush=True)
+            print(summary_text(uri, manifest, pushed), flush=True)
 
 
-def summary_dict(uri: str, manifest: dict[str, Any], digest: str) -> dict[str, Any]:
-    return {"uri": uri, "manifestSha256": digest, "job": manifest["job"],
+def oci_summary(pushed: Pushed | None) -> dict[str, str] | None:
+    """status.output.oci: the reference pushed and the manifest's digest."""
+    return {"reference": pushed.reference, "digest": pushed.digest} if pushed else None
+
+
+def summary_dict(uri: str, manifest: dict[str, Any], digest: str,
+                 pushed: Pushed | None = None) -> dict[str, Any]:
+    return {"uri": uri, "manifestSha256": digest, "oci": oci_summary(pushed),
+            "job": manifest["job"],
             "method": manifest["method"], "task": manifest["task"],
             "baseModel": manifest["baseModel"], "metrics": manifest["metrics"],
             "parameters": manifest["parameters"], "precision": manifest["precision"],
             "worldSize": manifest["worldSize"]}
 
 
-def summary_text(uri: str, manifest: dict[str, Any]) -> str:
+def summary_text(uri: str, manifest: dict[str, Any], pushed: Pushed | None = None) -> str:
     m, p = manifest["metrics"], manifest["parameters"]
     losses = ""
     if m["firstTrainLoss"] is not None:
@@ -91,6 +100,7 @@ def summary_text(uri: str, manifest: dict[str, Any]) -> str:
         rewards,
         f"  trainable parameters {p['trainable']:,} of {p['total']:,}",
         f"  artifact: {uri}",
+        f"  pushed: {pushed.by_digest()}" if pushed else "",
     ]
     return "\n" + "\n".join(line for line in lines if line)
 

@@ -18,10 +18,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubetune_api import contract, uris
 from kubetune_api.load import SpecError, load_job
 from kubetune_api.spec import FineTuneJob, FineTuneJobSpec, Strategy
+
+if TYPE_CHECKING:
+    from kubetune_trainer.recipe import RunResult
 
 PROGRESS_ENV = "KUBETUNE_PROGRESS"  # kubetune_trainer.console reads them (no torch imported here)
 SUMMARY_ENV = "KUBETUNE_SUMMARY"
@@ -57,8 +61,7 @@ def train_rank(config: str, *, output: str | None = None, workdir: str | None = 
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return contract.EXIT_INVALID_SPEC
     if result is not None:
-        write_termination_message({"uri": result.output_uri,
-                                   "manifestSha256": result.manifest_sha256})
+        write_termination_message(termination_summary(result))
     return contract.EXIT_OK
 
 
@@ -87,7 +90,16 @@ def quiet_library_noise() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def write_termination_message(summary: dict[str, str]) -> None:
+def termination_summary(result: RunResult) -> dict[str, object]:
+    """What the operator copies into status.output (observe.success_output)."""
+    summary: dict[str, object] = {"uri": result.output_uri,
+                                  "manifestSha256": result.manifest_sha256}
+    if result.oci is not None:
+        summary["oci"] = {"reference": result.oci.reference, "digest": result.oci.digest}
+    return summary
+
+
+def write_termination_message(summary: dict[str, object]) -> None:
     """Kubernetes copies this file into the container status, where the operator reads it."""
     path = Path(os.environ.get(contract.TERMINATION_LOG_ENV, contract.DEFAULT_TERMINATION_LOG))
     with contextlib.suppress(OSError):  # not in a pod: there is nobody to report to

@@ -250,3 +250,4 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+

@@ -43,6 +43,7 @@ from transformers import logging as hf_logging
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 
+from kubetune_api.load import SpecError
 from kubetune_api.spec import (
     TINY_SCHEME,
     FineTuneJob,
@@ -58,6 +59,7 @@ from kubetune_trainer import (
     factories,
     feature_store,
     hub,
+    oci,
     preference,
     storage,
     strategies,
@@ -78,6 +80,7 @@ from kubetune_trainer.losses import example_losses, loss_function_for, mean_labe
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
+    compute_dtype,
     load_model,
     load_tokenizer,
     make_trainable,
@@ -108,6 +111,7 @@ class RunResult:
     output_uri: str
     manifest: dict[str, Any]
     manifest_sha256: str
+    oci: oci.Pushed | None = None  # spec.output.oci: what was pushed, by digest
 
 
 @dataclass
@@ -623,6 +627,8 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     logs = ready.workdir / TENSORBOARD_DIR
     if "tensorboard" in spec.training.report_to and logs.is_dir():
         shutil.copytree(logs, staging / TENSORBOARD_DIR, dirs_exist_ok=True)
+    if spec.method.type == MethodType.FULL:  # a whole model: shards + index, as serving reads
+        artifacts.reshard(staging, spec.output.max_shard_bytes)
     base = spec.model.name
     if spec.model.name.startswith(TINY_SCHEME) and spec.method.type != MethodType.FULL:
         base = storage.join(ready.output_uri, artifacts.BASE_MODEL_DIR)  # published beside it
@@ -642,8 +648,37 @@ def save(ready: Setup, trainer: Trainer, facts: dict[str, Any]) -> RunResult | N
     if spec.output.push_to_hub:  # after the artifact is whole in storage: a failure loses nothing
         commit = hub.push(ready.job, staging, ready.output_uri, storage.manifest_bytes(manifest))
         ready.console.info(f"pushed to the Hub: {commit.commit_url}")
-    ready.console.report(ready.output_uri, manifest, digest)
-    return RunResult(ready.output_uri, manifest, digest)
+    pushed = push_to_registry(ready, staging, manifest, digest) if spec.output.oci else None
+    ready.console.report(ready.output_uri, manifest, digest, pushed)
+    return RunResult(ready.output_uri, manifest, digest, pushed)
+
+
+def push_to_registry(ready: Setup, staging: Path, manifest: dict[str, Any],
+                     digest: str) -> oci.Pushed:
+    """spec.output.oci: the files just published (kubetune-manifest.json included, the same
+    bytes), pushed after the object-storage artifact is whole, which stays whatever happens
+    here. A permanent refusal (denied, unknown repository) is a spec error, exit 2; a
+    transient one outlasting the retries is exit 1 and the gang's restart tries again."""
+    spec = ready.job.spec
+    target = spec.output.oci
+    assert target is not None
+    annotations = {oci.CREATED: manifest["createdAt"], "dev.kubetune.job": ready.job.name,
+                   "dev.kubetune.base-model": spec.model.name,
+                   "dev.kubetune.manifest-sha256": digest, "dev.kubetune.uri": ready.output_uri}
+    artifact_type = (oci.ARTIFACT_TYPE_MODEL if spec.method.type == MethodType.FULL
+                     else oci.ARTIFACT_TYPE_ADAPTER)
+    try:
+        return oci.push(staging, target.reference, artifact_type=artifact_type,
+                        annotations=annotations,
+                        extra={storage.MANIFEST_FILE: storage.manifest_bytes(manifest)},
+                        plain_http=target.plain_http)
+    except oci.OciError as e:
+        kept = f"the artifact at {ready.output_uri} is kept"
+        if e.permanent:
+            raise SpecError(f"spec.output.oci: pushing to {target.reference} was refused: "
+                            f"{e}; {kept}") from None
+        raise oci.OciError(f"spec.output.oci: pushing to {target.reference} failed: {e}; "
+                           f"{kept}", permanent=False) from None
 
 
 def sampling_model(ready: Setup, trainer: Trainer, staging: Path) -> PreTrainedModel:
@@ -667,20 +702,35 @@ def sampling_model(ready: Setup, trainer: Trainer, staging: Path) -> PreTrainedM
 
 
 def merge_adapter(ready: Setup, staging: Path) -> None:
-    """Merge into a fresh, unquantized copy of the base (a 4-bit base cannot hold the sum),
-    loaded by rank 0 alone outside the strategy's sharded loading (strategies.py)."""
+    """merged/: the base with the adapter added in, as a plain model (full config, tokenizer,
+    generation config, safetensors shards of output.maxShardSize with their index), loaded by
+    rank 0 alone outside the strategy's sharded loading (strategies.py).
+
+    lora: into a fresh copy of the base at its own precision. qlora: into the base as it
+    trained, quantized the same way and then dequantized (transformers' dequantize), so the
+    merged model computes what the trained one did; a 4-bit base cannot hold the sum (PEFT
+    would re-quantize it), and the original full-precision weights are not what the adapter
+    learned against."""
     from peft import PeftModel
 
     spec = ready.job.spec
     base_spec = spec.model_copy(deep=True)
-    base_spec.method.type = MethodType.LORA
-    base_spec.method.quantization = None
+    quantized = spec.method.type == MethodType.QLORA
+    if not quantized:
+        base_spec.method.type = MethodType.LORA
+        base_spec.method.quantization = None
     with strategies.unsharded_loading():
         base = load_model(base_spec, ready.source, ready.tokenizer, ready.precision,
-                          ready.data.label_names, cuda=torch.cuda.is_available())
+                          ready.data.label_names, cuda=torch.cuda.is_available(),
+                          device_map=local_device() if quantized else None)
+        if quantized:
+            # bitsandbytes' dequantization of each layer, the config's quantization dropped
+            base = base.dequantize()
+            torch.nn.Module.to(base, compute_dtype(spec, ready.precision))
         merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
-    merged.save_pretrained(staging / artifacts.MERGED_DIR)
-    ready.tokenizer.save_pretrained(staging / artifacts.MERGED_DIR)
+    target = staging / artifacts.MERGED_DIR
+    merged.save_pretrained(target, max_shard_size=spec.output.max_shard_bytes)
+    ready.tokenizer.save_pretrained(target)
 
 
 def local_device() -> str | int:
