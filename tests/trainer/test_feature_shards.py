@@ -4,6 +4,10 @@ order, the evalFraction split kept, bad records still named by file:line, the ca
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from kubetune_api.spec import DatasetSpec
 from kubetune_trainer import data as data_module
 from kubetune_trainer import features
 from kubetune_trainer.data import DataError, LoadedData
-from kubetune_trainer.features import Tokenization, prepare_features, tokenize
+from kubetune_trainer.features import Tokenization, prepare_features, tokenize, usable_cpus
 from kubetune_trainer.modeling import load_tokenizer
 from kubetune_trainer.tiny import train_tokenizer
 
@@ -113,3 +117,54 @@ def test_a_complete_build_is_reused(tmp_path: Path, tokenizer,  # type: ignore[n
     monkeypatch.setattr(features, "write_features", rebuild)
     again, _ = prepare_features(data, how, tmp_path / "cache-2", workers=2)
     assert rows(again) == rows(train)
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), (None, None)])
+def test_usable_cpus_follow_a_cgroup_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           cpu_max: str | None, expected: int | None) -> None:
+    monkeypatch.setattr(features.os, "sched_getaffinity", lambda pid: set(range(8)))
+    limit = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        limit.write_text(cpu_max)
+    assert usable_cpus(limit) == (expected or 8)
+
+
+def test_workers_default_to_the_usable_cpus(tmp_path: Path, tokenizer,  # type: ignore[no-untyped-def]
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pools: list[int] = []
+    in_workers = features._in_workers
+
+    def counted(build, shards, workers):  # type: ignore[no-untyped-def]
+        pools.append(workers)
+        return in_workers(build, shards, workers)
+
+    monkeypatch.setattr(features, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(features, "_in_workers", counted)
+    _, _, default, _ = prepared(tmp_path, tokenizer, 0)  # 0: not given
+    assert pools == [2]
+    _, _, one, _ = prepared(tmp_path, tokenizer, 1)
+    assert rows(default) == rows(one)
+
+
+REAL_WRITE_SHARD = features.write_shard
+
+
+def die_in_a_worker(shard: features.Shard, **kwargs: object) -> list[dict[str, object]]:
+    """write_shard, except that the worker process given shard 2 is killed (SIGKILL, as the
+    kernel's OOM killer does) before it writes anything."""
+    if shard.index == 2 and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return REAL_WRITE_SHARD(shard, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_killed_worker_costs_time_not_the_run(tmp_path: Path, tokenizer,  # type: ignore[no-untyped-def]
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    _, _, one, one_eval = prepared(tmp_path, tokenizer, 1, evalFraction=0.2)
+    monkeypatch.setattr(features, "write_shard", die_in_a_worker)
+    with caplog.at_level(logging.WARNING, logger="kubetune"):
+        _, _, two, two_eval = prepared(tmp_path, tokenizer, 2, evalFraction=0.2)
+    assert "a tokenize worker process died" in caplog.text
+    assert rows(two) == rows(one) and rows(two_eval) == rows(one_eval)
+    assert ready_files(tmp_path, 2) == ready_files(tmp_path, 1)

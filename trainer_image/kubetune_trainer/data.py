@@ -250,11 +250,13 @@ def record_batches(path: Path) -> Iterator[dict[str, list[Any]]]:
 
 
 class ArrowWriter:
-    """Rows to an Arrow stream file in record batches of WRITE_BATCH_ROWS (flat memory);
-    the file appears under its name only when closed (a crash leaves no half file)."""
+    """Rows to an Arrow stream file in record batches of `batch_rows` (default
+    WRITE_BATCH_ROWS; flat memory); the file appears under its name only when closed (a crash
+    leaves no half file)."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int | None = None):
         self.path, self.schema, self.count = path, schema, 0
+        self.batch_rows = batch_rows or WRITE_BATCH_ROWS
         self._tmp = path.with_suffix(".partial")
         self._sink = pa.OSFile(str(self._tmp), "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema)
@@ -262,7 +264,7 @@ class ArrowWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
-        if len(self._rows) >= WRITE_BATCH_ROWS:
+        if len(self._rows) >= self.batch_rows:
             self._flush()
 
     def _flush(self) -> None:

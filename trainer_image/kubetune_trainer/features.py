@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,6 +32,7 @@ from transformers import (
 )
 
 from kubetune_api.spec import DatasetSpec, Task
+from kubetune_trainer import data as data_module
 from kubetune_trainer import feature_store
 from kubetune_trainer.chat import chat_example
 from kubetune_trainer.data import (
@@ -51,6 +56,7 @@ FEATURE_SPLITS = ("train", "eval")
 # Record batches (of WRITE_BATCH_ROWS records) per shard, the unit of parallel tokenization;
 # each shard is packed on its own (one shorter last block per shard and split).
 SHARD_BATCHES = 16
+log = logging.getLogger("kubetune")
 
 
 @dataclass(frozen=True)
@@ -421,13 +427,12 @@ def write_features(data: LoadedData, how: Tokenization, directory: Path,
     sha256). The same data gives the same files for any worker or node count."""
     node, nodes = share
     shards = plan_shards(data)[node::nodes]
-    # In-process unless asked: a forked worker crashed beside a training process's threads
-    # (metrics server, s3fs's event loop) in two fresh-clone runs, and multiprocessing.Pool
-    # then waits forever for its result. Worker processes stay for explicit callers (tests,
-    # bench) until they start from a clean process (forkserver).
-    workers = min(workers or 1, len(shards)) or 1
-    build = partial(write_shard, how=how, directory=directory)
-    if workers == 1:
+    workers = min(workers or usable_cpus(), len(shards)) or 1
+    # The record batch size is the parent's (workers start from a fresh interpreter): the
+    # files, and their sha256, must not depend on where a shard was written.
+    build = partial(write_shard, how=how, directory=directory,
+                    batch_rows=data_module.WRITE_BATCH_ROWS)
+    if workers == 1:  # less than two shards (small jobs, tests) or one CPU: no processes
         written = [build(shard) for shard in shards]
     else:
         written = list(_in_workers(build, shards, workers))
@@ -444,25 +449,46 @@ def ready_facts(files: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _in_workers(build: Callable[[Shard], list[dict[str, Any]]], shards: list[Shard],
                 workers: int) -> Iterator[list[dict[str, Any]]]:
-    """`build` over the shards in forked worker processes, results in shard order. Forked,
-    not spawned: the tokenizer and the imported ML stack are inherited, not loaded again. The
-    first failing shard's error (a DataError naming file:line) is raised here; `with` stops
-    the other workers."""
+    """`build` over the shards in worker processes, results in shard order.
+
+    Workers are forked from a forkserver: a clean process started for the purpose, with the ML
+    stack imported once, that has none of this process's threads (torch's, the tokenizer's,
+    s3fs's event loop, the metrics server) or the locks they may hold; forking this process
+    itself crashed a worker beside rank 1's threads. A `ProcessPoolExecutor` notices a worker
+    that dies (killed, out of memory) and fails its futures with BrokenProcessPool instead of
+    waiting for it forever (as `multiprocessing.Pool` does): the shards not yet written are
+    then written here, in this process, after a warning. The first failing shard's own error
+    (a DataError naming file:line) is raised as is.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(build,))
+    try:
+        futures = [pool.submit(_build_in_worker, shard) for shard in shards]
+        broken = False
+        for shard, future in zip(shards, futures, strict=True):
+            try:
+                yield future.result()
+            except BrokenProcessPool as exc:
+                if not broken:
+                    log.warning("features: a tokenize worker process died (%s); writing shard "
+                                "%d and the other unfinished ones in this process",
+                                exc, shard.index)
+                broken = True
+                yield build(shard)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_BUILD: Callable[[Shard], list[dict[str, Any]]] | None = None  # set in each worker
+
+
+def _start_worker(build: Callable[[Shard], list[dict[str, Any]]]) -> None:
     global _BUILD
     _BUILD = build
-    try:
-        with multiprocessing.get_context("fork").Pool(workers, _one_thread_each) as pool:
-            yield from pool.imap(_build_in_worker, shards)
-    finally:
-        _BUILD = None
-
-
-_BUILD: Callable[[Shard], list[dict[str, Any]]] | None = None  # what forked workers inherit
-
-
-def _one_thread_each() -> None:
     # The workers already use every core between them: the tokenizer's own thread pool would
-    # only oversubscribe them (and it is not fork-safe once used).
+    # only oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     torch.set_num_threads(1)
 
@@ -472,7 +498,21 @@ def _build_in_worker(shard: Shard) -> list[dict[str, Any]]:
     return _BUILD(shard)
 
 
-def write_shard(shard: Shard, how: Tokenization, directory: Path) -> list[dict[str, Any]]:
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU limit (a pod's
+    `resources.limits.cpu`, which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+
+
+def write_shard(shard: Shard, how: Tokenization, directory: Path,
+                batch_rows: int | None = None) -> list[dict[str, Any]]:
     """Tokenize one shard's records, route each row to train or eval (its file's split, or the
     evalFraction mask), pack per split, write one Arrow file per split that got rows."""
     schema = feature_schema(how)
@@ -481,7 +521,7 @@ def write_shard(shard: Shard, how: Tokenization, directory: Path) -> list[dict[s
 
     def write(split: str, row: Feature) -> None:
         if split not in writers:
-            writers[split] = ArrowWriter(directory / shard.output(split), schema)
+            writers[split] = ArrowWriter(directory / shard.output(split), schema, batch_rows)
         writers[split].write(row)
 
     def emit(split: str, rows: dict[str, list[Any]]) -> None:
