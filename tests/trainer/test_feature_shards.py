@@ -168,3 +168,9 @@ def test_a_killed_worker_costs_time_not_the_run(tmp_path: Path, tokenizer,  # ty
     assert "a tokenize worker process died" in caplog.text
     assert rows(two) == rows(one) and rows(two_eval) == rows(one_eval)
     assert ready_files(tmp_path, 2) == ready_files(tmp_path, 1)
+
+
+def test_the_seed_is_part_of_the_features_key(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    # It orders a mixture and draws the evalFraction split: features of another seed differ.
+    data, how, _, _ = prepared(tmp_path, tokenizer, 1, evalFraction=0.2)
+    assert how.fingerprint(data.digest, 7) != how.fingerprint(data.digest, 8)

@@ -133,3 +133,116 @@ def test_two_nodes_split_the_work_and_end_with_identical_features(
     no_tokenizing(monkeypatch)  # node 0 published the whole set: a restart fetches it
     fetched, _ = prepare_features(data, how, tmp_path / "restart", store=store)
     assert [dict(r) for r in fetched] == expected
+
+
+# --- a restart reads no data: the dataset's facts are keyed on its files' identity ----------
+
+
+def read_and_tokenize(pod: Path, spec: DatasetSpec, tok, store: str  # type: ignore[no-untyped-def]
+                      ) -> tuple[data_module.LoadedData, list[dict[str, object]]]:
+    """What a pod's setup does with the data: read it (or take its facts), then features."""
+    data = data_module.read_data(spec, "causal-lm", 0, pod, store)
+    train, _ = prepare_features(data, Tokenization(spec, "causal-lm", tok), pod, store=store)
+    return data, [dict(r) for r in train]
+
+
+def no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("read the data again")
+
+    monkeypatch.setattr(data_module, "prepare_records", refuse)
+
+
+def local_job(tmp_path: Path):  # type: ignore[no-untyped-def]
+    train_tokenizer("llama", [" ".join(WORDS)] * 20).save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"), None, "causal-lm")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(WORDS[: 1 + i % 9])}) + "\n"
+                            for i in range(55)))
+    return path, tok, DatasetSpec.model_validate({"train": str(path), "maxSeqLength": 16})
+
+
+def test_a_restart_fetches_the_features_without_reading_the_data(
+        tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, tok, spec = local_job(tmp_path)
+    store = feature_store.store_uri(f"{s3_bucket}/checkpoints")
+    first, expected = read_and_tokenize(tmp_path / "pod-1", spec, tok, store)
+    no_reading(monkeypatch)
+    no_tokenizing(monkeypatch)
+    again, fetched = read_and_tokenize(tmp_path / "pod-2", spec, tok, store)
+    assert fetched == expected
+    assert (again.digest, again.counts) == (first.digest, first.counts)
+    assert not (tmp_path / "pod-2" / data_module.RECORDS_DIR).exists()
+
+
+def test_facts_without_features_read_the_data_when_tokenizing(
+        tmp_path: Path, s3_bucket: str) -> None:
+    _, tok, spec = local_job(tmp_path)
+    store = feature_store.store_uri(f"{s3_bucket}/checkpoints")
+    read_and_tokenize(tmp_path / "pod-1", spec, tok, store)
+    other = tmp_path / "other-tok"  # another tokenizer: the facts match, the features do not
+    train_tokenizer("llama", [" ".join(reversed(WORDS))] * 20).save_pretrained(other)
+    other_tok = load_tokenizer(str(other), None, "causal-lm")
+    data, built = read_and_tokenize(tmp_path / "pod-2", spec, other_tok, store)
+    assert data.pending is None  # read on demand, once
+    direct = data_module.load_records(spec, "causal-lm", 0, tmp_path / "direct")
+    expected, _ = prepare_features(direct, Tokenization(spec, "causal-lm", other_tok),
+                                   tmp_path / "direct-features")
+    assert built == [dict(r) for r in expected]
+
+
+def rewrite_one_byte(path: Path) -> None:
+    """The same size, one byte different, the modification time set back: only the inode's
+    change time shows the rewrite (waited for until the clock's tick moved on)."""
+    before = path.stat()
+    content = path.read_bytes()
+    changed = content.replace(b"cat", b"bat", 1)
+    assert len(changed) == len(content) and changed != content
+    while True:
+        with path.open("r+b") as handle:  # in place: same inode
+            handle.write(changed)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if path.stat().st_ctime_ns != before.st_ctime_ns:
+            return
+
+
+def test_a_same_size_rewrite_of_a_local_file_is_read_again(
+        tmp_path: Path, s3_bucket: str) -> None:
+    path, tok, spec = local_job(tmp_path)
+    store = feature_store.store_uri(f"{s3_bucket}/checkpoints")
+    first, before = read_and_tokenize(tmp_path / "pod-1", spec, tok, store)
+    rewrite_one_byte(path)
+    again, after = read_and_tokenize(tmp_path / "pod-2", spec, tok, store)
+    assert again.digest != first.digest and after != before
+
+
+def test_a_same_size_rewrite_of_an_object_is_read_again(
+        tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    local, tok, _ = local_job(tmp_path)
+    uri = storage.join(s3_bucket, "data", "train.jsonl")
+    fs, key = storage.filesystem(uri)
+    fs.pipe_file(key, local.read_bytes())
+    spec = DatasetSpec.model_validate({"train": uri, "maxSeqLength": 16})
+    store = feature_store.store_uri(f"{s3_bucket}/checkpoints")
+    first, before = read_and_tokenize(tmp_path / "pod-1", spec, tok, store)
+    with monkeypatch.context() as unchanged:
+        no_reading(unchanged)
+        same, fetched = read_and_tokenize(tmp_path / "pod-2", spec, tok, store)
+        assert (same.digest, fetched) == (first.digest, before)
+    fs.pipe_file(key, local.read_bytes().replace(b"cat", b"bat", 1))  # same size, new ETag
+    again, after = read_and_tokenize(tmp_path / "pod-3", spec, tok, store)
+    assert again.digest != first.digest and after != before
+
+
+def test_bytes_that_differ_from_their_stored_facts_are_a_data_error(
+        tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, tok, spec = local_job(tmp_path)
+    store = feature_store.store_uri(f"{s3_bucket}/checkpoints")
+    monkeypatch.setattr(data_module, "file_identity", lambda uri: {"size": 1})  # fooled
+    read_and_tokenize(tmp_path / "pod-1", spec, tok, store)
+    path.write_text(path.read_text().replace("cat", "bat", 1))
+    other = tmp_path / "other-tok"  # the features must be built: the records are read
+    train_tokenizer("llama", [" ".join(reversed(WORDS))] * 20).save_pretrained(other)
+    with pytest.raises(data_module.DataError, match="kept the identity"):
+        read_and_tokenize(tmp_path / "pod-2", spec, load_tokenizer(str(other), None,
+                                                                   "causal-lm"), store)

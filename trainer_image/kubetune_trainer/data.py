@@ -86,6 +86,23 @@ class LoadedData:
     held_out: Any = None  # evalFraction: numpy bool mask over the train file's records
     fields: Any = None  # the job's dataset.fields (role -> the record's field name)
     source_facts: list[dict[str, Any]] | None = None  # per training source: digest, counts
+    seed: int = 0  # orders a mixture and draws the evalFraction split: part of the features
+    # Set when the facts came from the store (the files' identity matched) and the records
+    # were not read: reads them on first use (see `read`).
+    pending: Callable[[], dict[str, Any]] | None = None
+
+    def read(self) -> None:
+        """Read the records now if their reading was deferred; the bytes read must be the
+        ones the stored facts describe."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        facts = pending()
+        if facts["digest"] != self.digest:
+            raise DataError(
+                f"the dataset files kept the identity (size, mtime/ctime or ETag) stored with "
+                f"digest {self.digest}, but their bytes now have sha256 {facts['digest']}: "
+                f"delete the stored sources-*.json facts next to the features")
 
     @property
     def train(self) -> Dataset:
@@ -96,6 +113,7 @@ class LoadedData:
         return self._split("eval")
 
     def _split(self, split: str) -> Dataset:
+        self.read()
         if self.held_out is not None:
             records = Dataset.from_file(str(self.directory / TRAIN_FILE))
             chosen = self.held_out if split == "eval" else ~self.held_out
@@ -118,6 +136,7 @@ class LoadedData:
 
     def sources(self) -> list[tuple[str, Path, Any]]:
         """(split, record file, held-out mask or None) to stream the records from."""
+        self.read()
         if self.held_out is not None:
             return [("train", self.directory / TRAIN_FILE, self.held_out)]
         files = [("train", self.directory / TRAIN_FILE, None)]
@@ -129,12 +148,94 @@ class LoadedData:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def read_data(spec: DatasetSpec, task: str, seed: int, cache_root: Path) -> LoadedData:
-    """The job's records: read and checked by the node's first rank, mapped by every rank."""
+def read_data(spec: DatasetSpec, task: str, seed: int, cache_root: Path,
+              store: str | None = None) -> LoadedData:
+    """The job's records: read and checked by the node's first rank, mapped by every rank.
+
+    With a `store` URI (the features' folder next to the checkpoints), the facts of a read
+    (digest, counts, label names) are published there under the data files' identity (see
+    `source_identities`); a restart or a later job whose files have the same identity takes
+    the facts from there and reads the records only if it has to tokenize them (`LoadedData.
+    read`): fetching finished features then needs no pass over the data."""
     directory = cache_root / RECORDS_DIR
-    facts = node_once(cache_root, "records",
-                      lambda: prepare_records(spec, task, directory, seed))
-    return open_records(spec, seed, directory, facts)
+
+    def prepare() -> dict[str, Any]:
+        identity = source_identities(spec, task) if store else None
+        if identity and (known := _stored_facts(store, identity)):  # type: ignore[arg-type]
+            return {**known, "deferred": True}
+        facts = prepare_records(spec, task, directory, seed)
+        if identity and source_identities(spec, task) == identity:  # unchanged while read
+            _store_facts(store, identity, facts)  # type: ignore[arg-type]
+        return facts
+
+    facts = node_once(cache_root, "records", prepare)
+    data = open_records(spec, seed, directory, facts)
+    if facts.get("deferred"):
+        data.pending = lambda: node_once(cache_root, "records-read", lambda: prepare_records(
+            spec, task, directory, seed))
+    return data
+
+
+RECORDS_VERSION = "1"  # bump when reading or checking records changes their facts
+# File metadata that changes whenever the content does: object stores' ETag (an MD5 of the
+# bytes, or of the parts' MD5s) and version ids, GCS's generation and checksums, the Hub's
+# blob ids. Without one of these a remote file has no cheap identity and is always read.
+CONTENT_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "crc32c",
+                "blob_id", "lfs", "sha256")
+
+
+def source_identities(spec: DatasetSpec, task: str) -> str | None:
+    """A key for the job's data files that needs no read: each file's size and, locally,
+    inode, mtime_ns and ctime_ns (a rewrite changes mtime, and ctime even when a tool sets
+    mtime back), remotely its content metadata (CONTENT_KEYS), plus the dataset settings and
+    the task. None when a file has no such identity (then the data is always read)."""
+    files = [source.path for source in spec.sources] + ([spec.eval] if spec.eval else [])
+    found = []
+    for uri in files:
+        try:
+            identity = file_identity(uri)
+        except (OSError, ValueError, ImportError, storage.StorageError):
+            return None  # reading it reports the problem properly
+        if identity is None:
+            return None
+        found.append([uri, identity])
+    key = json.dumps([RECORDS_VERSION, task, spec.model_dump(mode="json"), found],
+                     sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def file_identity(uri: str) -> dict[str, Any] | None:
+    fs, path = storage.filesystem(uri)
+    if storage.is_local(uri):
+        stat = os.stat(path)
+        return {"size": stat.st_size, "inode": stat.st_ino, "device": stat.st_dev,
+                "mtimeNs": stat.st_mtime_ns, "ctimeNs": stat.st_ctime_ns}
+    info = fs.info(path)
+    content = {k: info[k] for k in CONTENT_KEYS if info.get(k) not in (None, "")}
+    return {"size": info.get("size"), **content} if content else None
+
+
+def _facts_uri(store: str, identity: str) -> str:
+    return storage.join(store, f"sources-{identity}.json")
+
+
+def _stored_facts(store: str, identity: str) -> dict[str, Any] | None:
+    try:
+        if storage.exists(uri := _facts_uri(store, identity)):
+            facts = json.loads(storage.read_text(uri))
+            log.info("dataset facts from %s: the data is read only if it must be tokenized",
+                     uri)
+            return dict(facts)
+    except (storage.StorageError, ValueError) as exc:
+        log.warning("dataset facts in %s unreadable (%s); reading the data", store, exc)
+    return None
+
+
+def _store_facts(store: str, identity: str, facts: dict[str, Any]) -> None:
+    try:
+        storage.write_text(_facts_uri(store, identity), json.dumps(facts))
+    except storage.StorageError as exc:
+        log.warning("dataset facts: cannot store them in %s (%s)", store, exc)
 
 
 def load_records(spec: DatasetSpec, task: str, seed: int,
@@ -226,7 +327,7 @@ def open_records(spec: DatasetSpec, seed: int, cache_dir: Path,
         counts = {"train": int((~held_out).sum()), "eval": int(held_out.sum())}
     return LoadedData(directory=cache_dir, digest=facts["digest"], counts=counts,
                       label_names=facts["labelNames"], held_out=held_out, fields=spec.fields,
-                      source_facts=facts["sources"])
+                      source_facts=facts["sources"], seed=seed)
 
 
 def held_out_mask(count: int, spec: DatasetSpec, seed: int) -> Any:

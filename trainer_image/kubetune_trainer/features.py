@@ -78,13 +78,14 @@ class Tokenization:
         """Packed causal-LM documents are never cut: the rest continues in the next block."""
         return not self.packs
 
-    def fingerprint(self, data_digest: str) -> str:
-        """Cache key: the data, the tokenizer (vocabulary, specials, chat template) and every
-        setting that changes the features."""
+    def fingerprint(self, data_digest: str, seed: int = 0) -> str:
+        """Cache key: the data, the seed (it orders a mixture and draws the evalFraction
+        split), the tokenizer (vocabulary, specials, chat template) and every setting that
+        changes the features."""
         tok = self.tokenizer
         backend = tok.backend_tokenizer.to_str() if tok.is_fast else json.dumps(tok.get_vocab())
-        key = json.dumps([FEATURES_VERSION, SHARD_BATCHES, data_digest, self.task, self.label_names,
-                          self.num_labels, self.spec.model_dump(mode="json"),
+        key = json.dumps([FEATURES_VERSION, SHARD_BATCHES, data_digest, seed, self.task,
+                          self.label_names, self.num_labels, self.spec.model_dump(mode="json"),
                           type(tok).__name__, backend, str(tok.chat_template),
                           tok.special_tokens_map], sort_keys=True, default=str)
         return hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -321,7 +322,7 @@ def prepare_features(data: LoadedData, how: Tokenization, cache_root: Path,
     built with `workers` processes (default: every CPU this process may use) and published to
     the store. The node's other ranks wait for it and map the same files.
     """
-    directory = cache_root / f"features-{how.fingerprint(data.digest)}"
+    directory = cache_root / f"features-{how.fingerprint(data.digest, data.seed)}"
 
     def build() -> dict[str, Any]:
         if (directory / READY_FILE).exists():

@@ -237,7 +237,13 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     spec = job.spec
     set_seed(spec.training.seed)
     cache = data_dir or workdir / DATA_DIR
-    data = read_data(spec.dataset, spec.model.task, spec.training.seed, cache)
+    # Shared next to the checkpoints of a job that keeps them; a job that keeps none gets
+    # no checkpoints/ folder in its output (its artifact stays the model alone). Preference
+    # pairs are not tokenized here: nothing to share.
+    store = (feature_store.store_uri(checkpoints.root_uri(spec, output_uri))
+             if (spec.checkpoint.uri or spec.checkpoint.every_steps)
+             and spec.training.objective == Objective.SFT else None)
+    data = read_data(spec.dataset, spec.model.task, spec.training.seed, cache, store)
     precision = resolve_precision(spec.training.precision, torch.cuda.is_available())
     strategies.check_precision(spec, precision)
     source = model_source(job, data, workdir)
@@ -256,10 +262,6 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     else:
         how = Tokenization(spec.dataset, spec.model.task, tokenizer, data.label_names,
                            spec.model.num_labels)
-        # Shared next to the checkpoints of a job that keeps them; a job that keeps none gets
-        # no checkpoints/ folder in its output (its artifact stays the model alone).
-        store = (feature_store.store_uri(checkpoints.root_uri(spec, output_uri))
-                 if spec.checkpoint.uri or spec.checkpoint.every_steps else None)
         train_features, eval_features = prepare_features(data, how, cache, store=store)
     # Arguments before the model: with ZeRO-3 they make from_pretrained load sharded.
     args = training_arguments(job, precision, workdir, has_eval=eval_features is not None,
