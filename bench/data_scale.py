@@ -83,6 +83,9 @@ def job_yaml(model_dir: Path, data: Path, out: Path, steps: int) -> str:
                                                        "completion": "completion"},
                         "maxSeqLength": 128},
             "training": {"maxSteps": steps, "perDeviceBatchSize": 4, "logEverySteps": 1},
+            # Checkpoints on (none is due within the run): a job that can restart keeps them,
+            # and its features are published beside them.
+            "checkpoint": {"everySteps": 1000},
             "output": {"uri": str(out)},
         },
     })
@@ -183,6 +186,13 @@ def node_child(config: str, node: str, nodes: str, cpu: str, cache: str, store: 
     spec = load_job(config).spec
     data = read_data(spec.dataset, spec.model.task, spec.training.seed, Path(cache))
     tokenizer = load_tokenizer(spec.model.name, None, spec.model.task)
+    # Every node starts tokenizing at once (as after a gang's common start): a node whose
+    # read finished first would otherwise count its wait for a slower peer's read.
+    gang = Path(store).with_name(Path(store).name + "-started")
+    gang.mkdir(parents=True, exist_ok=True)
+    (gang / node).touch()
+    while len(list(gang.iterdir())) < int(nodes):
+        time.sleep(0.05)
     started = time.perf_counter()
     prepare_features(data, Tokenization(spec.dataset, spec.model.task, tokenizer), Path(cache),
                      store=store)
