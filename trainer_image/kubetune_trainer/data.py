@@ -189,16 +189,18 @@ def source_identities(spec: DatasetSpec, task: str) -> str | None:
     inode, mtime_ns and ctime_ns (a rewrite changes mtime, and ctime even when a tool sets
     mtime back), remotely its content metadata (CONTENT_KEYS), plus the dataset settings and
     the task. None when a file has no such identity (then the data is always read)."""
-    files = [source.path for source in spec.sources] + ([spec.eval] if spec.eval else [])
+    sources = [*spec.sources, *([spec.eval_source] if spec.eval else [])]
     found = []
-    for uri in files:
+    for source in sources:
+        if source is None or source.is_hub_repo:  # a Hub split read through `datasets`
+            return None
         try:
-            identity = file_identity(uri)
-        except (OSError, ValueError, ImportError, storage.StorageError):
-            return None  # reading it reports the problem properly
+            identity = file_identity(source.read_path)
+        except Exception:  # only a shortcut: reading the data reports any problem properly
+            return None
         if identity is None:
             return None
-        found.append([uri, identity])
+        found.append([source.read_path, identity])
     key = json.dumps([RECORDS_VERSION, task, spec.model_dump(mode="json"), found],
                      sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
