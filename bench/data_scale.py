@@ -98,7 +98,7 @@ def child(config: str, workdir: str, output: str) -> None:
     from transformers import TrainerCallback
 
     from kubetune_api.load import load_job
-    from kubetune_trainer import data, features, recipe
+    from kubetune_trainer import data, features, recipe, sft
 
     datasets.disable_progress_bars()
     timings: dict[str, float] = {}
@@ -113,7 +113,7 @@ def child(config: str, workdir: str, output: str) -> None:
         return wrapper
 
     recipe.read_data = timed("read", data.read_data)  # type: ignore[attr-defined]
-    recipe.prepare_features = timed("tokenize", features.prepare_features)  # type: ignore[attr-defined]
+    sft.prepare_features = timed("tokenize", features.prepare_features)  # type: ignore[attr-defined]
     class FirstStep(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             timings.setdefault("first_step", time.perf_counter() - started)

@@ -10,7 +10,7 @@ import pytest
 
 import kubetune
 from kubetune_api import contract
-from kubetune_trainer.launch import PROGRESS_ENV, SUMMARY_ENV
+from kubetune_trainer.env import PROGRESS_ENV, SUMMARY_ENV
 from support.jobs import example_dict
 
 pytestmark = pytest.mark.slow

@@ -14,13 +14,12 @@ import pytest
 from kubetune_api.contract import MANIFEST_FILE
 from kubetune_trainer import recipe
 from kubetune_trainer.console import (
-    PROGRESS_ENV,
-    SUMMARY_ENV,
     Console,
     ProgressCallback,
     format_duration,
     summary_text,
 )
+from kubetune_trainer.env import PROGRESS_ENV, SUMMARY_ENV
 from support.jobs import ROOT, example_job
 
 SHORT = {"maxSteps": 6, "logEverySteps": 2}

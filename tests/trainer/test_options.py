@@ -21,6 +21,7 @@ from kubetune_api.load import SpecError
 from kubetune_trainer import recipe
 from kubetune_trainer.evaluation import add_perplexity, classification_metrics, macro_f1
 from kubetune_trainer.factories import option_arguments, peft_config
+from kubetune_trainer.features import padding_multiple
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.modeling import Precision, attention_implementation
 from support.jobs import example_job
@@ -91,10 +92,10 @@ def test_speed_and_tracking_switches_reach_the_trainer(tmp_path: Path) -> None:
 
 def test_compile_pads_every_batch_to_one_shape(tmp_path: Path) -> None:
     spec = example_job("tiny-lora", tmp_path, training={"compile": True}).spec
-    assert recipe.padding_multiple(spec, cuda=False) == spec.dataset.max_seq_length == 64
+    assert padding_multiple(spec, cuda=False) == spec.dataset.max_seq_length == 64
     plain = example_job("tiny-lora", tmp_path).spec
-    assert recipe.padding_multiple(plain, cuda=False) is None
-    assert recipe.padding_multiple(plain, cuda=True) == 8
+    assert padding_multiple(plain, cuda=False) is None
+    assert padding_multiple(plain, cuda=True) == 8
 
 
 def test_min_learning_rate_ratio_floors_the_cosine_decay(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from kubetune_api.contract import CHECKPOINTS_SUBDIR, MANIFEST_FILE
 from kubetune_api.load import validate_job
-from kubetune_trainer import checkpoints, preference, recipe
+from kubetune_trainer import checkpoints, objectives, preference, recipe
 from kubetune_trainer.data import DataError, load_records
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.preemption import Preempted
@@ -126,7 +126,7 @@ def test_arguments_carry_beta_loss_and_length(tmp_path: Path) -> None:
                                                                      "loss": "ipo"}})
     args = recipe.training_arguments(job, recipe.resolve_precision("auto", False), tmp_path,
                                      has_eval=False, cuda=False,
-                                     config=recipe.arguments_class(job))
+                                     config=objectives.arguments_class(job.spec))
     assert type(args).__name__ == "DPOConfig"
     assert (args.beta, args.loss_type, args.max_length) == (0.3, ["ipo"], 64)
     # TRL defaults to checkpointing on; the spec's gradientCheckpointing (false) must win.
@@ -136,9 +136,21 @@ def test_arguments_carry_beta_loss_and_length(tmp_path: Path) -> None:
                                                        "preference": {"beta": 0.5}})
     args = recipe.training_arguments(orpo, recipe.resolve_precision("auto", False), tmp_path,
                                      has_eval=False, cuda=False,
-                                     config=recipe.arguments_class(orpo))
+                                     config=objectives.arguments_class(orpo.spec))
     assert type(args).__name__ == "ORPOConfig" and args.beta == 0.5
     assert args.activation_checkpointing is False
+
+
+def test_compiled_dpo_pads_every_batch_to_max_seq_length(tmp_path: Path) -> None:
+    """One shape under training.compile, as SFT (features.padding_multiple): DPO padded to
+    multiples of 8 recompiled at every new length."""
+    tokenizer = train_tokenizer("llama", ["a b c"] * 4)
+    compiled = example_job("tiny-dpo", tmp_path, training={"compile": True}).spec
+    _, collate = preference._trainer_and_collator(compiled, tokenizer)
+    assert collate.pad_to_multiple_of == compiled.dataset.max_seq_length == 64
+    _, collate = preference._trainer_and_collator(example_job("tiny-dpo", tmp_path).spec,
+                                                  tokenizer)
+    assert collate.pad_to_multiple_of is None  # on CPU without compile: the longest pair
 
 
 def test_reward_facts_take_first_and_final_training_values() -> None:

@@ -12,8 +12,8 @@ import torch
 
 from kubetune_trainer.modeling import Precision, load_model, load_tokenizer, make_trainable
 from kubetune_trainer.preemption import Preempted, PreemptionCallback
-from kubetune_trainer.recipe import EpochSeededLengthSampler
 from kubetune_trainer.tiny import build_tiny_model
+from kubetune_trainer.trainers import EpochSeededLengthSampler
 from support.jobs import example_job
 
 

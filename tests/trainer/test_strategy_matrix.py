@@ -30,7 +30,7 @@ import yaml
 from kubetune_api import contract
 from kubetune_api.load import validate_job
 from kubetune_api.spec import MethodType
-from kubetune_trainer import artifacts, preference, recipe
+from kubetune_trainer import artifacts, preference, recipe, sft
 from kubetune_trainer.modeling import load_model
 from kubetune_trainer.samples import SAMPLES_FILE, write_samples
 from support.jobs import ROOT, example_dict
@@ -163,7 +163,7 @@ def eval_loss(ready: recipe.Setup, model: Any) -> float:
     if ready.job.spec.training.objective == "dpo":
         trainer = preference.build_trainer(ready, [])
     else:
-        trainer = recipe.sft_trainer(ready, [])
+        trainer = sft.build_trainer(ready, [])
     return float(trainer.evaluate()["eval_loss"])
 
 

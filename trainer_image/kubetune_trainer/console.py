@@ -21,8 +21,8 @@ from typing import Any, TextIO
 
 from transformers import TrainerCallback
 
+from kubetune_trainer.env import PROGRESS_ENV, SUMMARY_ENV
 from kubetune_trainer.evaluation import REPORTED
-from kubetune_trainer.launch import PROGRESS_ENV, SUMMARY_ENV
 from kubetune_trainer.oci import Pushed
 
 PROGRESS_MODES = ("auto", "bar", "lines", "none")

@@ -26,9 +26,18 @@ from kubetune_trainer import storage
 from kubetune_trainer.data import HASH_CHUNK
 
 FEATURES_SUBDIR = "features"  # under the checkpoint root
+FEATURE_SPLITS = ("train", "eval")
 NODE_POLL_SECONDS = 1.0
 NODE_WAIT_LOG_SECONDS = 60.0
 log = logging.getLogger("kubetune")
+
+
+def ready_facts(files: list[dict[str, Any]]) -> dict[str, Any]:
+    """READY's content: the files in shard order (train before eval), rows per split."""
+    files = sorted(files, key=lambda f: (f["shard"], FEATURE_SPLITS.index(f["split"])))
+    counts = {split: sum(f["rows"] for f in files if f["split"] == split)
+              for split in FEATURE_SPLITS}
+    return {"counts": counts, "files": files}
 
 
 def store_uri(checkpoint_root: str) -> str:
@@ -96,8 +105,6 @@ def build_shared(directory: Path, store: str, node: int, nodes: int, ready_file:
     the whole set. A node that dies makes the gang restart (its peers wait for it here, as
     they would at the first collective); a restart reuses whatever lists are already up.
     """
-    from kubetune_trainer.features import ready_facts
-
     uri = storage.join(store, directory.name)
     mine = build_mine()["files"]
     storage.upload_dir(directory, uri, exclude={ready_file})

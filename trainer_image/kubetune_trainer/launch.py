@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING
 from kubetune_api import contract, uris
 from kubetune_api.load import SpecError, load_job
 from kubetune_api.spec import FineTuneJob, FineTuneJobSpec, Strategy
+from kubetune_trainer.env import METRICS_PORT_ENV, PROGRESS_ENV, SUMMARY_ENV
 
 if TYPE_CHECKING:
     from kubetune_trainer.recipe import RunResult
 
-PROGRESS_ENV = "KUBETUNE_PROGRESS"  # kubetune_trainer.console reads them (no torch imported here)
-SUMMARY_ENV = "KUBETUNE_SUMMARY"
 
 GRACE_SECONDS = 30  # as torchrun gives its workers after SIGTERM
 
@@ -166,7 +165,7 @@ def node_env(node_rank: int, nodes: int, nproc: int, master_port: int,
         "GLOO_SOCKET_IFNAME": "lo",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or threads_per_rank(nodes * nproc),
         # Pods each have the port to themselves; nodes sharing this machine must not collide.
-        "KUBETUNE_METRICS_PORT": str(metrics_port + node_rank * nproc),
+        METRICS_PORT_ENV: str(metrics_port + node_rank * nproc),
         contract.TERMINATION_LOG_ENV: str(workdir / "termination-log"),
     }
 

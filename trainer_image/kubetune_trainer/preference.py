@@ -1,7 +1,7 @@
 """Preference tuning (`training.objective: dpo | orpo`) with TRL, behind the same recipe.
 
-The recipe stays the one readable path (setup → train → save); this module supplies the three
-things that differ from SFT:
+The recipe stays the one readable path (setup → train → save); objectives.py calls this module
+for the things that differ from SFT (sft.py):
 
 - `pairs`: chosen/rejected records, read by `data.load_records` (which keeps each record's
   `file:line`), checked here and normalized to TRL's preference format;
@@ -34,12 +34,13 @@ from kubetune_trainer.data import (
     bad_records,
     message_list_problem,
 )
+from kubetune_trainer.features import padding_multiple
+from kubetune_trainer.prepared import Setup
 from kubetune_trainer.ranks import is_rank0
+from kubetune_trainer.trainers import FrozenHeapTrainer
 
 if TYPE_CHECKING:
     from transformers import Trainer
-
-    from kubetune_trainer.recipe import Setup
 
 Pair = dict[str, Any]
 # TRL toggles checkpointing around every reference pass through the deprecated names.
@@ -203,9 +204,8 @@ def _check_not_truncated_away(given: int, kept: int, spec: FineTuneJobSpec) -> N
 
 def _trainer_and_collator(spec: FineTuneJobSpec,
                           tokenizer: PreTrainedTokenizerBase) -> tuple[type, Any]:
-    from kubetune_trainer.recipe import FrozenHeapTrainer
-
-    pad_to = 8 if torch.cuda.is_available() else None
+    # Under training.compile, one shape: every batch padded to maxSeqLength (features.py).
+    pad_to = padding_multiple(spec, torch.cuda.is_available())
     if spec.training.objective == Objective.ORPO:
         from trl.experimental.orpo import ORPOTrainer
         from trl.experimental.utils import DPODataCollatorWithPadding

@@ -6,13 +6,14 @@ What every pod of the gang runs (the operator sets the PET_* variables, torchrun
 
 On a laptop, the same YAML: `kubetune run examples/tiny-lora.yaml`.
 
-Full, LoRA and QLoRA differ only in `factories.py`; everything here is shared. All input is
+Full, LoRA and QLoRA differ only in `factories.py`, SFT and preference tuning only in
+`objectives.py`; everything here is shared. What setup builds (`Setup`) and the Trainer base
+every objective derives from live below this module (prepared.py, trainers.py). All input is
 checked in `setup` before anything is written to the output URI; rank 0 alone writes.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
@@ -22,36 +23,24 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from datasets import Dataset
 from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
     TrainingArguments,
 )
 from transformers import ProgressCallback as TrainerProgressCallback
 from transformers import logging as hf_logging
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import set_seed
 
 from kubetune_api.load import SpecError
-from kubetune_api.spec import (
-    TINY_SCHEME,
-    FineTuneJob,
-    FineTuneJobSpec,
-    MethodType,
-    Objective,
-    Task,
-)
+from kubetune_api.spec import TINY_SCHEME, FineTuneJob, MethodType
 from kubetune_trainer import (
     artifacts,
     checkpoints,
@@ -59,24 +48,17 @@ from kubetune_trainer import (
     factories,
     feature_store,
     hub,
+    objectives,
     oci,
-    preference,
     storage,
     strategies,
 )
 from kubetune_trainer.chat import job_template
 from kubetune_trainer.checkpoints import CheckpointCallback
 from kubetune_trainer.console import Console, ProgressCallback
-from kubetune_trainer.data import DataError, LoadedData, read_data, training_texts
-from kubetune_trainer.features import (
-    Tokenization,
-    arrow_lengths,
-    collator_for,
-    count_input_tokens,
-    prepare_features,
-)
+from kubetune_trainer.data import LoadedData, read_data
+from kubetune_trainer.env import METRICS_PORT_ENV
 from kubetune_trainer.hold import hold_callback
-from kubetune_trainer.losses import example_losses, loss_function_for, mean_label_loss
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
@@ -87,7 +69,8 @@ from kubetune_trainer.modeling import (
     parameter_counts,
     resolve_precision,
 )
-from kubetune_trainer.preemption import Preempted, PreemptionCallback, StopTraining
+from kubetune_trainer.preemption import Preempted, PreemptionCallback
+from kubetune_trainer.prepared import Setup
 from kubetune_trainer.ranks import global_rank, is_local_leader, is_rank0, local_rank, world_size
 from kubetune_trainer.samples import write_samples
 from kubetune_trainer.tiny import build_tiny_model
@@ -97,7 +80,6 @@ TRAINER_PICKLE = "training_args.bin"
 LOCAL_CHECKPOINTS = "checkpoints"  # where the Trainer writes before the upload
 TENSORBOARD_DIR = "logs"  # local event files; published under <output>/logs/
 DATA_DIR = "data"  # records and tokenized features, memory-mapped Arrow
-METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"  # local multi-node runs only: ports must differ
 log = logging.getLogger("kubetune")
 # Raised inside transformers/peft on every run; nothing a user of kubetune can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
@@ -112,47 +94,6 @@ class RunResult:
     manifest: dict[str, Any]
     manifest_sha256: str
     oci: oci.Pushed | None = None  # spec.output.oci: what was pushed, by digest
-
-
-@dataclass
-class Setup:
-    """Everything the run needs, built and checked before training starts."""
-
-    job: FineTuneJob
-    output_uri: str
-    workdir: Path
-    precision: Precision
-    data: LoadedData
-    source: str  # model id or local directory (tiny mode)
-    tokenizer: PreTrainedTokenizerBase
-    args: TrainingArguments
-    model: PreTrainedModel
-    train_features: Dataset  # memory-mapped Arrow
-    eval_features: Dataset | None
-    metrics: TrainerMetrics
-    tokens: TokenCounter = field(default_factory=lambda: TokenCounter())
-    console: Console = field(default_factory=Console.from_env)
-
-    @property
-    def identity(self) -> str:
-        """Whose checkpoints this run may resume and prune (checkpoints.job_identity)."""
-        return checkpoints.job_identity(self.job, self.data.digest)
-
-
-class TokenCounter:
-    """Non-pad tokens fed to training (eval batches are not counted), and all positions."""
-
-    def __init__(self) -> None:
-        self.total = self._reported = self.positions = 0
-
-    @property
-    def nonpad_fraction(self) -> float | None:
-        return round(self.total / self.positions, 4) if self.positions else None
-
-    def take(self) -> int:
-        """Tokens since the previous call (for per-step throughput)."""
-        new, self._reported = self.total - self._reported, self.total
-        return new
 
 
 def run(job: FineTuneJob, *, output_uri: str | None = None,
@@ -242,7 +183,7 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     # pairs are not tokenized here: nothing to share.
     store = (feature_store.store_uri(checkpoints.root_uri(spec, output_uri))
              if (spec.checkpoint.uri or spec.checkpoint.every_steps)
-             and spec.training.objective == Objective.SFT else None)
+             and not objectives.is_preference(spec) else None)
     data = read_data(spec.dataset, spec.model.task, spec.training.seed, cache, store)
     precision = resolve_precision(spec.training.precision, torch.cuda.is_available())
     strategies.check_precision(spec, precision)
@@ -252,21 +193,11 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
     template = job_template(spec.dataset, tokenizer)
     if template:
         tokenizer.chat_template = template  # also saved with the artifact: inference matches
-    if spec.training.objective != Objective.SFT:  # pairs; TRL tokenizes them (preference.py)
-        check = partial(preference.checked_pairs, fields=spec.dataset.fields,
-                        tokenizer=tokenizer)
-        train_features, eval_features = check(data.records("train")), (
-            check(data.records("eval")) or None)
-        if not train_features:
-            raise DataError(f"{spec.dataset.train_name}: no preference pair to learn from")
-    else:
-        how = Tokenization(spec.dataset, spec.model.task, tokenizer, data.label_names,
-                           spec.model.num_labels)
-        train_features, eval_features = prepare_features(data, how, cache, store=store)
+    train_features, eval_features = objectives.features(spec, data, tokenizer, cache, store)
     # Arguments before the model: with ZeRO-3 they make from_pretrained load sharded.
     args = training_arguments(job, precision, workdir, has_eval=eval_features is not None,
                               cuda=torch.cuda.is_available(),
-                              config=arguments_class(job))
+                              config=objectives.arguments_class(spec))
     strategies.prepare_loading(spec)
     model = load_model(spec, source, tokenizer, precision, data.label_names,
                        device_map=strategies.device_map(spec, local_device()),
@@ -286,9 +217,7 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
     if not spec.model.name.startswith(TINY_SCHEME):
         return spec.model.name
     arch = spec.model.name.removeprefix(TINY_SCHEME)
-    texts = list(preference.texts(data, spec.dataset.fields)
-                 if spec.training.objective != Objective.SFT
-                 else training_texts(data, spec.dataset))
+    texts = list(objectives.texts(data, spec))
     directory = workdir / f"tiny-{arch}-rank{global_rank()}"
     build_tiny_model(arch, texts, directory, max_positions=spec.dataset.max_seq_length,
                      seed=spec.training.seed)
@@ -297,10 +226,7 @@ def model_source(job: FineTuneJob, data: LoadedData, workdir: Path) -> str:
 
 def build_trainer(ready: Setup, preemption: PreemptionCallback | None = None) -> Trainer:
     callbacks = trainer_callbacks(ready, preemption)
-    if ready.job.spec.training.objective != Objective.SFT:
-        trainer = preference.build_trainer(ready, callbacks)
-    else:
-        trainer = sft_trainer(ready, callbacks)
+    trainer = objectives.build_trainer(ready, callbacks)
     # Ours replaces the Trainer's bar (or, with tqdm off, its printing of raw log dicts).
     trainer.remove_callback(TrainerProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -332,164 +258,6 @@ def trainer_callbacks(ready: Setup, preemption: PreemptionCallback | None) -> li
     return callbacks
 
 
-def sft_trainer(ready: Setup, callbacks: list[Any]) -> Trainer:
-    spec, cuda = ready.job.spec, torch.cuda.is_available()
-    # Each rank masks differently (one shared seed would mask every rank's batch alike).
-    collate = collator_for(spec.model.task, ready.tokenizer, ready.model,
-                           spec.training.seed + global_rank(),
-                           pad_to_multiple_of=padding_multiple(spec, cuda))
-
-    def counting_collator(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        collated = collate(batch)
-        if ready.model.training:
-            ready.tokens.total += count_input_tokens(batch)
-            ready.tokens.positions += int(collated["input_ids"].numel())
-        return collated
-
-    classify = spec.model.task == Task.SEQUENCE_CLASSIFICATION
-    trainer = FrozenHeapTrainer(
-        model=ready.model, args=ready.args, train_dataset=ready.train_features,
-        eval_dataset=ready.eval_features, data_collator=counting_collator,
-        processing_class=ready.tokenizer, callbacks=callbacks,
-        compute_loss_func=loss_function_for(spec.model.task),
-        compute_metrics=evaluation.classification_metrics if classify else None,
-        preprocess_logits_for_metrics=evaluation.predicted_classes if classify else None)
-    trainer.perplexity = spec.model.task != Task.SEQUENCE_CLASSIFICATION
-    trainer.label_task = spec.model.task
-    return trainer
-
-
-def padding_multiple(spec: FineTuneJobSpec, cuda: bool) -> int | None:
-    """Batches padded to a multiple of this (None: to their longest sequence).
-
-    Under training.compile every new batch shape recompiles (12 tiny LoRA steps took 497 s on
-    CPU with per-batch lengths): pad every batch to maxSeqLength, one shape. On CUDA,
-    multiples of 8 suit the tensor cores.
-    """
-    if spec.training.compile:
-        return spec.dataset.max_seq_length
-    return 8 if cuda else None
-
-
-class EpochSeededLengthSampler(LengthGroupedSampler):
-    """Length-grouped order that depends only on (seed, epoch). HF's sampler draws from the
-    global RNG, so a run resumed inside epoch 2+ would skip other batches than it trained."""
-
-    def __init__(self, batch_size: int, lengths: Any, seed: int):
-        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:  # accelerate calls it at every epoch start
-        assert self.generator is not None
-        self.generator.manual_seed(self.seed + epoch)
-
-    def __iter__(self) -> Any:
-        """HF's grouping (random mega-batches of 50 batches, each sorted longest first, the
-        longest batch first overall) on numpy arrays: HF builds it from Python lists, ~100
-        bytes a record, which made the sampler grow with the data size."""
-        lengths = np.asarray(self.lengths)
-        count = len(lengths)
-        size = max(1, min(count // (self.batch_size * 4), 50)) * self.batch_size
-        order = torch.randperm(count, generator=self.generator).numpy()
-        for start in range(0, count, size):
-            chunk = order[start:start + size]
-            order[start:start + size] = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        longest = int(np.argmax(lengths[order[::size]])) * size
-        order[0], order[longest] = order[longest], order[0]
-        return map(int, order)
-
-
-class FrozenHeapTrainer(Trainer):
-    """The HF Trainer, with the garbage collector ignoring what existed before training.
-
-    The imported ML stack is ~0.5M long-lived objects: the Trainer's gc.collect() at the start
-    of train() (0.4 s on these cores) and later full collections would rescan them all for
-    nothing. Unfrozen afterwards, so nothing this run leaves behind escapes collection.
-    """
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if (self.args.train_sampling_strategy == "group_by_length"
-                and isinstance(dataset, Dataset)):
-            # Lengths straight from Arrow: HF's sampler would read every row in Python.
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochSeededLengthSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                arrow_lengths(dataset), seed)
-        sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochSeededLengthSampler(sampler.batch_size, sampler.lengths, seed)
-        return sampler
-
-    perplexity = False  # language modelling: report exp(eval loss) with every evaluation
-
-    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-        preemption = self._preemption()
-        if preemption is not None and preemption.stop_requested(self.args.device):
-            raise StopTraining
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        gc.freeze()
-        try:
-            return super().train(*args, **kwargs)
-        except StopTraining:
-            self._checkpoint_and_stop()
-            return None
-        finally:
-            gc.unfreeze()
-
-    # The task whose eval_loss is the mean per label of the whole eval set (losses.py); None
-    # (the preference trainers) keeps the Trainer's own.
-    label_task: str | None = None
-    _eval_parts: list[torch.Tensor] | None = None
-
-    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        if self._eval_parts is None or model.training or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]  # the Trainer pops it when it computes the loss itself
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        if outputs.get("logits") is None:  # a fused loss (Liger) keeps no logits: every rank
-            self._eval_parts = None  # alike, so the Trainer's mean is reported
-        else:
-            parts = example_losses(str(self.label_task), outputs["logits"], labels)
-            # Every rank gets every rank's examples, less those accelerate repeated to give
-            # the ranks equal batch counts.
-            self._eval_parts.append(self.accelerator.gather_for_metrics(parts).cpu())
-        return (loss, outputs) if return_outputs else loss
-
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        self._eval_parts = [] if self.label_task else None
-        try:
-            output = super().evaluation_loop(*args, **kwargs)
-            exact = mean_label_loss(self._eval_parts or [])
-        finally:
-            self._eval_parts = None
-        if exact is not None and output.metrics is not None:  # before it is logged and compared
-            output.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_loss"] = exact
-        if self.perplexity and output.metrics is not None:
-            evaluation.add_perplexity(output.metrics, kwargs.get("metric_key_prefix", "eval"))
-        return output
-
-    def _preemption(self) -> PreemptionCallback | None:
-        return next((c for c in self.callback_handler.callbacks
-                     if isinstance(c, PreemptionCallback)), None)
-
-    def _checkpoint_and_stop(self) -> None:
-        """Save the last complete optimizer step (the partial accumulation is dropped: a
-        resumed run redoes that step from its first micro-batch) and tell the callbacks."""
-        preemption = self._preemption()
-        assert preemption is not None
-        preemption.stopped_at = self.state.global_step
-        if self.state.global_step > 0:
-            self._save_checkpoint(self.model_wrapped, trial=None)
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-
-
 def resume(ready: Setup) -> Path | None:
     """The newest complete checkpoint, downloaded, or None for a fresh start."""
     root = checkpoints.root_uri(ready.job.spec, ready.output_uri)
@@ -515,12 +283,6 @@ def evaluate(ready: Setup, trainer: Trainer) -> dict[str, float]:
     ready.metrics.set_phase("evaluating")
     return {k: float(v) for k, v in trainer.evaluate().items()
             if k.removeprefix("eval_") in evaluation.REPORTED and math.isfinite(v)}
-
-
-def arguments_class(job: FineTuneJob) -> Callable[..., TrainingArguments]:
-    if job.spec.training.objective == Objective.SFT:
-        return TrainingArguments
-    return preference.arguments_class(job.spec)
 
 
 def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
@@ -570,7 +332,7 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         # Batches of similar length waste less compute on padding; packed blocks are uniform.
         # (TRL's preference datasets have no input_ids to group by.)
         train_sampling_strategy="random" if job.spec.dataset.packing
-        or t.objective != Objective.SFT else "group_by_length",
+        or objectives.is_preference(job.spec) else "group_by_length",
         disable_tqdm=True,  # console.ProgressCallback shows progress on rank 0
         **factories.option_arguments(t, cuda=cuda),
         **best,
@@ -607,8 +369,7 @@ def summarize(ready: Setup, trainer: Trainer, evaluated: dict[str, float] | floa
                     "tokensPerSecond": round(ready.tokens.total * world / max(seconds, 1e-9),
                                              1),
                     "nonPadFraction": ready.tokens.nonpad_fraction,
-                    **(preference.reward_facts(trainer.state.log_history)
-                       if ready.job.spec.training.objective != Objective.SFT else {})},
+                    **objectives.manifest_facts(ready.job.spec, trainer.state.log_history)},
         "parameters": {"trainable": trainable, "total": total},
         "objective": ready.job.spec.training.objective,
         "precision": ready.precision.name,
