@@ -684,6 +684,12 @@ class TrainingSpec(SpecModel):
         description="Keys deep-merged over the generated DeepSpeed config "
         "(deepspeed-*) or FSDP config (fsdp), e.g. {zero_optimization: {offload_optimizer: "
         "{device: cpu}}}.")
+    collective_timeout_seconds: int = Field(
+        3600, ge=60, le=86400,
+        description="How long a rank waits in a collective (all-reduce, barrier, broadcast) "
+        "before the job fails: the process group's timeout under every strategy. Covers rank "
+        "0 uploading a checkpoint while the others wait, and the resume download; raise it "
+        "when one checkpoint takes longer than this to write and upload.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     pretrain: bool = Field(False, description="Start from the model's config with random "
                            "weights instead of its pretrained weights.")

@@ -255,3 +255,74 @@ def test_parameter_counts_read_zero3_placeholders_whole() -> None:
         param.data = torch.empty(0)
         param.ds_numel = whole  # type: ignore[attr-defined]
     assert parameter_counts(model) == (18, 58)
+
+
+def test_collective_timeout_keeps_resuming_and_reaches_the_arguments(tmp_path: Path) -> None:
+    """Raising training.collectiveTimeoutSeconds after a run timed out at a checkpoint must
+    resume that run, and the value is what transformers hands accelerate/DeepSpeed on GPUs
+    (ddp_timeout; the CPU process group: test_distributed)."""
+    from kubetune_trainer.recipe import training_arguments
+
+    job = example_job("tiny-lora", tmp_path)
+    raised = example_job("tiny-lora", tmp_path, training={"collectiveTimeoutSeconds": 7200})
+    assert checkpoints.job_identity(job, "d") == checkpoints.job_identity(raised, "d")
+    assert job.spec.training.collective_timeout_seconds == 3600
+    args = training_arguments(raised, Precision("fp32"), tmp_path, has_eval=False, cuda=True)
+    assert args.ddp_timeout == 7200
+    with pytest.raises(SpecError, match="collectiveTimeoutSeconds"):
+        example_job("tiny-lora", tmp_path, training={"collectiveTimeoutSeconds": 10})
+
+
+# A ZeRO-3 checkpoint of 4 ranks on 2 nodes, as DeepSpeed and the HF Trainer name its files.
+ZERO3_CHECKPOINT = [
+    "adapter_model.safetensors", "trainer_state.json", "scheduler.pt", "latest",
+    "zero_to_fp32.py", "global_step6/mp_rank_00_model_states.pt",
+    *(f"rng_state_{r}.pth" for r in range(4)),
+    *(f"global_step6/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)),
+    *(f"global_step6/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(4)),
+]
+SHARED = ZERO3_CHECKPOINT[:6]
+
+
+def test_each_node_fetches_only_its_ranks_partitions() -> None:
+    second = checkpoints.files_for_ranks(ZERO3_CHECKPOINT, range(2, 4), world=4)
+    assert set(second) == {*SHARED, "rng_state_2.pth", "rng_state_3.pth",
+                           *(f"global_step6/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                             for r in (2, 3)),
+                           *(f"global_step6/zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+                             for r in (2, 3))}
+    first = checkpoints.files_for_ranks(ZERO3_CHECKPOINT, range(0, 2), world=4)
+    assert set(first) | set(second) == set(ZERO3_CHECKPOINT)
+    assert set(first) & set(second) == set(SHARED)
+    # Written by another world size: its partitions do not map to ranks, fetch them all.
+    assert checkpoints.files_for_ranks(ZERO3_CHECKPOINT, range(0, 1), world=2) == \
+        ZERO3_CHECKPOINT
+    plain = ["model.safetensors", "optimizer.pt", "rng_state.pth", "trainer_state.json"]
+    assert checkpoints.files_for_ranks(plain, range(0, 1), world=1) == plain
+
+
+@pytest.mark.parametrize("strategy_config", [{}, {"zero_optimization": {
+    "elastic_checkpoint": True}}])
+def test_fetch_downloads_what_the_nodes_ranks_read(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   strategy_config: dict) -> None:
+    """Node 1 of 2 (ranks 2 and 3) through checkpoints.fetch and the storage layer; a config
+    under which each rank reads every partition (elastic checkpoint) fetches all."""
+    root = tmp_path / "remote"
+    for name in ZERO3_CHECKPOINT:
+        (root / "checkpoint-6" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "checkpoint-6" / name).write_text(name)
+    for name, value in {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4",
+                        "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    spec = example_job("tiny-lora", tmp_path, training={
+        "strategy": "deepspeed-zero3", "strategyConfig": strategy_config}).spec
+    every_rank = strategies.reads_every_partition(spec)
+    local = checkpoints.fetch(str(root), 6, tmp_path / "local", every_rank)
+    fetched = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
+    fetched.discard(checkpoints.DOWNLOADED)
+    first_node = {n for n in ZERO3_CHECKPOINT if any(f"_{r}_" in n or f"_{r}." in n
+                                                     for r in (0, 1))}
+    assert len(first_node) == 6
+    assert fetched == set(ZERO3_CHECKPOINT) - (set() if every_rank else first_node)
+    assert every_rank == bool(strategy_config)

@@ -185,3 +185,40 @@ def test_invalid_spec_exits_2_through_the_node_wrapper(tmp_path: Path) -> None:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == contract.EXIT_INVALID_SPEC, proc.stderr[-2000:]
     assert "none.jsonl: cannot read dataset" in proc.stderr
+
+
+GROUP_TIMEOUT = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kubetune_api.load import load_job
+from kubetune_trainer.modeling import Precision
+from kubetune_trainer.recipe import training_arguments
+
+job = load_job(sys.argv[1])
+training_arguments(job, Precision("fp32"), Path(sys.argv[2]), has_eval=False, cuda=False)
+group = dist.distributed_c10d._get_default_group()
+dist.barrier()
+print("timeout", group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+"""
+
+
+def test_the_collective_timeout_reaches_the_cpu_process_group(tmp_path: Path) -> None:
+    """Two ranks create their gloo group through the trainer's own arguments: its timeout is
+    spec.training.collectiveTimeoutSeconds (transformers passes ddp_timeout only on GPUs)."""
+    config = write_job(tmp_path, tmp_path / "out", training={"collectiveTimeoutSeconds": 4321})
+    port = free_port()
+    ranks = [subprocess.Popen(
+        [sys.executable, "-c", GROUP_TIMEOUT, str(config), str(tmp_path / f"rank{r}")],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+        for r in range(2)]
+    for proc in ranks:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+        assert "timeout 4321.0" in output, output[-3000:]

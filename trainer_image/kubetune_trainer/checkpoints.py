@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from kubetune_api.contract import CHECKPOINT_MARKER_FILE, CHECKPOINTS_SUBDIR, JO
 from kubetune_api.spec import FineTuneJob, FineTuneJobSpec
 from kubetune_trainer import storage
 from kubetune_trainer.metrics import TrainerMetrics
-from kubetune_trainer.ranks import is_local_leader, is_rank0
+from kubetune_trainer.ranks import global_rank, is_local_leader, is_rank0, local_rank, world_size
 
 PREFIX = "checkpoint-"  # the HF Trainer's folder name
 DOWNLOADED = ".kubetune-downloaded"  # node-local: the resume download is whole
@@ -41,7 +42,8 @@ log = logging.getLogger("kubetune")
 
 NOT_WEIGHT_SHAPING = {"epochs", "max_steps", "log_every_steps", "eval_every_steps",
                       "early_stopping", "load_best_at_end", "best_metric", "report_to",
-                      "compile", "liger_kernels", "gradient_checkpointing"}
+                      "compile", "liger_kernels", "gradient_checkpointing",
+                      "collective_timeout_seconds"}
 
 
 def job_identity(job: FineTuneJob, data_digest: str) -> str:
@@ -136,11 +138,48 @@ def resume_step(root: str, identity: str) -> int | None:
     return choice[0]
 
 
-def fetch(root: str, step: int, local_root: Path) -> Path:
-    """Download checkpoint `step` once per node; the node's other ranks wait for it."""
+# Files one rank writes for itself and reads back alone on resume (same world size): the HF
+# Trainer's RNG state per process, DeepSpeed's ZeRO partitions (optimizer states, and under
+# ZeRO-3 the model's too; bf16_ prefixed under bf16). Everything else is shared.
+RANK_FILE = re.compile(r"(?:^|/)(?:rng_state_(\d+)\.pth"
+                       r"|(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt)$")
+
+
+def rank_of(name: str) -> int | None:
+    """The rank a checkpoint file belongs to, or None for a file every rank reads."""
+    match = RANK_FILE.search(name)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def files_for_ranks(names: list[str], ranks: range, world: int) -> list[str]:
+    """Of a checkpoint's files, those a node whose ranks are `ranks` reads on resume: the
+    shared ones and its own ranks' (a 70B ZeRO-3 checkpoint is mostly per-rank partitions;
+    every node fetching all of them multiplied the download by the node count). A checkpoint
+    written by another world size is fetched whole: its partitions do not map to ranks."""
+    saved = {rank for rank in map(rank_of, names) if rank is not None}
+    if saved and max(saved) + 1 != world:
+        log.warning("checkpoint written by %d ranks, resumed by %d: fetching every rank's "
+                    "files", max(saved) + 1, world)
+        return names
+    return [name for name in names if rank_of(name) in (None, *ranks)]
+
+
+def node_ranks() -> range:
+    """The global ranks on this node: torchrun numbers a node's ranks consecutively from its
+    first one (global rank = the node's base rank + local rank)."""
+    first = global_rank() - local_rank()
+    return range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def fetch(root: str, step: int, local_root: Path, every_rank: bool = False) -> Path:
+    """Download checkpoint `step` once per node: the files its ranks read (files_for_ranks),
+    or all of them with `every_rank` (strategies.reads_every_partition). The node's other
+    ranks wait for it."""
     local = local_root / f"{PREFIX}{step}"
     if is_local_leader() and not (local / DOWNLOADED).exists():
-        storage.download_dir(_folder(root, step), local)
+        ranks, world = node_ranks(), world_size()
+        storage.download_dir(_folder(root, step), local, select=None if every_rank else (
+            lambda names: files_for_ranks(names, ranks, world)))
         (local / DOWNLOADED).touch()
     _barrier()
     return local
@@ -150,7 +189,7 @@ def _best_step(args: Any, state: Any) -> int | None:
     return state.best_global_step if args.load_best_model_at_end else None
 
 
-def fetch_best(root: str, resumed: Path, local_root: Path) -> None:
+def fetch_best(root: str, resumed: Path, local_root: Path, every_rank: bool = False) -> None:
     """loadBestAtEnd after a restart: download the best checkpoint too and point the resumed
     Trainer state at its local copy (the recorded path was the previous pod's disk)."""
     state_file = resumed / TRAINER_STATE
@@ -162,7 +201,7 @@ def fetch_best(root: str, resumed: Path, local_root: Path) -> None:
     if f"{PREFIX}{best}" != resumed.name:
         if best not in complete_steps(root):
             return  # the Trainer then publishes the last weights and says so
-        local = fetch(root, best, local_root)
+        local = fetch(root, best, local_root, every_rank)
     state["best_model_checkpoint"] = str(local)
     if is_local_leader():
         state_file.write_text(json.dumps(state, indent=2))

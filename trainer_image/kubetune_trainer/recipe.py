@@ -266,9 +266,10 @@ def resume(ready: Setup) -> Path | None:
         return None
     if is_rank0():
         ready.console.info(f"resuming from {root} step {step}")
-    local = checkpoints.fetch(root, step, ready.workdir / LOCAL_CHECKPOINTS)
+    every_rank = strategies.reads_every_partition(ready.job.spec)
+    local = checkpoints.fetch(root, step, ready.workdir / LOCAL_CHECKPOINTS, every_rank)
     if ready.args.load_best_model_at_end:
-        checkpoints.fetch_best(root, local, ready.workdir / LOCAL_CHECKPOINTS)
+        checkpoints.fetch_best(root, local, ready.workdir / LOCAL_CHECKPOINTS, every_rank)
     return local
 
 
@@ -292,6 +293,7 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
     """The spec's training section in the Trainer's terms (`config`: the objective's
     TrainingArguments class, e.g. TRL's DPOConfig)."""
     t = job.spec.training
+    strategies.join_process_group(job.spec, cuda)
     evaluate_periodically = bool(has_eval and t.eval_every_steps)
     best = factories.best_model_arguments(t, has_eval=has_eval)
     save_steps = job.spec.checkpoint.every_steps
@@ -315,6 +317,7 @@ def training_arguments(job: FineTuneJob, precision: Precision, workdir: Path, *,
         use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and world_size() > 1 else None,
         ddp_find_unused_parameters=False,
+        ddp_timeout=t.collective_timeout_seconds,  # on GPUs accelerate/DeepSpeed pass it on
         seed=t.seed,
         data_seed=t.seed,
         run_name=job.name,  # the run's name in MLflow / W&B

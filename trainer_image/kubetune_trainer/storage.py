@@ -374,8 +374,10 @@ def upload_dir(
     return total
 
 
-def download_dir(uri: str, local_dir: Path) -> None:
-    """Download every object under ``uri`` into ``local_dir``, keeping relative paths.
+def download_dir(uri: str, local_dir: Path,
+                 select: Callable[[list[str]], list[str]] | None = None) -> None:
+    """Download every object under ``uri`` into ``local_dir``, keeping relative paths
+    (`select`: of the relative paths found, the ones to download).
 
     Each file is written to a temporary name and renamed, so a retried or interrupted
     download never leaves a truncated file under its real name.
@@ -387,6 +389,8 @@ def download_dir(uri: str, local_dir: Path) -> None:
     rels = [p[len(prefix):] for p in found if p.startswith(prefix)]
     if not rels:
         raise StorageError(f"downloading {uri}: nothing found there")
+    if select is not None:
+        rels = select(rels)
 
     def get(remote: str, dest: Path) -> None:
         _atomic_local(str(dest), lambda tmp: fs.get_file(remote, tmp))

@@ -10,13 +10,16 @@ import copy
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from kubetune_api.load import SpecError
 from kubetune_api.spec import FineTuneJobSpec, MethodType, Strategy
 from kubetune_trainer.modeling import Precision
+from kubetune_trainer.ranks import world_size
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +114,18 @@ def unsharded_loading() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def join_process_group(spec: FineTuneJobSpec, cuda: bool) -> None:
+    """On CPU, the gloo process group with the spec's collective timeout, before the
+    TrainingArguments would create it: transformers passes `ddp_timeout` to accelerate (and
+    DeepSpeed) only on GPUs, so CPU runs had torch's 30-minute default whatever was asked.
+    On GPUs the TrainingArguments create the group (accelerate picks the backends FSDP needs)
+    with `ddp_timeout`; DeepSpeed on CPU reuses the group found here."""
+    if cuda or world_size() < 2 or dist.is_initialized():
+        return
+    dist.init_process_group(
+        "gloo", timeout=timedelta(seconds=spec.training.collective_timeout_seconds))
+
+
 def strategy_arguments(spec: FineTuneJobSpec, precision: Precision,
                        cuda: bool) -> dict[str, Any]:
     """Extra TrainingArguments for the strategy (none for DDP)."""
@@ -124,6 +139,18 @@ def strategy_arguments(spec: FineTuneJobSpec, precision: Precision,
                             "Trainer silently falls back to DDP); use ddp or deepspeed-zero2")
         return fsdp_arguments(spec)
     return {}
+
+
+def reads_every_partition(spec: FineTuneJobSpec) -> bool:
+    """Whether each rank reads every rank's checkpoint partitions on resume (DeepSpeed's
+    elastic or universal checkpoints), so each node must fetch them all."""
+    config = spec.training.strategy_config
+
+    def flag(section: str, key: str) -> bool:
+        value = config.get(section)
+        return isinstance(value, dict) and bool(value.get(key))
+
+    return flag("zero_optimization", "elastic_checkpoint") or flag("checkpoint", "load_universal")
 
 
 def shards_parameters(spec: FineTuneJobSpec) -> bool:
