@@ -2,9 +2,9 @@
 the tests (so CI checks exactly what an image build checks).
 
     python pins.py requirements --extra operator       # pyproject deps + extra, one a line
-    python pins.py check --extra trainer [--provided torch]
+    python pins.py check --extra trainer [--extra gpu] [--provided torch]
 
-`requirements` prints the base dependencies of pyproject.toml plus one extra; images install
+`requirements` prints the base dependencies of pyproject.toml plus the extras; images install
 them with `pip install -c requirements/constraints.txt -r -`. `check` walks the installed
 dependency closure of that list and fails unless every distribution in it is pinned in
 requirements/constraints.txt at the installed version (local labels such as +cpu/+cu128
@@ -43,9 +43,10 @@ def load_pins(constraints: Path) -> dict[str, str]:
     return pins
 
 
-def requirements(pyproject: Path, extra: str) -> list[str]:
+def requirements(pyproject: Path, *extras: str) -> list[str]:
     project = tomllib.loads(pyproject.read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"][extra]]
+    return [*project["dependencies"],
+            *(r for extra in extras for r in project["optional-dependencies"][extra])]
 
 
 def _packaging() -> tuple[Any, Any]:
@@ -98,24 +99,28 @@ def closure_problems(roots: list[str], pins: dict[str, str],
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["requirements", "check"])
-    parser.add_argument("--extra", required=True, help="pyproject extra: operator or trainer")
+    parser.add_argument("--extra", required=True, action="append",
+                        help="pyproject extra: operator, trainer, gpu (repeatable)")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT,
                         help="directory with pyproject.toml and requirements/constraints.txt")
     parser.add_argument("--provided", action="append", default=[],
                         help="a distribution the base image provides (not walked)")
     args = parser.parse_args(argv)
-    roots = requirements(args.root / "pyproject.toml", args.extra)
+    roots = requirements(args.root / "pyproject.toml", *args.extra)
     if args.command == "requirements":
         print("\n".join(roots))
         return 0
-    pins = load_pins(args.root / "requirements" / "constraints.txt")
+    pins: dict[str, str] = {}  # constraints.txt, and constraints-gpu.txt where present
+    for constraints in sorted((args.root / "requirements").glob("constraints*.txt")):
+        pins.update(load_pins(constraints))
     problems, walked = closure_problems(roots, pins,
                                         frozenset(normalize(p) for p in args.provided))
     if problems:
         print("requirements/constraints.txt does not cover what was installed:\n  "
               + "\n  ".join(sorted(problems)), file=sys.stderr)
         return 1
-    print(f"{len(walked)} distributions of [{args.extra}] match requirements/constraints.txt")
+    print(f"{len(walked)} distributions of [{','.join(args.extra)}] match "
+          "requirements/constraints.txt")
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from chartlib import CHART, ROOT
+from packaging.requirements import Requirement
 from pins import closure_problems, load_pins, requirements
 
 from kubetune_api import contract
@@ -22,7 +23,8 @@ from kubetune_operator import builders
 OPERATOR = ROOT / "operator" / "Dockerfile"
 TRAINER = ROOT / "trainer_image" / "Dockerfile"
 TRAINER_CPU = ROOT / "trainer_image" / "Dockerfile.cpu"
-DOCKERFILES = {OPERATOR: "operator", TRAINER: "trainer", TRAINER_CPU: "trainer"}
+# The pyproject extras each image installs (the GPU image adds the GPU kernels).
+DOCKERFILES = {OPERATOR: ("operator",), TRAINER: ("trainer", "gpu"), TRAINER_CPU: ("trainer",)}
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 PINS = load_pins(CONSTRAINTS)
 
@@ -59,9 +61,20 @@ def expand(text: str, args: dict[str, str]) -> str:
 
 
 def base_image(path: Path, **build_args: str) -> str:
+    """The final stage's base (earlier stages only build files it copies)."""
     args = {**args_of(path), **build_args}
-    return expand(next(rest for word, rest in instructions(path) if word == "FROM").split()[0],
-                  args)
+    return expand(last(path, "FROM").split()[0], args)
+
+
+def final_stage(path: Path) -> list[tuple[str, str]]:
+    steps = instructions(path)
+    start = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    return steps[start:]
+
+
+def python_check(path: Path) -> str:
+    return next(rest for word, rest in instructions(path)
+                if word == "RUN" and "sys.version_info" in rest)
 
 
 def test_bases_are_pinned_versions() -> None:
@@ -85,13 +98,13 @@ def test_python_bases_match_the_ci_python() -> None:
         assert re.fullmatch(rf"python:{re.escape(minor)}\.\d+-slim-\w+",
                             args_of(path)["PYTHON_IMAGE"]), path
     assert args_of(TRAINER)["PYTHON_VERSION"] == minor
-    check = next(rest for word, rest in instructions(TRAINER) if word == "RUN")
+    check = python_check(TRAINER)
     assert "sys.version_info[:2]" in check and "${PYTHON_VERSION}" in check
 
 
 def test_the_gpu_python_check_refuses_another_minor() -> None:
     """The check's own code, run here with a PYTHON_VERSION this interpreter is not."""
-    check = next(rest for word, rest in instructions(TRAINER) if word == "RUN")
+    check = python_check(TRAINER)
     code = re.search(r'python -c "(.*?)"\s+&&', check)
     assert code, check
     for wanted, ok in ((f"{sys.version_info.major}.{sys.version_info.minor}", True),
@@ -121,13 +134,40 @@ def test_gpu_base_carries_the_pinned_torch(cuda: str) -> None:
 
 def test_gpu_image_installs_into_a_venv_over_the_base() -> None:
     """pip never writes into the base's (conda) Python: a venv that sees its CUDA torch."""
-    runs = " ".join(rest for word, rest in instructions(TRAINER) if word == "RUN")
+    runs = " ".join(rest for word, rest in final_stage(TRAINER) if word == "RUN")
     assert "python -m venv --system-site-packages /opt/venv" in runs
     installs = re.findall(r"(\S*)pip install", runs)
     assert installs and all(prefix == "/opt/venv/bin/" for prefix in installs), installs
     assert "/opt/venv/bin/python /usr/local/bin/kubetune-pins check" in runs
     env = " ".join(rest for word, rest in instructions(TRAINER) if word == "ENV")
     assert "PATH=/opt/venv/bin:$PATH" in env
+
+
+@pytest.mark.parametrize("cuda", CUDA_VARIANTS)
+def test_gpu_kernels_are_pinned_and_built_for_the_image_torch(cuda: str) -> None:
+    """flash-attn (no wheel on PyPI) is built in the devel image of the very torch and CUDA the
+    final stage runs, at its pin; liger-kernel comes pinned with the gpu extra."""
+    gpu_pins = load_pins(ROOT / "requirements" / "constraints-gpu.txt")
+    base = requirements(ROOT / "pyproject.toml")
+    wanted = [r for r in requirements(ROOT / "pyproject.toml", "gpu") if r not in base]
+    assert sorted(Requirement(r).name for r in wanted) == sorted(gpu_pins) == [
+        "flash-attn", "liger-kernel"]
+    for text in wanted:  # each pin satisfies the extra's range
+        requirement = Requirement(text)
+        assert requirement.specifier.contains(gpu_pins[requirement.name]), text
+    assert not set(gpu_pins) & set(PINS)  # the CPU stack's lock never holds them
+    stages = [rest for word, rest in instructions(TRAINER) if word == "FROM"]
+    build = expand(stages[0].split()[0], {**args_of(TRAINER), "CUDA_VERSION": cuda})
+    assert stages[0].endswith("AS flash-attn")
+    assert build == base_image(TRAINER, CUDA_VERSION=cuda).replace("-runtime", "-devel")
+    runs = " ".join(rest for word, rest in instructions(TRAINER) if word == "RUN")
+    assert re.search(r"pip wheel --no-deps --no-build-isolation --wheel-dir /wheels\s+"
+                     r"\"flash-attn==\$\(sed -n 's/\^flash-attn==//p' /tmp/constraints-gpu.txt\)",
+                     runs), runs
+    final = " ".join(rest for _, rest in final_stage(TRAINER))
+    assert "--from=flash-attn /wheels /tmp/wheels" in final
+    assert "--find-links /tmp/wheels" in final and "-c requirements/constraints-gpu.txt" in final
+    assert "--provided torch --provided triton" in final  # the base's CUDA build of both
 
 
 def test_cpu_torch_comes_from_the_pin() -> None:
@@ -140,15 +180,18 @@ def test_cpu_torch_comes_from_the_pin() -> None:
 
 @pytest.mark.parametrize("path", list(DOCKERFILES), ids=lambda p: p.name + p.parent.name)
 def test_dependencies_come_from_pyproject_extras_and_constraints(path: Path) -> None:
-    extra = DOCKERFILES[path]
+    extras = " ".join(f"--extra {extra}" for extra in DOCKERFILES[path])
     runs = " ".join(rest for word, rest in instructions(path) if word == "RUN")
     copies = [rest for word, rest in instructions(path) if word == "COPY"]
     assert "tests/chart/pins.py /usr/local/bin/kubetune-pins" in copies
-    assert "requirements/constraints.txt requirements/" in copies
-    assert f"kubetune-pins requirements --extra {extra} > /tmp/requirements.txt" in runs
+    constraints = (("requirements/constraints.txt requirements/constraints-gpu.txt "
+                    "requirements/") if "gpu" in DOCKERFILES[path]
+                   else "requirements/constraints.txt requirements/")
+    assert constraints in copies
+    assert re.search(rf"kubetune-pins requirements {extras}\s+> /tmp/requirements.txt", runs)
     assert re.search(r"pip install (--no-compile )?-c requirements/constraints.txt .*"
                      r"-r /tmp/requirements.txt", runs), runs
-    assert f"kubetune-pins check --extra {extra}" in runs
+    assert f"kubetune-pins check {extras}" in runs
     # No other pip install of unpinned names.
     for install in re.findall(r"pip install ([^&]*)", runs):
         words = shlex.split(install)

@@ -189,20 +189,38 @@ def test_qlora_placement_traps(tmp_path: Path, strategy: str, storage: torch.dty
     assert strategies.device_map(lora.spec, "cpu") is None
 
 
-def test_deepspeed_offload_gets_the_optimizer_block_it_needs(tmp_path: Path) -> None:
+def test_deepspeed_offload_steps_an_optimizer_the_image_can_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def config(strategy_config: dict) -> dict:
         job = example_job("tiny-lora", tmp_path, training={
             "strategy": "deepspeed-zero2", "strategyConfig": strategy_config})
         return strategies.deepspeed_config(job.spec, Precision("bf16"))
 
     offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    own = {**offload, "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}
+    # DeepSpeed's CPU Adam prebuilt (DS_BUILD_CPU_ADAM=1): it is chosen for offload.
+    monkeypatch.setattr(strategies, "cpu_adam_prebuilt", lambda: True)
     assert config(offload)["optimizer"] == {"type": "AdamW", "params": {
         "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    assert "zero_force_ds_cpu_optimizer" not in config(offload)
+    assert config(own)["optimizer"] == own["optimizer"]  # the user's own block wins
+    # Not prebuilt (the pinned deepspeed from PyPI): the Trainer's torch optimizer, allowed.
+    monkeypatch.setattr(strategies, "cpu_adam_prebuilt", lambda: False)
+    assert "optimizer" not in config(offload)
+    assert config(offload)["zero_force_ds_cpu_optimizer"] is False
     assert "optimizer" not in config({})  # no offload: the Trainer's torch optimizer
+    assert "zero_force_ds_cpu_optimizer" not in config({})
     assert "optimizer" not in config({"zero_optimization": {"offload_optimizer": {
         "device": "none"}}})
-    own = {**offload, "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}
-    assert config(own)["optimizer"] == own["optimizer"]  # the user's own block wins
+    # A DeepSpeed optimizer named by the user needs a compiler when not prebuilt.
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(strategies.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert config(own)["optimizer"] == own["optimizer"]
+    monkeypatch.setattr(strategies.shutil, "which", lambda name: None)
+    with pytest.raises(SpecError, match=r"strategyConfig.optimizer: .*neither prebuilt nor a "
+                                        r"compiler \(g\+\+\)"):
+        config(own)
+    assert config(offload)["zero_force_ds_cpu_optimizer"] is False  # still runs
 
 
 @pytest.mark.parametrize(("codes", "expected"), [

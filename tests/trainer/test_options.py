@@ -130,11 +130,33 @@ def test_neftune_noise_changes_the_training_forward(tmp_path: Path) -> None:
 
 # --- item 2: attention -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_attention_implementation_is_loaded(tmp_path: Path, attention: str) -> None:
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "auto"])
+def test_attention_implementation_is_loaded_and_said(tmp_path: Path, attention: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     job = example_job("tiny-lora", tmp_path / "out", model={"attention": attention})
     ready = recipe.setup(job, str(tmp_path / "out"), tmp_path / "work")
-    assert ready.model.config._attn_implementation == attention
+    used = "sdpa" if attention == "auto" else attention  # on CPU auto is transformers' pick
+    assert ready.model.config._attn_implementation == used
+    err = capsys.readouterr().err
+    assert f"kubetune: attention: {used} (model.attention: {attention}" in err
+    assert ("auto; FlashAttention-2 needs CUDA)" in err) == (attention == "auto")
+
+
+def test_auto_attention_says_why_it_is_not_flash(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from kubetune_trainer import modeling
+
+    def note(used: str, cuda: bool, precision: str, installed: bool = True) -> str:
+        monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: installed)
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=used))
+        return modeling.attention_note(model, "auto", cuda, Precision(precision))  # type: ignore[arg-type]
+
+    assert note("sdpa", False, "bf16").endswith("auto; FlashAttention-2 needs CUDA)")
+    assert note("sdpa", True, "fp32").endswith("no fp32 kernels)")
+    assert note("sdpa", True, "bf16", installed=False).endswith("not in this image)")
+    assert note("sdpa", True, "bf16").endswith("does not support FlashAttention-2)")
+    assert note("flash_attention_2", True, "bf16").startswith("attention: flash_attention_2")
 
 
 # --- item 3: LoRA variants, new tokens --------------------------------------------------------

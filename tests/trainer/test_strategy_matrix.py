@@ -48,6 +48,7 @@ class Cell:
     task: str = "causal-lm"  # or sequence-classification (LoRA: the head is in modules_to_save)
     objective: str = "sft"
     new_tokens: bool = False  # dataset.addSpecialTokens + embeddings in modulesToSave
+    offload: bool = False  # ZeRO-Offload of the optimizer to the CPU (the torch optimizer)
     ci: bool = False  # runs in `make test`
     refused: str | None = None  # the error `kubetune run` exits 2 with, before training
 
@@ -60,7 +61,8 @@ class Cell:
     @property
     def id(self) -> str:
         parts = [self.strategy, self.method, self.precision, self.task, self.objective]
-        return "-".join(parts) + ("-newtokens" if self.new_tokens else "")
+        return ("-".join(parts) + ("-newtokens" if self.new_tokens else "")
+                + ("-offload" if self.offload else ""))
 
 
 CELLS = [
@@ -75,6 +77,7 @@ CELLS = [
     Cell("deepspeed-zero2", "lora", "fp32", "sequence-classification"),
     Cell("deepspeed-zero2", "lora", "bf16", "sequence-classification"),
     Cell("deepspeed-zero2", "full", "bf16"),
+    Cell("deepspeed-zero2", "lora", "fp32", offload=True),
     Cell("deepspeed-zero2", "qlora", "fp32"),
     Cell("deepspeed-zero3", "lora", "bf16", new_tokens=True, ci=True),
     Cell("deepspeed-zero3", "lora", "bf16", "sequence-classification"),
@@ -108,6 +111,9 @@ def job_dict(cell: Cell, output: Path) -> dict[str, Any]:
     rate = 3e-2 if cell.task == "sequence-classification" else 5e-3
     spec["training"].update(strategy=cell.strategy, precision=cell.precision, maxSteps=6,
                             learningRate=rate, logEverySteps=2)
+    if cell.offload:
+        spec["training"]["strategyConfig"] = {
+            "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
     spec["resources"] = {"nodes": 2, "gpusPerNode": 0}
     spec["output"] = {"uri": str(output), "mergeAdapter": cell.method != "full"}
     if cell.task == "causal-lm":

@@ -165,6 +165,25 @@ def attention_implementation(requested: str, cuda: bool, precision: Precision) -
     return requested
 
 
+def attention_note(model: PreTrainedModel, requested: str, cuda: bool,
+                   precision: Precision) -> str:
+    """The log line saying which attention the model runs, and why auto chose it."""
+    used = getattr(model.config, "_attn_implementation", None) or "eager"
+    if requested != "auto":
+        return f"attention: {used} (model.attention: {requested})"
+    if used == "flash_attention_2":
+        why = "CUDA, half precision and flash-attn present"
+    elif not cuda:
+        why = "FlashAttention-2 needs CUDA"
+    elif precision.name not in ("bf16", "fp16"):
+        why = f"FlashAttention-2 has no {precision.name} kernels"
+    elif not is_flash_attn_2_available():
+        why = "the flash-attn package is not in this image"
+    else:
+        why = "the model does not support FlashAttention-2"
+    return f"attention: {used} (model.attention: auto; {why})"
+
+
 def _load_dtype(spec: FineTuneJobSpec, precision: Precision) -> torch.dtype:
     """Frozen weights load in the training precision; trained full weights stay fp32 (AMP)."""
     if spec.method.type == MethodType.FULL:

@@ -62,6 +62,7 @@ from kubetune_trainer.hold import hold_callback
 from kubetune_trainer.metrics import TrainerMetrics, metrics_callback
 from kubetune_trainer.modeling import (
     Precision,
+    attention_note,
     compute_dtype,
     load_model,
     load_tokenizer,
@@ -203,6 +204,9 @@ def setup(job: FineTuneJob, output_uri: str, workdir: Path,
                        device_map=strategies.device_map(spec, local_device()),
                        quant_storage=strategies.quant_storage(spec, precision),
                        cuda=torch.cuda.is_available())
+    if is_rank0():
+        Console.from_env().info(attention_note(model, spec.model.attention,
+                                               torch.cuda.is_available(), precision))
     return Setup(job, output_uri, workdir, precision, data, source, tokenizer, args,
                  make_trainable(model, spec), train_features, eval_features,
                  metrics or job_metrics(job))

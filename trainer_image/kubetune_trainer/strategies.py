@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -54,12 +55,42 @@ def deepspeed_config(spec: FineTuneJobSpec, precision: Precision) -> dict[str, A
         "zero_optimization": zero,
     }
     merged = deep_merge(config, spec.training.strategy_config)
-    if _offloads_optimizer(merged) and "optimizer" not in merged:
-        # ZeRO-Offload refuses a torch optimizer built by the Trainer; it runs its own CPU Adam
-        # when the config names the optimizer ("auto" values come from the training settings).
-        merged["optimizer"] = {"type": "AdamW", "params": {
-            "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    if _offloads_optimizer(merged):
+        return _with_offload_optimizer(merged)
     return merged
+
+
+def _with_offload_optimizer(config: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer ZeRO-Offload steps on the CPU. DeepSpeed's CPU Adam (what an `optimizer`
+    block selects) is a C++ op compiled on first use, unless the DeepSpeed install prebuilt it
+    (DS_BUILD_CPU_ADAM=1): the GPU image's runtime base has no compiler, so there the
+    Trainer's torch optimizer (training.optimizer) steps on the CPU instead, which DeepSpeed
+    accepts with zero_force_ds_cpu_optimizer off (slower per step, but no build)."""
+    if "optimizer" in config:  # the user's choice: refused where it cannot be built
+        if not can_build_cpu_adam():
+            raise SpecError(
+                "spec.training.strategyConfig.optimizer: under ZeRO-Offload it selects "
+                "DeepSpeed's CPU Adam, a C++ op this image has neither prebuilt nor a "
+                f"compiler ({os.environ.get('CXX', 'c++')}) to build; remove the optimizer "
+                "block to step training.optimizer on the CPU, or build the image with "
+                "BASE_FLAVOR=devel")
+        return config
+    if cpu_adam_prebuilt():
+        # "auto" values come from the training settings.
+        return {**config, "optimizer": {"type": "AdamW", "params": {
+            "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}}
+    return {**config, "zero_force_ds_cpu_optimizer": False}
+
+
+def cpu_adam_prebuilt() -> bool:
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get("cpu_adam"))
+
+
+def can_build_cpu_adam() -> bool:
+    """Prebuilt, or a C++ compiler for torch's JIT build (it compiles with $CXX, else c++)."""
+    return cpu_adam_prebuilt() or shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 def _offloads_optimizer(config: dict[str, Any]) -> bool:
