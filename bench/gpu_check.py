@@ -25,7 +25,7 @@ the weight gradients but recompute under checkpointing, so the figure compares c
 methods against full fine-tuning. Peak FLOP/s come from PEAK_FLOPS by device name, or
 `--peak-tflops`.
 
-A case that cannot run says why (e.g. flash-attn not installed: exit 2 naming
+A case that cannot run says why (e.g. an image built without flash-attn: exit 2 naming
 spec.model.attention) and the check goes on; the exit code is 1 if any case failed.
 
 `--tiny` runs the same cases on the CPU with the tiny Llama (the script's own smoke test; the
