@@ -118,7 +118,8 @@ def test_fsdp_and_ddp_arguments(tmp_path: Path) -> None:
         strategies.strategy_arguments(job.spec, Precision("fp32"), cuda=False)
     args = strategies.strategy_arguments(job.spec, Precision("bf16"), cuda=True)
     assert args["fsdp"] is True and args["fsdp_config"]["limit_all_gathers"]
-    assert args["fsdp_config"]["activation_checkpointing"] is True
+    # Checkpointing is transformers' (make_trainable), never accelerate's FSDP wrapper.
+    assert args["fsdp_config"]["activation_checkpointing"] is False
     job.spec.training.strategy = "ddp"  # type: ignore[assignment]
     assert strategies.strategy_arguments(job.spec, Precision("bf16"), cuda=False) == {}
 

@@ -204,13 +204,13 @@ def make_trainable(model: PreTrainedModel, spec: FineTuneJobSpec) -> PreTrainedM
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=NON_REENTRANT)
     elif checkpointing:
-        if spec.training.strategy != Strategy.FSDP:  # FSDP checkpoints activations itself
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        # Under FSDP too (not its config's activation_checkpointing: strategies.py).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         if spec.method.type in (MethodType.LORA, MethodType.QLORA):
             # Without it the frozen embeddings cut the graph and lora_B never trains (peft#137).
             # Sharded QLoRA lands here too: prepare_model_for_kbit_training would upcast the
-            # norms and embeddings out of the storage dtype FSDP/ZeRO-3 flatten together, and
-            # under FSDP checkpoint activations a second time (TRL skips it for sharded QLoRA).
+            # norms and embeddings out of the storage dtype FSDP/ZeRO-3 flatten together (TRL
+            # skips it for sharded QLoRA).
             model.enable_input_require_grads()
     adapter = peft_config(spec.method, spec.model.task)
     if adapter is None:

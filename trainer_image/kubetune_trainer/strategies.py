@@ -115,7 +115,11 @@ def fsdp_arguments(spec: FineTuneJobSpec) -> dict[str, Any]:
         "reshard_after_forward": True,  # full shard (ZeRO-3 like)
         "cpu_ram_efficient_loading": True,
         "state_dict_type": "FULL_STATE_DICT",  # a plain HF-loadable file at save time
-        "activation_checkpointing": spec.training.gradient_checkpointing,
+        # Never accelerate's: its checkpoint wrapper recomputes with preserve_rng_state=False,
+        # so LoRA dropout draws other masks in the backward than in the forward (wrong
+        # gradients, no error). make_trainable checkpoints through transformers instead
+        # (torch.utils.checkpoint, which restores the RNG state for the recompute).
+        "activation_checkpointing": False,
     }
     return {"fsdp": True,  # the sharding lives in fsdp_config (strings are deprecated)
             "fsdp_config": deep_merge(config, spec.training.strategy_config)}
