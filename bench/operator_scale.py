@@ -203,7 +203,10 @@ def profile_top(pid: int, stats_path: Path, count: int) -> None:
     import pstats
     os.kill(pid, signal.SIGUSR2)
     wait_for(stats_path.exists, 300, interval=0.5, what="profile")
-    stats = pstats.Stats(str(stats_path))
+    kept = Path(tempfile.gettempdir()) / f"operator-cpu-{pid}.pstats"
+    kept.write_bytes(stats_path.read_bytes())
+    print(f"  profile kept in {kept} (python -m pstats {kept})")
+    stats = pstats.Stats(str(kept))
     for key in ("cumulative", "tottime"):
         print(f"  operator event loop, top {count} by {key}:")
         stats.sort_stats(key).print_stats(count)
