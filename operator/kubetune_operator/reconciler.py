@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import datetime
 import logging
@@ -145,6 +146,9 @@ class Reconciler:
         # (every pod phase, every status write) see the same spec again, and validating it
         # (pydantic, in a worker thread) was the largest part of a reconcile's CPU.
         self._validated: dict[Key, tuple[str, Any, FineTuneJob]] = {}
+        # A kopf handler's context (handlers.py sets it): kopf.event needs kopf's event poster,
+        # which lives there, and child events come from the informers' tasks, outside it.
+        self.event_context: contextvars.Context | None = None
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -529,7 +533,7 @@ class Reconciler:
 
     def _spawn(self, key: Key, timers: dict[Key, asyncio.TimerHandle]) -> None:
         timers.pop(key, None)  # the timer that fired
-        task = asyncio.create_task(self.reconcile_or_retry(*key))
+        task = asyncio.create_task(self.reconcile_or_retry(*key), context=self.event_context)
         self._tasks.add(task)  # keep a reference until it is done
         task.add_done_callback(self._tasks.discard)
 
