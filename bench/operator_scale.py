@@ -129,6 +129,8 @@ class JobController(threading.Thread):
     def advance(self) -> None:
         while self.due and self.due[0][0] <= time.monotonic():
             _, phase, ns, name, rank = heapq.heappop(self.due)
+            if self.api.get(PODS, ns, name) is None:
+                continue  # the operator deleted it (a restart): a kubelet has nothing to report
             if phase == "Running":
                 set_pod_state(self.api, ns, name, "Running")
                 heapq.heappush(self.due, (time.monotonic() + POD_RUN_SECONDS, "Succeeded",
@@ -285,18 +287,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-@contextmanager
-def cpu_hog(enabled: bool) -> Iterator[None]:
+class CpuHog:
     """A one-core busy loop beside the operator for the whole run (a noisy neighbour)."""
-    if not enabled:
-        yield
-        return
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        yield
-    finally:
-        hog.kill()
-        hog.wait()
+
+    def __init__(self, enabled: bool) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"]) \
+            if enabled else None
+
+    def state(self) -> str:
+        """What the hog did: a run whose hog died (someone killed it) is not a run with one."""
+        if self.process is None:
+            return "none"
+        if self.process.poll() is not None:
+            return f"DIED during the run (exit {self.process.returncode}): figures are not " \
+                "with a hog"
+        return "one core, alive to the end"
+
+    def __enter__(self) -> CpuHog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 @contextmanager
@@ -368,7 +381,7 @@ def main() -> int:
     sizes = [args.jobs] if args.jobs else args.sizes
     print(f"load at start: {load()}", flush=True)
     results: dict[str | None, dict[int, list[Run]]] = {}
-    with checkout(args.compare) as base_path, cpu_hog(args.hog):
+    with CpuHog(args.hog) as hog, checkout(args.compare) as base_path:
         operators = [(args.compare, base_path)] if args.compare else []
         operators.append((None, None))  # this tree's
         for count in sizes:
@@ -388,7 +401,7 @@ def main() -> int:
                         results.setdefault(rev, {}).setdefault(count, []).append(run)
                         print(summary(label, count, args.rate, run,
                                       time.monotonic() - started), flush=True)
-    print(f"load at end: {load()}; cpu hog: {'one core' if args.hog else 'none'}", flush=True)
+        print(f"load at end: {load()}; cpu hog: {hog.state()}", flush=True)
     p99, rss, cpu, pods = headline(results[None])
     line = f"p99_ms={p99:.0f} rss_mb={rss:.0f} cpu_s={cpu:.1f} pods={pods}"
     if args.compare:

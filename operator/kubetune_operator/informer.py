@@ -160,10 +160,10 @@ class Informer:
         entry = self.keep(body) if label is not None else None
         old_key = self._keys.get(uid)
         old = self.entries[old_key].get(uid) if old_key is not None else None
-        if entry is None:
+        if entry is None or label is None:
             self._remove(uid, notify)
             return
-        key = (meta["namespace"], label)
+        key = (str(meta["namespace"]), str(label))
         if old_key is not None and old_key != key:
             self._remove(uid, notify)
         self.entries.setdefault(key, {})[uid] = entry
