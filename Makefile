@@ -170,8 +170,8 @@ crds: venv  ## regenerate crds/ and the chart's copy from the contract (tests fa
 	$(BIN)/python -m kubetune_api.crd
 	cp crds/*.yaml charts/kubetune/files/crds/
 
-bench-operator: venv  ## N FineTuneJobs against the emulated API server: latency and RSS
-	$(BIN)/python bench/operator_scale.py
+bench-operator: venv  ## N FineTuneJobs against the emulated API server: latency, RSS and CPU seconds (ARGS=--hog --compare main)
+	$(BIN)/python bench/operator_scale.py $(ARGS)
 
 operator: venv  ## run the operator against the current kubeconfig
 	$(BIN)/kubetune operator

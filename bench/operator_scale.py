@@ -19,7 +19,22 @@ compare the RSS with and without.
     .venv/bin/python bench/operator_scale.py --jobs 1000 --pods-per-job 8 [--unrelated-pods 10000]
 
 `--heap-top K` runs the operator under tracemalloc (slower, more memory: its figures are not
-the benchmark's) and prints the K largest allocation sites left at the end.
+the benchmark's) and prints the K largest allocation sites left at the end. `--profile-top K`
+runs its event loop under cProfile (bench/cpuprobe) and prints the K functions with the most
+cumulative and own time.
+
+Each run also prints `cpu_s`: the operator process's user + system CPU seconds (/proc/<pid>/stat)
+from the end of the warm-up job to the end of the run, i.e. the CPU the N jobs cost it.
+CPU seconds depend less on outside load than latency does, but not nothing (cache misses,
+more batching under load), so compare them within one run:
+
+    .venv/bin/python bench/operator_scale.py --jobs 1000 --pods-per-job 8 --hog --compare main
+
+`--hog` runs a one-core busy loop beside the operator for the whole run (a noisy neighbour on
+the node). `--compare REV` checks REV out in a scratch `git worktree` and runs its operator
+(operator/ and api/ of REV first on PYTHONPATH; the bench, emulator and Job controller stay
+this tree's) before this tree's, for every size and `--rounds` times, then prints both and the
+ratios. `uptime` is printed at the start and the end: the load the figures were taken under.
 """
 
 from __future__ import annotations
@@ -30,11 +45,15 @@ import os
 import queue
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +129,8 @@ class JobController(threading.Thread):
     def advance(self) -> None:
         while self.due and self.due[0][0] <= time.monotonic():
             _, phase, ns, name, rank = heapq.heappop(self.due)
+            if self.api.get(PODS, ns, name) is None:
+                continue  # the operator deleted it (a restart): a kubelet has nothing to report
             if phase == "Running":
                 set_pod_state(self.api, ns, name, "Running")
                 heapq.heappush(self.due, (time.monotonic() + POD_RUN_SECONDS, "Succeeded",
@@ -156,6 +177,12 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def all_children(emulator: TimedEmulator, names: list[str]) -> bool:
     return all(len(emulator.children_at.get(n, {})) == len(CHILD_KINDS) for n in names)
 
@@ -173,8 +200,31 @@ def heap_top(pid: int, snapshot: Path, count: int) -> None:
         print(f"  {stat.size / 2**20:7.1f} MB {stat.count:8d} blocks  {where}:{frame.lineno}")
 
 
+def profile_top(pid: int, stats_path: Path, count: int) -> None:
+    """Where the operator's event loop spent its CPU (cProfile, from bench/cpuprobe)."""
+    import pstats
+    os.kill(pid, signal.SIGUSR2)
+    wait_for(stats_path.exists, 300, interval=0.5, what="profile")
+    kept = Path(tempfile.gettempdir()) / f"operator-cpu-{pid}.pstats"
+    kept.write_bytes(stats_path.read_bytes())
+    print(f"  profile kept in {kept} (python -m pstats {kept})")
+    stats = pstats.Stats(str(kept))
+    for key in ("cumulative", "tottime"):
+        print(f"  operator event loop, top {count} by {key}:")
+        stats.sort_stats(key).print_stats(count)
+
+
+@dataclass
+class Run:
+    latencies: list[float]
+    rss_mb: float
+    pods: int
+    cpu_s: float
+
+
 def run_size(count: int, timeout: float, rate: float, pods_per_job: int = 0,
-             unrelated: int = 0, heap: int = 0) -> tuple[list[float], float, int]:
+             unrelated: int = 0, heap: int = 0, profile: int = 0,
+             operator_path: list[str] | None = None) -> Run:
     emulator = make_emulator(pods_per_job)
     nodes = pods_per_job or 2
     with EmulatorThread(emulator) as api, tempfile.TemporaryDirectory() as tmp:
@@ -184,15 +234,22 @@ def run_size(count: int, timeout: float, rate: float, pods_per_job: int = 0,
         if emulator.new_jobs is not None:
             controller = JobController(api, emulator.new_jobs)
             controller.start()
-        snapshot = Path(tmp) / "heap.snapshot"
-        profiling = {"KUBETUNE_HEAP_SNAPSHOT": str(snapshot), "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "bench" / "heapprobe"), os.environ.get("PYTHONPATH", "")])} \
-            if heap else {}
+        snapshot, profile_path = Path(tmp) / "heap.snapshot", Path(tmp) / "cpu.pstats"
+        path = list(operator_path or [])
+        if heap:
+            path.append(str(ROOT / "bench" / "heapprobe"))
+        if profile:
+            path.append(str(ROOT / "bench" / "cpuprobe"))
+        env = {"KUBETUNE_HEAP_SNAPSHOT": str(snapshot) if heap else "",
+               "KUBETUNE_CPU_PROFILE": str(profile_path) if profile else "",
+               "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")])}
         operator = OperatorProcess(api, Path(tmp), KUBETUNE_PROGRESS_INTERVAL="60",
-                                   KUBETUNE_LOG_LEVEL="WARNING", **profiling)
+                                   KUBETUNE_LOG_LEVEL="WARNING", **env)
         with operator:
+            assert operator.process is not None
             api.create(FTJ, finetunejob("warmup", nodes))
             wait_for(lambda: all_children(emulator, ["warmup"]), 120, what="operator ready")
+            cpu_before = cpu_seconds(operator.process.pid)
             names = [f"job-{i:04d}" for i in range(count)]
             start = time.monotonic()
             for i, name in enumerate(names):
@@ -206,16 +263,18 @@ def run_size(count: int, timeout: float, rate: float, pods_per_job: int = 0,
                          and succeeded(api) >= count, timeout, interval=0.5,
                          what="all pods finished and jobs succeeded")
             time.sleep(1.0)  # let status writes settle before reading the peak
-            assert operator.process is not None
             rss = peak_rss_mb(operator.process.pid)
+            cpu = cpu_seconds(operator.process.pid) - cpu_before
             if heap:
                 heap_top(operator.process.pid, snapshot, heap)
+            if profile:
+                profile_top(operator.process.pid, profile_path, profile)
         pods = controller.pods if controller is not None else 0
         if controller is not None:
             controller.stop.set()
     latencies = [(max(emulator.children_at[n].values()) - emulator.created_at[n]) * 1000
                  for n in names]
-    return latencies, rss, pods
+    return Run(latencies, rss, pods, cpu)
 
 
 def succeeded(api: EmulatorThread) -> int:
@@ -226,6 +285,71 @@ def succeeded(api: EmulatorThread) -> int:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class CpuHog:
+    """A one-core busy loop beside the operator for the whole run (a noisy neighbour)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"]) \
+            if enabled else None
+
+    def state(self) -> str:
+        """What the hog did: a run whose hog died (someone killed it) is not a run with one."""
+        if self.process is None:
+            return "none"
+        if self.process.poll() is not None:
+            return f"DIED during the run (exit {self.process.returncode}): figures are not " \
+                "with a hog"
+        return "one core, alive to the end"
+
+    def __enter__(self) -> CpuHog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextmanager
+def checkout(rev: str | None) -> Iterator[list[str] | None]:
+    """REV's operator and API packages, in a scratch git worktree (removed afterwards)."""
+    if rev is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet",
+                        str(tree), rev], check=True)
+        try:
+            yield [str(tree / "operator"), str(tree / "api")]
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(tree)], check=False)
+
+
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def summary(label: str, count: int, rate: float, run: Run, seconds: float) -> str:
+    p50, p99 = percentile(run.latencies, 50), percentile(run.latencies, 99)
+    return (f"{label}N={count:5d} rate={rate or 'burst'}  create→children "
+            f"p50={p50:7.1f} ms  p99={p99:7.1f} ms  max={max(run.latencies):7.1f} ms  "
+            f"mean={statistics.fmean(run.latencies):7.1f} ms  "
+            f"operator peak RSS={run.rss_mb:6.1f} MB  cpu={run.cpu_s:6.1f} s  "
+            f"pods={run.pods}  ({seconds:.1f}s)")
+
+
+def headline(results: dict[int, list[Run]]) -> tuple[float, float, float, int]:
+    """p99 at 200 jobs (else the largest N), RSS and CPU at 1000 (else the largest), pods:
+    medians over the rounds."""
+    at_200 = results.get(200, results[max(results)])
+    at_1000 = results.get(1000, results[max(results)])
+    return (statistics.median(percentile(r.latencies, 99) for r in at_200),
+            statistics.median(r.rss_mb for r in at_1000),
+            statistics.median(r.cpu_s for r in at_1000), results[max(results)][0].pods)
 
 
 def main() -> int:
@@ -242,30 +366,49 @@ def main() -> int:
     parser.add_argument("--heap-top", type=int, default=0, metavar="K",
                         help="trace the operator's allocations (tracemalloc: slower, more "
                         "memory) and print its K largest allocation sites at the end")
+    parser.add_argument("--profile-top", type=int, default=0, metavar="K",
+                        help="profile the operator's event loop (cProfile: slower) and print "
+                        "its K costliest functions at the end")
+    parser.add_argument("--hog", action="store_true",
+                        help="run a one-core busy loop beside the operator")
+    parser.add_argument("--compare", metavar="REV",
+                        help="also run REV's operator (a scratch git worktree), side by side")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per size (and per operator with --compare); medians")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     sizes = [args.jobs] if args.jobs else args.sizes
-    results: dict[int, tuple[float, float, float, int]] = {}
-    for count in sizes:
-        for unrelated in sorted({0, args.unrelated_pods}):
-            started = time.monotonic()
-            latencies, rss, pods = run_size(count, args.timeout, args.rate, args.pods_per_job,
-                                            unrelated, args.heap_top)
-            p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-            if unrelated == 0:
-                results[count] = (p50, p99, rss, pods)
-            else:
-                print(f"  with {unrelated} unrelated pods: peak RSS={rss:6.1f} MB "
-                      f"({rss - results[count][2]:+.1f} MB)", flush=True)
-                continue
-            print(f"N={count:5d} rate={args.rate or 'burst'}  create→children "
-                  f"p50={p50:7.1f} ms  p99={p99:7.1f} ms  max={max(latencies):7.1f} ms  "
-                  f"mean={statistics.fmean(latencies):7.1f} ms  "
-                  f"operator peak RSS={rss:6.1f} MB  pods={pods}  "
-                  f"({time.monotonic() - started:.1f}s)", flush=True)
-    p99_at = results.get(200, results[max(results)])[1]
-    rss_at = results.get(1000, results[max(results)])[2]
-    pods_at = results[max(results)][3]
-    print(f"p99_ms={p99_at:.0f} rss_mb={rss_at:.0f} pods={pods_at}")
+    print(f"load at start: {load()}", flush=True)
+    results: dict[str | None, dict[int, list[Run]]] = {}
+    with CpuHog(args.hog) as hog, checkout(args.compare) as base_path:
+        operators = [(args.compare, base_path)] if args.compare else []
+        operators.append((None, None))  # this tree's
+        for count in sizes:
+            for _ in range(args.rounds):
+                for rev, path in operators:
+                    label = f"[{rev}] " if rev else ("[this tree] " if args.compare else "")
+                    for unrelated in sorted({0, args.unrelated_pods}):
+                        started = time.monotonic()
+                        run = run_size(count, args.timeout, args.rate, args.pods_per_job,
+                                       unrelated, args.heap_top, args.profile_top, path)
+                        if unrelated:
+                            base = results[rev][count][-1].rss_mb
+                            print(f"  {label}with {unrelated} unrelated pods: peak RSS="
+                                  f"{run.rss_mb:6.1f} MB ({run.rss_mb - base:+.1f} MB)",
+                                  flush=True)
+                            continue
+                        results.setdefault(rev, {}).setdefault(count, []).append(run)
+                        print(summary(label, count, args.rate, run,
+                                      time.monotonic() - started), flush=True)
+        print(f"load at end: {load()}; cpu hog: {hog.state()}", flush=True)
+    p99, rss, cpu, pods = headline(results[None])
+    line = f"p99_ms={p99:.0f} rss_mb={rss:.0f} cpu_s={cpu:.1f} pods={pods}"
+    if args.compare:
+        base_p99, base_rss, base_cpu, _ = headline(results[args.compare])
+        line += (f" base_p99_ms={base_p99:.0f} base_rss_mb={base_rss:.0f} "
+                 f"base_cpu_s={base_cpu:.1f} cpu_ratio={cpu / base_cpu:.2f}")
+    print(line)
     return 0
 
 

@@ -3,23 +3,25 @@ observe.py and planner.py (status.py), manifests in builders.py, API calls in re
 
 - FineTuneJob created / resumed (operator start) / updated → reconcile it.
 - A trainer pod or Job changed → reconcile its FineTuneJob (found through an index) a moment
-  later, once for all the events of that moment.
+  later, once for all the events of that moment. Pods and Jobs are watched by informer.py, not
+  by kopf: kopf's per-event machinery was most of the operator's CPU at thousands of pods.
 - Every progress interval, a task (not a kopf timer: timers put finalizers on the objects,
   and after an uninstall nothing would remove them) resyncs the Running FineTuneJobs and
   scrapes rank 0's progress. Deadlines and TTLs wake the reconciler at the exact moment.
 
-kopf's indexes keep the children in memory, so a reconcile lists nothing; kopf starts the
-handlers only once every index has its initial listing, so a restarted operator sees all
-existing pods and Jobs before it decides anything (and so duplicates nothing). The index
-functions are `async` so that kopf calls them on the event loop: a plain function goes through
-a thread pool for every event of every trainer pod. Child events are batched per FineTuneJob
-(Reconciler.reconcile_soon): a gang's pods change together.
+The informers keep the children in memory, so a reconcile lists nothing; the startup handler
+waits for their initial lists, and kopf starts the FineTuneJob handlers only after it, so a
+restarted operator sees all existing pods and Jobs before it decides anything (and so
+duplicates nothing). The FineTuneJob index is kopf's, `async` so that kopf calls it on the
+event loop (a plain function goes through a thread pool). Child events are batched per
+FineTuneJob (Reconciler.reconcile_soon): a gang's pods change together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from typing import Any
 
@@ -29,6 +31,9 @@ from kubetune_api.crd import TERMINAL_PHASES, Phase
 from kubetune_api.spec import GROUP, PLURAL, VERSION
 from kubetune_operator import slim
 from kubetune_operator.builders import LABEL_JOB, base_name
+from kubetune_operator.informer import Informer
+from kubetune_operator.kube import JOBS as JOB_RESOURCE
+from kubetune_operator.kube import PODS as POD_RESOURCE
 from kubetune_operator.kube import ApiError
 from kubetune_operator.reconciler import InvalidSpec, Reconciler
 from kubetune_operator.settings import Settings
@@ -39,16 +44,34 @@ logger = logging.getLogger(__name__)
 FTJ = (GROUP, VERSION, PLURAL)
 PODS = ("", "v1", "pods")
 JOBS = ("batch", "v1", "jobs")
-TRAINER_LABELS = {LABEL_JOB: kopf.PRESENT}
 RETRY_DELAY = 5.0  # seconds before kopf retries a create/update handler after an API error
 
 
-def children_lookup(pods_index: kopf.Index[Any, Any],
-                    jobs_index: kopf.Index[Any, Any]) -> Any:
+def children_lookup(pods: Informer, jobs: Informer) -> Any:
     def lookup(namespace: str, base: str) -> Children:
-        key = (namespace, base)
-        return Children(jobs=list(jobs_index.get(key, [])), pods=list(pods_index.get(key, [])))
+        return Children(jobs=jobs.get(namespace, base), pods=pods.get(namespace, base))
     return lookup
+
+
+def trainer_informers(reconciler: Reconciler, settings: Settings,
+                      jobs_by_key: Any) -> tuple[Informer, Informer]:
+    """The trainer pods and Jobs, each change waking its FineTuneJob(s) a moment later."""
+    def changed(namespace: str, base: str) -> None:
+        for owner in list(jobs_by_key.get((namespace, base), [])):
+            reconciler.reconcile_soon(namespace, owner["name"])
+
+    def keep_pod(body: Any) -> Any:
+        key = (body["metadata"]["namespace"], body["metadata"]["labels"][LABEL_JOB])
+        if not slim.indexed(body) or pod_unread(body, jobs_by_key.get(key, [])):
+            return None  # not kept (anyone's labelled pod; a finished pod nobody reads)
+        return slim.pod(body)
+
+    def keep_job(body: Any) -> Any:
+        return slim.job(body) if slim.indexed_job(body) else None  # else someone else's
+
+    namespaces = settings.watch_namespaces
+    return (Informer(reconciler.api, POD_RESOURCE, LABEL_JOB, namespaces, keep_pod, changed),
+            Informer(reconciler.api, JOB_RESOURCE, LABEL_JOB, namespaces, keep_job, changed))
 
 
 def pod_unread(body: Any, owners: Any) -> bool:
@@ -67,21 +90,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
         return {(kw["namespace"], base_name(kw["name"])): {"name": kw["name"],
                                                            "phase": kw["status"].get("phase")}}
 
-    @kopf.index(*PODS, labels=TRAINER_LABELS, id="trainer_pods", registry=registry)
-    async def trainer_pods(**kw: Any) -> dict[Any, Any]:
-        key = (kw["namespace"], kw["labels"][LABEL_JOB])
-        if not slim.indexed(kw["body"]) or \
-                pod_unread(kw["body"], kw["finetunejobs"].get(key, [])):
-            return {}  # dropped from the index (kopf discards the keys not returned)
-        return {key: slim.pod(kw["body"])}
-
-    @kopf.index(*JOBS, labels=TRAINER_LABELS, id="trainer_jobs", registry=registry)
-    async def trainer_jobs(**kw: Any) -> dict[Any, Any]:
-        if not slim.indexed_job(kw["body"]):
-            return {}  # someone else's Job with the label: not indexed
-        return {(kw["namespace"], kw["labels"][LABEL_JOB]): slim.job(kw["body"])}
-
     ticker: list[asyncio.Task[None]] = []
+    watching: list[asyncio.Task[None]] = []
     running_jobs: list[Any] = []
 
     def start_ticker() -> None:
@@ -95,7 +105,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     async def start(**kw: Any) -> None:
         # Indexes are live views: capture them once for the reconciler and the metrics.
         jobs_by_key: kopf.Index[Any, Any] = kw["finetunejobs"]
-        reconciler.children = children_lookup(kw["trainer_pods"], kw["trainer_jobs"])
+        pods, jobs = trainer_informers(reconciler, settings, jobs_by_key)
+        watching.extend(asyncio.create_task(informer.run(), name=f"kubetune-{name}")
+                        for name, informer in (("pods", pods), ("jobs", jobs)))
+        await asyncio.gather(pods.ready.wait(), jobs.ready.wait())
+        reconciler.children = children_lookup(pods, jobs)
         reconciler.metrics.track_phases(
             lambda: [entry["phase"] for key in list(jobs_by_key)
                      for entry in jobs_by_key.get(key, [])])
@@ -107,7 +121,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
 
     @kopf.on.cleanup(id="stop-ticker", registry=registry)
     async def stop(**_: Any) -> None:
-        for task in ticker:
+        for task in [*ticker, *watching]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -116,6 +130,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     @kopf.on.create(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
     @kopf.on.update(*FTJ, id="reconcile", registry=registry, backoff=RETRY_DELAY)
     async def reconcile(**kw: Any) -> None:
+        if reconciler.event_context is None:
+            reconciler.event_context = contextvars.copy_context()
         start_ticker()
         try:
             await reconciler.reconcile(kw["namespace"], kw["name"])
@@ -123,10 +139,3 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
             raise kopf.PermanentError(str(exc)) from None
         except ApiError as exc:
             raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY) from None
-
-    @kopf.on.event(*PODS, labels=TRAINER_LABELS, id="child_changed", registry=registry)
-    @kopf.on.event(*JOBS, labels=TRAINER_LABELS, id="child_changed", registry=registry)
-    async def child_changed(**kw: Any) -> None:
-        namespace, parents = kw["namespace"], kw["finetunejobs"]
-        for owner in list(parents.get((namespace, kw["labels"][LABEL_JOB]), [])):
-            reconciler.reconcile_soon(namespace, owner["name"])

@@ -1,4 +1,5 @@
-"""A small async Kubernetes API client for the operator's own writes (kopf does the watching).
+"""A small async Kubernetes API client for the operator's own requests and its watches of trainer
+pods and Jobs (informer.py; kopf watches FineTuneJobs).
 
 Plain JSON over aiohttp with the credentials kopf logged in with: no generated models (they
 cost seconds of import and megabytes per object). Transient failures (5xx, 429, connection
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +178,20 @@ class KubeApi:
                 return False  # that object is gone; the name is another's now
             raise
         return result is not None
+
+    @asynccontextmanager
+    async def stream(self, path: str, params: dict[str, str]
+                     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A long GET (a watch): no total timeout, only one between reads. A 401 drops the
+        session, so the next request logs in again (tokens rotate)."""
+        session = self._connect()
+        read_timeout = float(params.get("timeoutSeconds", REQUEST_TIMEOUT)) + REQUEST_TIMEOUT
+        async with session.get(self._server + path, params=params, timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=REQUEST_TIMEOUT, sock_read=read_timeout)) as response:
+            unauthorized = response.status == 401
+            yield response
+        if unauthorized:
+            await self.close()
 
     def plain_session(self) -> aiohttp.ClientSession:
         """A session for requests outside the API server (rank 0's /metrics): no token."""

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import random
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 
@@ -28,7 +27,6 @@ _import_kopf_without_kubernetes_client()
 import kopf  # noqa: E402
 
 from kubetune_operator import handlers  # noqa: E402
-from kubetune_operator.builders import LABEL_JOB  # noqa: E402
 from kubetune_operator.kube import KubeApi, Resource  # noqa: E402
 from kubetune_operator.metrics import OperatorMetrics  # noqa: E402
 from kubetune_operator.reconciler import Reconciler  # noqa: E402
@@ -41,7 +39,6 @@ WORKER_IDLE_SECONDS = 0.5
 LIST_PAGE_SIZE = 500  # objects per page of kopf's initial lists
 CLUSTER_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
 NAMESPACED_PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings")
-WATCHED_ONLY_KINDS = frozenset({"Pod", "Job"})  # no create/update handlers: see FineTuneJobDiffBase
 EXIT_CONFIG_ERROR = 2  # the operator cannot work as configured; restarting will not help
 
 
@@ -60,49 +57,33 @@ class Credentials:
         return self.current()
 
     def current(self) -> kopf.ConnectionInfo:
-        # Service-account tokens rotate on disk: read them at every login.
-        info = kopf.login_with_service_account(**self._kwargs) \
-            or kopf.login_with_kubeconfig(**self._kwargs)
+        # Service-account tokens rotate on disk: read them at every login. The informers start
+        # in a startup handler, before kopf's login: until then, kopf's default settings.
+        kwargs = self._kwargs or {"settings": kopf.OperatorSettings(), "logger": logger}
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
         if info is not None and (info.token or info.certificate_path or info.certificate_data
                                  or info.username):
             return info
         # exec plugins and auth providers (cloud kubeconfigs) need the client library.
-        info = kopf.login_via_client(**self._kwargs)
+        info = kopf.login_via_client(**kwargs)
         if info is None:
             raise kopf.LoginError("no service account, kubeconfig or client credentials")
         return info
 
 
-class FineTuneJobDiffBase(kopf.AnnotationsDiffBaseStorage):
-    """kopf's diff base, built only for FineTuneJobs. kopf builds one (two deep copies of the
-    body) for every event of every watched kind, to tell changes to its create/update handlers;
-    only FineTuneJobs have such handlers. Trainer pods and Jobs, thousands of events each
-    minute on a busy cluster, get an empty one: their handlers see the whole body anyway."""
-
-    def build(self, *, body: kopf.Body,
-              extra_fields: Iterable[kopf.FieldSpec] | None = None) -> kopf.BodyEssence:
-        if body.get("kind") in WATCHED_ONLY_KINDS:
-            return kopf.BodyEssence()
-        return super().build(body=body, extra_fields=extra_fields)
-
-
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = FineTuneJobDiffBase(
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # our own events say what happened
     settings.watching.server_timeout = 300  # reconnect watches regularly, as kubectl does
     settings.watching.client_timeout = 330
-    # Only the operator's own pods and Jobs reach it: the API server filters by label (kopf's
-    # `labels=` filters would run after every pod of the cluster was sent and parsed), and
-    # initial lists come in pages instead of one response holding every object.
-    for resource in (handlers.PODS, handlers.JOBS):
-        settings.watching.label_selectors[resource] = LABEL_JOB
+    # Initial lists come in pages instead of one response holding every object. (Trainer pods
+    # and Jobs are not kopf's: informer.py watches them, with the label selector.)
     settings.watching.chunk_size = LIST_PAGE_SIZE
     # kopf's per-object worker keeps the object's last raw event (a whole body) while it
-    # waits for the next one: with thousands of pods changing, the default 5 s wait holds
-    # thousands of whole pod bodies. A new event simply starts a new worker.
+    # waits for the next one; a new event simply starts a new worker.
     settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
 
 

@@ -1,19 +1,16 @@
 """What each watch event of a trainer pod or Job costs the operator (bench/operator_scale.py
 measures it at 8,000 pods): child events are batched per FineTuneJob (the events of a gang's
-pods that arrive together wake one reconcile, and none is lost), and kopf builds its diff base
-for FineTuneJobs only."""
+pods that arrive together wake one reconcile, and none is lost), and kopf sees none of them
+(informer.py watches them; test_informer.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
-import kopf
-import pytest
 from prometheus_client import CollectorRegistry
 
-from kubetune_operator.main import FineTuneJobDiffBase, configure_kopf
+from kubetune_operator.main import build
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.reconciler import Reconciler
 from kubetune_operator.settings import Settings
@@ -68,34 +65,11 @@ async def test_a_forgotten_job_gets_no_batched_reconcile() -> None:
     assert calls == [("team", "other")]
 
 
-def pod_body() -> Any:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "ft-a1-0", "labels": {"kubetune.dev/finetunejob": "ft"}},
-            "spec": {"containers": [{"name": "trainer", "image": "trainer:1"}]},
-            "status": {"phase": "Running"}}
-
-
-def finetunejob_body() -> Any:
-    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": "ft", "labels": {"team": "a"}},
-            "spec": {"method": {"type": "lora"}}, "status": {"phase": "Running"}}
-
-
-@pytest.mark.parametrize("kind", ["Pod", "Job"])
-def test_no_diff_base_is_built_for_trainer_pods_and_jobs(kind: str) -> None:
-    body = pod_body() | {"kind": kind}
-    assert FineTuneJobDiffBase().build(body=kopf.Body(body)) == {}
-
-
-def test_the_finetunejob_diff_base_holds_its_spec_and_labels() -> None:
-    """What kopf compares to call the update handler: a spec or label change is seen."""
-    essence = FineTuneJobDiffBase().build(body=kopf.Body(finetunejob_body()))
-    assert essence["spec"] == {"method": {"type": "lora"}}
-    assert essence["metadata"]["labels"] == {"team": "a"}
-    assert "status" not in essence
-
-
-def test_the_operator_uses_it() -> None:
-    settings = kopf.OperatorSettings()
-    configure_kopf(settings)
-    assert isinstance(settings.persistence.diffbase_storage, FineTuneJobDiffBase)
+def test_kopf_handles_finetunejobs_only() -> None:
+    """Trainer pods and Jobs are informer.py's: kopf watches, indexes and handles no event of
+    theirs (its per-event machinery was most of the operator's CPU at 8,000 pods)."""
+    registry, _, _ = build(Settings.from_env({}))
+    kinds = (registry._indexing, registry._watching, registry._changing, registry._spawning)
+    plurals = {selector.plural or selector.any_name for sub in kinds
+               for selector in sub.get_all_selectors()}
+    assert plurals == {"finetunejobs"}

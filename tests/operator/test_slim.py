@@ -3,10 +3,10 @@ exactly as on whole bodies, with a fraction of the memory."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import datetime
 import json
+import types
 from typing import Any
 
 import kopf
@@ -213,12 +213,12 @@ def test_finished_pods_of_finished_finetunejobs_leave_the_index(
     assert pod_unread(pod, [{"name": "tiny-lora", "phase": p} for p in owners]) is dropped
 
 
-def test_kopf_watches_only_trainer_objects_and_drops_idle_workers_quickly() -> None:
+def test_only_trainer_objects_are_watched_and_idle_workers_go_quickly() -> None:
+    reconciler = types.SimpleNamespace(api=None, reconcile_soon=lambda *args: None)
+    informers = handlers.trainer_informers(reconciler, Settings(), {})  # type: ignore[arg-type]
+    assert [i.selector for i in informers] == [LABEL_JOB, LABEL_JOB]  # test_informer.py
     settings = kopf.OperatorSettings()
     main.configure_kopf(settings)
-    selectors = {(s.group, s.version, s.any_name): label
-                 for s, label in settings.watching.label_selectors.items()}
-    assert selectors == {handlers.PODS: LABEL_JOB, handlers.JOBS: LABEL_JOB}
     assert settings.watching.chunk_size == main.LIST_PAGE_SIZE
     # An idle per-object worker holds its object's last whole body (kopf's queueing.worker):
     # with thousands of pods changing, kopf's 5 s default keeps thousands of them alive.
@@ -266,24 +266,15 @@ def test_a_job_keeps_only_the_metadata_the_planner_reads_and_foreign_ones_stay_o
     assert not slim.indexed_job(foreign)
 
 
-def index_handler(handler_id: str) -> Any:
-    registry = kopf.OperatorRegistry()
-    handlers.register(registry, None, Settings())  # type: ignore[arg-type]
-    return next(h.fn for h in registry._indexing.get_all_handlers() if h.id == handler_id)
-
-
-def test_the_indexes_take_only_controlled_children() -> None:
-    """The kopf index handlers themselves: a foreign labelled pod or Job is not indexed."""
+def test_the_informers_keep_only_controlled_children() -> None:
+    """What the operator's informers keep (handlers.trainer_informers): a foreign labelled pod
+    or Job is not kept."""
     job = job_body()
     pod = pod_body(job, 0, RUNNING, "Running")
     foreign_pod, foreign_job = copy.deepcopy(pod), copy.deepcopy(job)
     foreign_pod["metadata"]["ownerReferences"] = []
     foreign_job["metadata"]["ownerReferences"] = []
-
-    def index(handler_id: str, body: dict[str, Any]) -> dict[Any, Any]:
-        result: dict[Any, Any] = asyncio.run(index_handler(handler_id)(
-            namespace="ml", labels=body["metadata"]["labels"], body=body, finetunejobs={}))
-        return result
-
-    assert index("trainer_pods", pod) and index("trainer_jobs", job)
-    assert index("trainer_pods", foreign_pod) == {} and index("trainer_jobs", foreign_job) == {}
+    reconciler = types.SimpleNamespace(api=None, reconcile_soon=lambda *args: None)
+    pods, jobs = handlers.trainer_informers(reconciler, Settings(), {})  # type: ignore[arg-type]
+    assert pods.keep(pod) == slim.pod(pod) and jobs.keep(job) == slim.job(job)
+    assert pods.keep(foreign_pod) is None and jobs.keep(foreign_job) is None
