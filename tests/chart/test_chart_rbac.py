@@ -13,7 +13,7 @@ import pytest
 from chartlib import NAMESPACE, SCENARIOS, Manifest, find, render, values_of
 
 from kubetune_api.spec import GROUP, PLURAL
-from kubetune_operator import builders, kube, rbac, reconciler
+from kubetune_operator import builders, handlers, kube, rbac, reconciler
 from kubetune_operator.main import build
 from kubetune_operator.settings import Settings
 
@@ -164,11 +164,39 @@ def test_only_the_reconciler_sends_api_requests() -> None:
     for path in package.glob("*.py"):
         if path.name in ("reconciler.py", "kube.py"):
             continue
+        if path.name == "informer.py":
+            assert_informer_only_lists_and_watches(ast.parse(path.read_text()))
+            continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
                     and node.value.attr == "api" and node.attr in (*VERBS, "request"):
                 raise AssertionError(f"{path.name} calls the API directly: audit it here")
+
+
+def assert_informer_only_lists_and_watches(tree: ast.AST) -> None:
+    """informer.py's requests: GETs of a collection (lists, `request`) and watches
+    (`stream`); informer_calls() grants them."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and node.value.attr == "api":
+            assert node.attr in ("request", "stream"), f"informer.py: api.{node.attr}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == "request":
+            assert isinstance(node.args[0], ast.Constant) and node.args[0].value == "GET", \
+                "informer.py sends more than GET: audit it here"
+
+
+def informer_calls() -> set[Triple]:
+    """The operator's own informers (informer.py: a paged list, then a watch) of the
+    resources handlers.py builds them for."""
+    tree = ast.parse(Path(inspect.getfile(handlers)).read_text())
+    names = {node.args[1].id for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Name) and node.func.id == "Informer"
+             and isinstance(node.args[1], ast.Name)}
+    assert names, "handlers.py builds no Informer: audit its watches here"
+    resources = [getattr(handlers, name) for name in names]
+    return {(r.group, r.plural, verb) for r in resources for verb in ("list", "watch")}
 
 
 def kopf_calls(clusterwide: bool, peering: bool) -> set[Triple]:
@@ -208,7 +236,8 @@ MODES = [(True, False), (True, True), (False, False), (False, True)]
                          ids=["all-namespaces", "all-namespaces-ha", "namespaced",
                               "namespaced-ha"])
 def test_rules_grant_every_call_and_nothing_unused(clusterwide: bool, peering: bool) -> None:
-    calls = kopf_calls(clusterwide, peering) | reconciler_calls() | admission_calls()
+    calls = kopf_calls(clusterwide, peering) | informer_calls() | reconciler_calls() \
+        | admission_calls()
     grants = expected_grants(clusterwide, peering)
     assert calls - grants == set(), "calls the chart/rbac.py would forbid"
     for call in calls:

@@ -80,7 +80,7 @@ def prerequisites(target: str) -> list[str]:
 
 def test_make_test_installs_every_tool_first() -> None:
     assert "tools" in prerequisites("test")
-    assert set(prerequisites("tools")) == {"helm", "kubectl", "promtool", "checkov"}
+    assert set(prerequisites("tools")) == {"helm", "kubectl", "promtool", "checkov", "registry"}
     assert "kubectl" in prerequisites("e2e")
 
 

@@ -217,12 +217,13 @@ def leaks(name: str) -> list[str]:
 
 
 def gpu_base_check(image: Image) -> str:
-    """What can be checked of a GPU image without its base: the base tag's torch = the pin."""
+    """What can be checked of a GPU image without its base: the base tag's torch = the pin
+    (every stage's tag is made from the same TORCH_VERSION). Returns the final stage's base."""
     text = (ROOT / image.dockerfile).read_text()
     defaults = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M)) | dict(image.build_args)
-    base = re.search(r"^FROM (\S+)", text, re.M)
-    assert base is not None, image.dockerfile
-    tag = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], base.group(1))
+    stages = re.findall(r"^FROM (\S+)", text, re.M)  # a build stage first, the image's last
+    assert stages, image.dockerfile
+    tag = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], stages[-1])
     pinned = re.search(r"^torch==(\S+)", (ROOT / "requirements/constraints.txt").read_text(),
                        re.M)
     if pinned is None or defaults["TORCH_VERSION"] != pinned.group(1):

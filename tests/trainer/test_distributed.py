@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetune_api import contract
 from kubetune_trainer.launch import free_port, node_env
 from support.jobs import ROOT, example_dict
+from support.ranks import run_two_ranks
 
 pytestmark = pytest.mark.slow
 # The documented path: no test-only settings (the launcher sets threads, DS_ACCELERATOR).
@@ -188,6 +189,7 @@ def test_invalid_spec_exits_2_through_the_node_wrapper(tmp_path: Path) -> None:
 
 
 GROUP_TIMEOUT = """
+import os
 import sys
 from pathlib import Path
 
@@ -199,7 +201,8 @@ from kubetune_trainer.modeling import Precision
 from kubetune_trainer.recipe import training_arguments
 
 job = load_job(sys.argv[1])
-training_arguments(job, Precision("fp32"), Path(sys.argv[2]), has_eval=False, cuda=False)
+workdir = Path(sys.argv[2]) / f"rank{os.environ['RANK']}"
+training_arguments(job, Precision("fp32"), workdir, has_eval=False, cuda=False)
 group = dist.distributed_c10d._get_default_group()
 dist.barrier()
 print("timeout", group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
@@ -210,15 +213,6 @@ def test_the_collective_timeout_reaches_the_cpu_process_group(tmp_path: Path) ->
     """Two ranks create their gloo group through the trainer's own arguments: its timeout is
     spec.training.collectiveTimeoutSeconds (transformers passes ddp_timeout only on GPUs)."""
     config = write_job(tmp_path, tmp_path / "out", training={"collectiveTimeoutSeconds": 4321})
-    port = free_port()
-    ranks = [subprocess.Popen(
-        [sys.executable, "-c", GROUP_TIMEOUT, str(config), str(tmp_path / f"rank{r}")],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-             "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
-        for r in range(2)]
-    for proc in ranks:
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, output[-3000:]
+    for output in run_two_ranks([sys.executable, "-c", GROUP_TIMEOUT, str(config),
+                                 str(tmp_path / "rank")], ROOT, 300, ENV):
         assert "timeout 4321.0" in output, output[-3000:]

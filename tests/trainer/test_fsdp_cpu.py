@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.launch import free_port
 from support.jobs import ROOT
+from support.ranks import run_two_ranks
 
 pytestmark = pytest.mark.slow
 RANK_SCRIPT = Path(__file__).with_name("fsdp_rank.py")
@@ -25,17 +23,7 @@ RANK_SCRIPT = Path(__file__).with_name("fsdp_rank.py")
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("fsdp")
-    port = free_port()
-    ranks = [subprocess.Popen(
-        [sys.executable, str(RANK_SCRIPT), str(work)], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-             "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
-        for r in range(2)]
-    for proc in ranks:
-        output, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, output[-4000:]
+    run_two_ranks([sys.executable, str(RANK_SCRIPT), str(work)], ROOT, 900)
     return json.loads((work / "result.json").read_text())
 
 
