@@ -81,9 +81,13 @@ def test_trainable_weights_dtype_when_the_base_loads_in_half(
     assert set(trainable.values()) == {trained_dtype}
 
 
-@pytest.mark.parametrize(("strategy", "on_the_model"), [("ddp", True), ("fsdp", False)])
-def test_fsdp_does_not_checkpoint_activations_twice(tmp_path: Path, strategy: str,
-                                                    on_the_model: bool) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_activations_are_checkpointed_once(tmp_path: Path, strategy: str) -> None:
+    """transformers' checkpointing on the model under every strategy (it restores the RNG state
+    for the recompute: tests/trainer/test_checkpointing_rng.py), and never FSDP's own wrapper as
+    well."""
+    from kubetune_trainer import strategies
+
     build_tiny_model("llama", ["hello there", "general kenobi"] * 20, tmp_path,
                      max_positions=32, seed=0)
     job = example_job("tiny-lora", tmp_path / "out",
@@ -91,7 +95,10 @@ def test_fsdp_does_not_checkpoint_activations_twice(tmp_path: Path, strategy: st
     tok = load_tokenizer(str(tmp_path), None, "causal-lm")
     model = make_trainable(load_model(job.spec, str(tmp_path), tok, Precision("fp32"), None),
                            job.spec)
-    assert model.base_model.model.is_gradient_checkpointing is on_the_model
+    assert model.base_model.model.is_gradient_checkpointing
+    if strategy == "fsdp":
+        assert strategies.fsdp_arguments(job.spec)["fsdp_config"][
+            "activation_checkpointing"] is False
 
 
 @pytest.mark.parametrize(("strategy", "prepared", "adapter_dtype"), [
