@@ -5,6 +5,8 @@ same spec again, and the spec is validated only when its content changed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -33,11 +35,18 @@ def counting_validation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return validated
 
 
-def test_an_unchanged_spec_is_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    validated = counting_validation(monkeypatch)
+@contextlib.contextmanager
+def api_with_one_job() -> Iterator[EmulatorThread]:
+    """An emulated API server holding one FineTuneJob, `job`."""
     with EmulatorThread() as api:
         api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
         api.create(FTJ, ftj_body("job"))
+        yield api
+
+
+def test_an_unchanged_spec_is_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    validated = counting_validation(monkeypatch)
+    with api_with_one_job() as api:
 
         async def reconciles() -> None:
             async with in_process_reconciler(api) as reconciler:
@@ -55,9 +64,7 @@ def test_an_unchanged_spec_is_validated_once(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_changed_spec_is_validated_again(monkeypatch: pytest.MonkeyPatch) -> None:
     validated = counting_validation(monkeypatch)
-    with EmulatorThread() as api:
-        api.emulator.declare(FTJ, "FineTuneJob", shortnames=["ftj"])
-        api.create(FTJ, ftj_body("job"))
+    with api_with_one_job() as api:
 
         async def reconciles() -> None:
             async with in_process_reconciler(api) as reconciler:
