@@ -60,7 +60,7 @@ def example_losses(task: str, logits: torch.Tensor, labels: torch.Tensor) -> tor
         logits, labels = logits[:, :-1], labels[:, 1:]
     per_label = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="none")
-    per_label = per_label.reshape(labels.shape).reshape(labels.size(0), -1)
+    per_label = per_label.reshape(labels.size(0), -1)
     counts = (labels != IGNORE_INDEX).reshape(labels.size(0), -1)
     return torch.stack([per_label.sum(1), counts.sum(1).float()], dim=1)
 
